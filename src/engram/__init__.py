@@ -1,0 +1,24 @@
+"""engram: conditional memory for language models (DeepSeek's Engram), exact, fast and trainable."""
+
+from engram.config import EngramConfig
+from engram.embedding import MultiHeadEmbedding
+from engram.engram import BranchRMSNorm, Engram, ShortConv, convert_demo_state_dict
+from engram.hashing import NgramHasher, is_prime, next_prime
+from engram.tokenizer import NAMED_TOKENIZERS, CompressedTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NAMED_TOKENIZERS",
+    "BranchRMSNorm",
+    "CompressedTokenizer",
+    "Engram",
+    "EngramConfig",
+    "MultiHeadEmbedding",
+    "NgramHasher",
+    "ShortConv",
+    "__version__",
+    "convert_demo_state_dict",
+    "is_prime",
+    "next_prime",
+]

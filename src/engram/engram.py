@@ -1,0 +1,184 @@
+"""The Engram module: hashed n-gram memory, gated by the hidden state, with a short causal convolution.
+
+Per token t and residual branch m of M (brief §2.5-2.6):
+    e_t      = concat of the rows read by every hash head                      [B, T, E]
+    k_m, v   = W_K^(m) e_t, W_V e_t   (one GEMM for W_V and every W_K^(m))      [B, T, M, D], [B, T, D]
+    g_m      = <RMSNorm_m(h_t^(m)), RMSNorm_m(k_m)> / sqrt(D)
+    alpha_m  = sigmoid(sign(g_m) * sqrt(max(|g_m|, 1e-6)))                      [B, T, M]
+    value_m  = alpha_m * v                                                      [B, T, M, D]
+    output   = value + SiLU(causal depthwise conv(RMSNorm_m(value)))           [B, T, M, D]
+The caller adds ``output`` to the hidden state before the block's attention. The gate's norms and dot
+product run in fp32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import EngramConfig
+from engram.embedding import MultiHeadEmbedding
+from engram.hashing import NgramHasher
+
+_GATE_FLOOR = 1e-6
+
+
+class BranchRMSNorm(nn.Module):
+    """RMSNorm over the last dim with one weight vector per residual branch: ``[..., M, D]`` -> same.
+
+    Computed in fp32 and returned in the input's dtype. ``eps=None`` uses fp32 machine epsilon
+    (what ``nn.RMSNorm(eps=None)`` does for fp32 inputs).
+    """
+
+    def __init__(self, num_branches: int, dim: int, eps: float | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_branches, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()
+        return normed.to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm, causal depthwise dilated Conv1d over all branches' channels, SiLU.
+
+    Channel ``m * D + d`` of the convolution is dim ``d`` of branch ``m``. ``[B, T, M, D]`` -> same.
+    With ``zero_init=True`` the kernel starts at zero, so the output starts at zero.
+    """
+
+    def __init__(self, dim: int, num_branches: int, kernel_size: int = 4, dilation: int = 1,
+                 eps: float = 1e-5, zero_init: bool = False):
+        super().__init__()
+        self.num_branches = num_branches
+        self.left_pad = (kernel_size - 1) * dilation
+        channels = dim * num_branches
+        self.norm = BranchRMSNorm(num_branches, dim, eps=eps)
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
+        if zero_init:
+            nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, branches, dim = x.shape
+        if branches != self.num_branches:
+            raise ValueError(f"ShortConv expects {self.num_branches} branches, got shape {tuple(x.shape)}")
+        channels_first = self.norm(x).reshape(batch, length, branches * dim).transpose(1, 2)  # [B, C, T]
+        conv = self.conv(F.pad(channels_first, (self.left_pad, 0)))
+        return F.silu(conv).transpose(1, 2).reshape(batch, length, branches, dim)
+
+
+class Engram(nn.Module):
+    """Conditional memory for one block: returns the delta to add to the hidden state.
+
+    Args:
+        cfg: the Engram configuration (tables, hashing, kernel size).
+        layer_id: which of ``cfg.layer_ids`` this module serves (selects its hash multipliers and tables).
+        hidden_size: the backbone width D.
+        hc_mult: residual branches M (1 for a plain residual, 4 for mHC).
+        hasher: an :class:`NgramHasher` to share between layers (built from ``cfg`` when omitted).
+        sparse: sparse gradients for the memory table (see :class:`MultiHeadEmbedding`).
+        conv_zero_init: start the ShortConv kernel at zero (the paper's identity start).
+        table_init_std: std of the table's normal init (the demo's ``nn.Embedding`` uses 1.0).
+
+    Example:
+        >>> cfg = EngramConfig(engram_vocab_size=[1000, 1000], layer_ids=[1])
+        >>> layer = Engram(cfg, layer_id=1, hidden_size=64, hc_mult=4)
+        >>> h = torch.randn(2, 5, 4, 64)
+        >>> layer(h, input_ids=torch.randint(0, 1000, (2, 5))).shape
+        torch.Size([2, 5, 4, 64])
+    """
+
+    def __init__(self, cfg: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
+                 hasher: NgramHasher | None = None, sparse: bool = False, conv_zero_init: bool = False,
+                 table_init_std: float = 1.0):
+        super().__init__()
+        if layer_id not in cfg.layer_ids:
+            raise ValueError(f"layer_id {layer_id} is not in cfg.layer_ids {cfg.layer_ids}")
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        if hc_mult < 1:
+            raise ValueError(f"hc_mult must be >= 1, got {hc_mult}")
+        self.cfg = cfg
+        self.layer_id = layer_id
+        self.hidden_size = hidden_size
+        self.hc_mult = hc_mult
+        self.hasher = hasher if hasher is not None else NgramHasher(cfg)
+        self.multi_head_embedding = MultiHeadEmbedding(
+            self.hasher.flat_table_sizes(layer_id), cfg.head_dim, sparse=sparse, init_std=table_init_std
+        )
+        # Rows [0, D) are W_V (shared by branches), rows [(m + 1) D, (m + 2) D) are W_K^(m).
+        self.value_key_proj = nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size)
+        self.key_norm = BranchRMSNorm(hc_mult, hidden_size)
+        self.query_norm = BranchRMSNorm(hc_mult, hidden_size)
+        self.short_conv = ShortConv(hidden_size, hc_mult, cfg.kernel_size, dilation=cfg.max_ngram_size,
+                                    zero_init=conv_zero_init)
+
+    def memory(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T, heads]`` row ids -> ``[B, T, (max_ngram_size - 1) * n_embed_per_ngram]`` memory vectors."""
+        return self.multi_head_embedding(hash_ids)
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None,
+                hash_ids: torch.Tensor | None = None, return_gates: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Memory delta for ``hidden_states``.
+
+        Args:
+            hidden_states: ``[B, T, M, D]`` (or ``[B, T, D]`` when ``hc_mult == 1``).
+            input_ids: ``[B, T]`` original token ids; ignored when ``hash_ids`` is given.
+            hash_ids: ``[B, T, heads]`` row ids from ``hasher.hash``/``hash_all`` computed once per forward.
+            return_gates: also return the gate values ``alpha`` ``[B, T, M]`` (fp32).
+        Returns:
+            the delta, same shape as ``hidden_states``; with ``return_gates``, ``(delta, gates)``.
+        """
+        squeeze = hidden_states.dim() == 3
+        if squeeze:
+            if self.hc_mult != 1:
+                raise ValueError(f"hidden_states must be [B, T, {self.hc_mult}, D] for hc_mult={self.hc_mult}, "
+                                 f"got shape {tuple(hidden_states.shape)}")
+            hidden_states = hidden_states.unsqueeze(2)
+        if hidden_states.dim() != 4 or hidden_states.shape[2:] != (self.hc_mult, self.hidden_size):
+            raise ValueError(f"hidden_states must be [B, T, {self.hc_mult}, {self.hidden_size}], "
+                             f"got shape {tuple(hidden_states.shape)}")
+        if hash_ids is None:
+            if input_ids is None:
+                raise ValueError("Engram.forward needs input_ids or hash_ids")
+            hash_ids = self.hasher.hash(input_ids, self.layer_id)
+        if hash_ids.shape[:2] != hidden_states.shape[:2]:
+            raise ValueError(f"hash_ids {tuple(hash_ids.shape)} and hidden_states {tuple(hidden_states.shape)} "
+                             "disagree on [B, T]")
+
+        dim = self.hidden_size
+        projected = self.value_key_proj(self.memory(hash_ids))  # [B, T, (1 + M) * D]
+        value = projected[..., :dim]  # [B, T, D]
+        keys = projected[..., dim:].unflatten(-1, (self.hc_mult, dim))  # [B, T, M, D]
+        score = (self.key_norm(keys.float()) * self.query_norm(hidden_states.float())).sum(-1) / math.sqrt(dim)
+        gates = torch.sigmoid(score.sign() * score.abs().clamp_min(_GATE_FLOOR).sqrt())  # [B, T, M]
+        gated = gates.unsqueeze(-1).to(value.dtype) * value.unsqueeze(2)  # [B, T, M, D]
+        delta = gated + self.short_conv(gated)
+        if squeeze:
+            delta = delta.squeeze(2)
+        return (delta, gates) if return_gates else delta
+
+
+def convert_demo_state_dict(state: Mapping[str, torch.Tensor], hc_mult: int) -> dict[str, torch.Tensor]:
+    """Map the parameters of the demo's ``Engram`` module onto this module's names.
+
+    The demo keeps one ``nn.Linear`` per key branch and one ``nn.RMSNorm`` per branch; here they are
+    stacked (``value_key_proj`` = [W_V; W_K^(0); ...], ``*_norm.weight`` = ``[M, D]``).
+    """
+    stack = torch.stack
+    return {
+        "multi_head_embedding.weight": state["multi_head_embedding.embedding.weight"],
+        "value_key_proj.weight": torch.cat(
+            [state["value_proj.weight"]] + [state[f"key_projs.{m}.weight"] for m in range(hc_mult)]),
+        "value_key_proj.bias": torch.cat(
+            [state["value_proj.bias"]] + [state[f"key_projs.{m}.bias"] for m in range(hc_mult)]),
+        "key_norm.weight": stack([state[f"norm1.{m}.weight"] for m in range(hc_mult)]),
+        "query_norm.weight": stack([state[f"norm2.{m}.weight"] for m in range(hc_mult)]),
+        "short_conv.norm.weight": stack([state[f"short_conv.norms.{m}.weight"] for m in range(hc_mult)]),
+        "short_conv.conv.weight": state["short_conv.conv.weight"],
+    }

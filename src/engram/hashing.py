@@ -1,0 +1,201 @@
+"""Multi-head n-gram hashing, bit-exact with DeepSeek's public Engram demo (brief §2.2-2.3).
+
+For a layer ``l`` with odd multipliers ``m_0..m_{N-1}`` (N = max_ngram_size) and compressed ids ``x``:
+``mix_n(t) = (x_t * m_0) XOR (x_{t-1} * m_1) XOR ... XOR (x_{t-n+1} * m_{n-1})`` for each order
+``n = 2..N``, positions before the start reading the compressed pad id; head ``j`` of order ``n``
+reads row ``mix_n(t) mod p_{n,j}`` of its own table, ``p_{n,j}`` a distinct prime. Multipliers are
+below ``int64max // V'`` (V' the compressed vocabulary), so every product fits in int64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engram.config import EngramConfig
+from engram.tokenizer import CompressedTokenizer
+
+_LAYER_SEED_STRIDE = 10007
+# Deterministic Miller-Rabin witnesses for every n < 3.3e24 (covers all int64 table sizes).
+_MR_WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+
+
+def is_prime(n: int) -> bool:
+    """Exact primality for any ``n < 3.3e24`` (deterministic Miller-Rabin)."""
+    if n < 2:
+        return False
+    for p in _MR_WITNESSES:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    for a in _MR_WITNESSES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def next_prime(after: int, taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """Smallest prime strictly greater than ``after`` that is not in ``taken``."""
+    candidate = after + 1
+    while not (is_prime(candidate) and candidate not in taken):
+        candidate += 1
+    return candidate
+
+
+def table_sizes_for(cfg: EngramConfig) -> dict[int, list[list[int]]]:
+    """Prime table size per layer (``layer_ids`` order), per order, per head; no prime is used twice.
+
+    Each order's search starts at ``engram_vocab_size[n - 2] - 1`` and each head takes the next prime
+    strictly above the previous head's, skipping primes already taken by earlier layers.
+    """
+    taken: set[int] = set()
+    sizes: dict[int, list[list[int]]] = {}
+    for layer_id in cfg.layer_ids:
+        per_order = []
+        for order_index in range(cfg.num_orders):
+            start = cfg.engram_vocab_size[order_index] - 1
+            heads = []
+            for _ in range(cfg.n_head_per_ngram):
+                prime = next_prime(start, taken)
+                taken.add(prime)
+                heads.append(prime)
+                start = prime
+            per_order.append(heads)
+        sizes[layer_id] = per_order
+    return sizes
+
+
+def multipliers_for(cfg: EngramConfig, compressed_vocab_size: int) -> dict[int, list[int]]:
+    """Odd multipliers per layer, drawn exactly as the demo draws them (NumPy PCG64, int64)."""
+    max_long = np.iinfo(np.int64).max
+    half_bound = max(1, (max_long // compressed_vocab_size) // 2)
+    result = {}
+    for layer_id in cfg.layer_ids:
+        rng = np.random.default_rng(int(cfg.seed + _LAYER_SEED_STRIDE * layer_id))
+        draws = rng.integers(low=0, high=half_bound, size=(cfg.max_ngram_size,), dtype=np.int64)
+        result[layer_id] = [int(r) * 2 + 1 for r in draws]
+    return result
+
+
+class NgramHasher:
+    """Row ids of every Engram layer's tables for a batch of token ids.
+
+    Attributes:
+        multipliers: ``{layer_id: [m_0, ..., m_{N-1}]}`` python ints.
+        table_sizes: ``{layer_id: [[p per head] per order]}`` primes.
+        pad_id: the compressed pad id written before the start of every sequence.
+
+    Example:
+        >>> hasher = NgramHasher(EngramConfig())
+        >>> ids = torch.tensor([[100, 2000, 30000]])
+        >>> hasher.hash(ids, layer_id=1).shape        # [B, T, (max_ngram_size - 1) * n_head_per_ngram]
+        torch.Size([1, 3, 16])
+    """
+
+    def __init__(self, cfg: EngramConfig, tokenizer: CompressedTokenizer | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else CompressedTokenizer.from_tokenizer(cfg.tokenizer)
+        if cfg.pad_id >= self.tokenizer.original_vocab_size:
+            raise ValueError(
+                f"pad_id must be a token id of the tokenizer (0..{self.tokenizer.original_vocab_size - 1}), got {cfg.pad_id}"
+            )
+        self.pad_id = int(self.tokenizer.lookup[cfg.pad_id])
+        self.multipliers = multipliers_for(cfg, len(self.tokenizer))
+        self.table_sizes = table_sizes_for(cfg)
+        self._device_constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def context(self) -> int:
+        """Tokens of history a position needs (``max_ngram_size - 1``)."""
+        return self.cfg.max_ngram_size - 1
+
+    def flat_table_sizes(self, layer_id: int) -> list[int]:
+        """Table size of every head of a layer, in row-id column order (order 2 heads first)."""
+        self._check_layer(layer_id)
+        return [p for order in self.table_sizes[layer_id] for p in order]
+
+    def _check_layer(self, layer_id: int) -> None:
+        if layer_id not in self.table_sizes:
+            raise ValueError(f"layer_id {layer_id} is not an Engram layer; layer_ids are {self.cfg.layer_ids}")
+
+    def _constants(self, layer_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (layer_id, device)
+        if key not in self._device_constants:
+            mult = torch.tensor(self.multipliers[layer_id], dtype=torch.int64, device=device)
+            primes = torch.tensor(self.table_sizes[layer_id], dtype=torch.int64, device=device)
+            self._device_constants[key] = (mult, primes)
+        return self._device_constants[key]
+
+    def compressed_context(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """Compressed ids with ``max_ngram_size - 1`` columns of history (or pad) in front.
+
+        Args:
+            input_ids: ``[B, T]`` original token ids.
+            history: optional ``[B, H]`` original ids that precede ``input_ids``, ``H <= max_ngram_size - 1``;
+                missing positions count as pad.
+        Returns:
+            ``[B, max_ngram_size - 1 + T]`` int64 compressed ids.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        batch = input_ids.shape[0]
+        compressed = self.tokenizer(input_ids)
+        context = self.context
+        pieces = []
+        if history is not None:
+            history = torch.as_tensor(history, device=input_ids.device)
+            if history.dim() != 2 or history.shape[0] != batch or history.shape[1] > context:
+                raise ValueError(
+                    f"history must be [B={batch}, H<={context}] original ids, got shape {tuple(history.shape)}"
+                )
+            hist = self.tokenizer(history)
+        else:
+            hist = compressed.new_empty((batch, 0))
+        missing = context - hist.shape[1]
+        if missing:
+            pieces.append(compressed.new_full((batch, missing), self.pad_id))
+        pieces += [hist, compressed]
+        return torch.cat(pieces, dim=1)
+
+    def _hash_context(self, context_ids: torch.Tensor, layer_id: int) -> torch.Tensor:
+        mult, primes = self._constants(layer_id, context_ids.device)  # [N], [N - 1, K]
+        steps = self.context
+        length = context_ids.shape[1] - steps
+        mixes = []
+        mix = context_ids[:, steps:] * mult[0]
+        for k in range(1, self.cfg.max_ngram_size):
+            mix = mix ^ (context_ids[:, steps - k : steps - k + length] * mult[k])
+            mixes.append(mix)  # order k + 1
+        rows = torch.stack(mixes, dim=-1).unsqueeze(-1) % primes  # [B, T, N - 1, K]
+        return rows.flatten(start_dim=-2)
+
+    def hash(self, input_ids: torch.Tensor, layer_id: int, history: torch.Tensor | None = None) -> torch.Tensor:
+        """Row ids inside each head's table for one Engram layer.
+
+        Args:
+            input_ids: ``[B, T]`` original token ids (int, any device).
+            layer_id: one of ``cfg.layer_ids``.
+            history: optional ``[B, H <= max_ngram_size - 1]`` original ids preceding ``input_ids``, so that
+                hashing a sequence in pieces equals hashing it whole (decoding with a KV cache).
+        Returns:
+            ``[B, T, (max_ngram_size - 1) * n_head_per_ngram]`` int64, column ``(n - 2) * K + j`` for head
+            ``j`` of order ``n``, each value in ``[0, table_sizes[layer_id][n - 2][j])``.
+        """
+        self._check_layer(layer_id)
+        return self._hash_context(self.compressed_context(input_ids, history), layer_id)
+
+    def hash_all(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """:meth:`hash` for every Engram layer, compressing the ids once: ``{layer_id: [B, T, H]}``."""
+        context_ids = self.compressed_context(input_ids, history)
+        return {layer_id: self._hash_context(context_ids, layer_id) for layer_id in self.cfg.layer_ids}

@@ -1,0 +1,70 @@
+import os
+import unicodedata
+import re
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from engram import CompressedTokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every test session gets its own lookup-table cache (the first DeepSeek-V3 build fills it)."""
+    old = os.environ.get("ENGRAM_CACHE_DIR")
+    os.environ["ENGRAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("engram-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ENGRAM_CACHE_DIR", None)
+    else:
+        os.environ["ENGRAM_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def deepseek_ct(_isolated_cache) -> CompressedTokenizer:
+    return CompressedTokenizer.from_tokenizer("deepseek-v3")
+
+
+# Byte-level token strings: "Ġ" is a space, "Ã"/"Â" alone are partial UTF-8 bytes (decode to U+FFFD).
+SMALL_VOCAB = [
+    "<pad>", "<s>", "Hello", "hello", "ĠHello", "ĠHELLO", "cafÃ©", "cafe", "Ġ", "ĠĠ", "Ċ", "ĉĠ",
+    "Ã", "Â", "the", "Ġthe", "ĠThe", "THE", "ï¬ģ", "fi", "Ġworld", "world", "!", "Ġ!", "Ã¤", "a",
+]
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SMALL_VOCAB)}, unk_token="<pad>"))
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def reference_key(text: str, raw_token: str) -> str:
+    """The compression key, stated independently with Python's unicodedata (brief §2.1)."""
+    if "\ufffd" in text:
+        return raw_token
+    s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    s = "".join(c for c in s if not unicodedata.category(c).startswith("M"))  # strip accents (all marks)
+    s = re.sub(r"[ \t\r\n]+", " ", s.lower())
+    if s != " ":
+        s = s.strip(_UNICODE_WHITESPACE)
+    return s or text
+
+
+# Unicode White_Space (Python's str.isspace also counts the separators U+001C..U+001F, which Rust does not).
+_UNICODE_WHITESPACE = "".join(
+    chr(c) for c in range(0x3001) if chr(c).isspace() and not 0x1C <= c <= 0x1F
+)
+
+
+def reference_lookup(tokenizer: Tokenizer) -> np.ndarray:
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    keys: dict[str, int] = {}
+    out = np.empty(size, dtype=np.int64)
+    for tid in range(size):
+        text = tokenizer.decode([tid], skip_special_tokens=False)
+        out[tid] = keys.setdefault(reference_key(text, tokenizer.id_to_token(tid)), len(keys))
+    return out
