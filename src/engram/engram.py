@@ -62,13 +62,31 @@ class ShortConv(nn.Module):
         if zero_init:
             nn.init.zeros_(self.conv.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convolve ``x`` ``[B, T, M, D]`` causally over time.
+
+        Args:
+            past: ``[B, M * D, (kernel_size - 1) * dilation]`` normalised inputs of the positions just before
+                ``x`` (decoding with a cache); zeros, i.e. the start of the sequence, when omitted.
+            token_mask: ``[B, T]`` False at padding positions, whose inputs are zeroed so that left padding
+                reads like the start of the sequence.
+        Returns:
+            ``(y [B, T, M, D], past [B, M * D, (kernel_size - 1) * dilation])`` for the next call.
+        """
         batch, length, branches, dim = x.shape
         if branches != self.num_branches:
             raise ValueError(f"ShortConv expects {self.num_branches} branches, got shape {tuple(x.shape)}")
-        channels_first = self.norm(x).reshape(batch, length, branches * dim).transpose(1, 2)  # [B, C, T]
-        conv = self.conv(F.pad(channels_first, (self.left_pad, 0)))
-        return F.silu(conv).transpose(1, 2).reshape(batch, length, branches, dim)
+        normed = self.norm(x)
+        if token_mask is not None:
+            normed = normed * token_mask[:, :, None, None].to(normed.dtype)
+        channels_first = normed.reshape(batch, length, branches * dim).transpose(1, 2)  # [B, C, T]
+        if past is None:
+            past = channels_first.new_zeros(batch, branches * dim, self.left_pad)
+        window = torch.cat([past.to(channels_first.dtype), channels_first], dim=-1)  # [B, C, P + T]
+        conv = self.conv(window)
+        y = F.silu(conv).transpose(1, 2).reshape(batch, length, branches, dim)
+        return y, window[..., window.shape[-1] - self.left_pad:]
 
 
 class Engram(nn.Module):
@@ -122,7 +140,8 @@ class Engram(nn.Module):
         return self.multi_head_embedding(hash_ids)
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None,
-                hash_ids: torch.Tensor | None = None, return_gates: bool = False
+                hash_ids: torch.Tensor | None = None, return_gates: bool = False,
+                conv_states: dict[int, torch.Tensor] | None = None, token_mask: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Memory delta for ``hidden_states``.
 
@@ -131,6 +150,10 @@ class Engram(nn.Module):
             input_ids: ``[B, T]`` original token ids; ignored when ``hash_ids`` is given.
             hash_ids: ``[B, T, heads]`` row ids from ``hasher.hash``/``hash_all`` computed once per forward.
             return_gates: also return the gate values ``alpha`` ``[B, T, M]`` (fp32).
+            conv_states: decoding state shared by the layers of a model: the ShortConv inputs of earlier
+                positions are read from ``conv_states[layer_id]`` (absent: start of the sequence) and the
+                new ones written back, so that decoding piece by piece equals one full forward.
+            token_mask: ``[B, T]`` False at (left) padding positions, which the ShortConv then ignores.
         Returns:
             the delta, same shape as ``hidden_states``; with ``return_gates``, ``(delta, gates)``.
         """
@@ -158,7 +181,11 @@ class Engram(nn.Module):
         score = (self.key_norm(keys.float()) * self.query_norm(hidden_states.float())).sum(-1) / math.sqrt(dim)
         gates = torch.sigmoid(score.sign() * score.abs().clamp_min(_GATE_FLOOR).sqrt())  # [B, T, M]
         gated = gates.unsqueeze(-1).to(value.dtype) * value.unsqueeze(2)  # [B, T, M, D]
-        delta = gated + self.short_conv(gated)
+        past = conv_states.get(self.layer_id) if conv_states is not None else None
+        conv, past = self.short_conv(gated, past, token_mask)
+        if conv_states is not None:
+            conv_states[self.layer_id] = past
+        delta = gated + conv
         if squeeze:
             delta = delta.squeeze(2)
         return (delta, gates) if return_gates else delta

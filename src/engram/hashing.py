@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig
-from engram.tokenizer import CompressedTokenizer
+from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
 _LAYER_SEED_STRIDE = 10007
 # Deterministic Miller-Rabin witnesses for every n < 3.3e24 (covers all int64 table sizes).
@@ -113,6 +113,19 @@ class NgramHasher:
         self.multipliers = multipliers_for(cfg, len(self.tokenizer))
         self.table_sizes = table_sizes_for(cfg)
         self._device_constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fingerprint(self) -> dict[str, object]:
+        """Everything that decides which rows a token reads; saved beside trained tables and checked on load."""
+        return {
+            "seed": self.cfg.seed,
+            "layer_ids": list(self.cfg.layer_ids),
+            "max_ngram_size": self.cfg.max_ngram_size,
+            "pad_id": self.cfg.pad_id,
+            "table_sizes": {str(layer): self.flat_table_sizes(layer) for layer in self.cfg.layer_ids},
+            "multipliers": {str(layer): list(self.multipliers[layer]) for layer in self.cfg.layer_ids},
+            "tokenizer_sha256": self.tokenizer.digest,
+            "rules_version": RULES_VERSION,
+        }
 
     @property
     def context(self) -> int:

@@ -161,11 +161,14 @@ class CompressedTokenizer:
         torch.Size([1, 3])
     """
 
-    def __init__(self, lookup: np.ndarray, tokenizer: Tokenizer | None = None, source: Path | None = None):
+    def __init__(self, lookup: np.ndarray, tokenizer: Tokenizer | None = None, source: Path | None = None,
+                 digest: str | None = None):
         lookup = np.ascontiguousarray(lookup, dtype=np.int64)
         if lookup.ndim != 1 or len(lookup) == 0:
             raise ValueError(f"lookup must be a non-empty 1-D array, got shape {lookup.shape}")
         self.lookup = lookup
+        # sha256 of the tokenizer it was built from (of the lookup itself when built from a bare table)
+        self.digest = digest or hashlib.sha256(lookup.tobytes()).hexdigest()
         self._num_compressed = int(lookup.max()) + 1
         self._tokenizer = tokenizer
         self._source = source
@@ -196,14 +199,14 @@ class CompressedTokenizer:
             cache_file = _cache_file(root, digest)
             cached = _read_cache(cache_file) if cache_file.is_file() else None
             if cached is not None:
-                return cls(cached, tokenizer=tokenizer, source=path)
+                return cls(cached, tokenizer=tokenizer, source=path, digest=digest)
 
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         lookup = build_lookup(tokenizer)
         if cache_file is not None:
             _write_cache(cache_file, lookup)
-        return cls(lookup, tokenizer=tokenizer, source=path)
+        return cls(lookup, tokenizer=tokenizer, source=path, digest=digest)
 
     @property
     def tokenizer(self) -> Tokenizer:

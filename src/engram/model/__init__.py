@@ -1,0 +1,29 @@
+"""EngramLM: attention, fine-grained MoE, mHC hyper-connections and Engram in one language model."""
+
+from engram.model.attention import Attention, KVCache, RotaryEmbedding
+from engram.model.config import EngramLMConfig, MoEConfig
+from engram.model.hyper_connections import HyperConnection, StreamMerge, sinkhorn_knopp
+from engram.model.lm import Block, EngramLM, LMOutput
+from engram.model.moe import FeedForward, MoE
+from engram.model.params import count_parameters, iso_parameter_config, param_report
+from engram.model.presets import PRESETS
+
+__all__ = [
+    "PRESETS",
+    "Attention",
+    "Block",
+    "EngramLM",
+    "EngramLMConfig",
+    "FeedForward",
+    "HyperConnection",
+    "KVCache",
+    "LMOutput",
+    "MoE",
+    "MoEConfig",
+    "RotaryEmbedding",
+    "StreamMerge",
+    "count_parameters",
+    "iso_parameter_config",
+    "param_report",
+    "sinkhorn_knopp",
+]

@@ -1,0 +1,289 @@
+"""EngramLM: a decoder-only language model with Engram memory where the paper puts it.
+
+Architecture (every choice in one place):
+- token embedding [V, D]; with ``hc_mult = M > 1`` it is copied into M residual streams (mHC);
+- per block: Engram (at ``engram.layer_ids`` only; added to every stream, before attention), then
+  pre-norm RoPE GQA attention, then a pre-norm SwiGLU FFN, dense or DeepSeek-V3 MoE by ``ffn_kinds``;
+  with M > 1 each sublayer reads and writes the streams through its own hyper-connection (mHC);
+- streams merged (learned sigmoid mix), final RMSNorm, LM head (optionally tied to the embedding);
+- the hash ids of every Engram layer are computed once per forward from the input ids;
+- every weight is set in :meth:`EngramLM.init_weights`: matrices, embeddings and tables N(0, init_std),
+  norms 1, the ShortConv kernel 0 when ``engram_conv_zero_init``, mHC and MoE bias as their modules say.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.engram import Engram
+from engram.hashing import NgramHasher
+from engram.model.attention import Attention, KVCache
+from engram.model.config import EngramLMConfig
+from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
+from engram.model.moe import FeedForward, MoE
+from engram.model.params import count_parameters
+from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    """What :meth:`EngramLM.forward` returns (HF-like attribute access)."""
+
+    logits: torch.Tensor  # [B, T, V] fp32
+    loss: torch.Tensor | None = None  # mean next-token cross entropy when labels were given
+    aux_loss: torch.Tensor | None = None  # sum of the MoE sequence-balance losses (training, coef > 0)
+
+
+class Block(nn.Module):
+    """One transformer block: [Engram] -> attention -> FFN, on ``[B, T, M, D]`` residual streams."""
+
+    def __init__(self, cfg: EngramLMConfig, layer_idx: int, hasher: NgramHasher | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hc_mult = cfg.hc_mult
+        self.engram = None
+        if layer_idx in cfg.engram_layer_ids:
+            self.engram = Engram(cfg.engram, layer_idx, cfg.d_model, cfg.hc_mult, hasher=hasher,
+                                 conv_zero_init=cfg.engram_conv_zero_init)
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        kind = cfg.ffn_kinds[layer_idx]
+        self.ffn = MoE(cfg.d_model, cfg.moe) if kind == "moe" else FeedForward(cfg.d_model, cfg.dense_ffn_dim)
+        if cfg.hc_mult > 1:
+            self.attn_hc = HyperConnection(cfg.hc_mult, cfg.d_model, cfg.hc_sinkhorn_iters, init_std=cfg.init_std)
+            self.ffn_hc = HyperConnection(cfg.hc_mult, cfg.d_model, cfg.hc_sinkhorn_iters, init_std=cfg.init_std)
+
+    def forward(self, streams: torch.Tensor, positions: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                cache: KVCache | None, hash_ids: dict[int, torch.Tensor] | None) -> torch.Tensor:
+        """``[B, T, M, D]`` -> ``[B, T, M, D]``; ``key_padding_mask`` is ``[B, S]`` over every token so far."""
+        if self.engram is not None:
+            token_mask = key_padding_mask[:, -streams.shape[1]:] if key_padding_mask is not None else None
+            conv_states = cache.conv_states if cache is not None else None
+            streams = streams + self.engram(streams, hash_ids=hash_ids[self.layer_idx], conv_states=conv_states,
+                                            token_mask=token_mask)
+
+        def attention(u: torch.Tensor) -> torch.Tensor:
+            return self.attn(self.attn_norm(u), positions, key_padding_mask, cache, self.layer_idx)
+
+        def ffn(u: torch.Tensor) -> torch.Tensor:
+            return self.ffn(self.ffn_norm(u))
+
+        if self.hc_mult > 1:
+            return self.ffn_hc(self.attn_hc(streams, attention), ffn)
+        hidden = streams.squeeze(2)
+        hidden = hidden + attention(hidden)
+        hidden = hidden + ffn(hidden)
+        return hidden.unsqueeze(2)
+
+
+class EngramLM(nn.Module):
+    """Decoder-only LM with attention, dense/MoE FFNs, optional mHC and Engram layers.
+
+    Example:
+        >>> model = EngramLM(EngramLMConfig.from_preset("tiny"))
+        >>> out = model(torch.randint(0, 128815, (2, 16)))
+        >>> out.logits.shape                                  # [B, T, vocab]
+        torch.Size([2, 16, 129280])
+        >>> model.generate(torch.tensor([[0, 22898]]), max_new_tokens=4, temperature=0).shape
+        torch.Size([1, 6])
+    """
+
+    def __init__(self, cfg: EngramLMConfig, hasher: NgramHasher | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.hasher = hasher
+        if cfg.engram is not None and hasher is None:
+            self.hasher = NgramHasher(cfg.engram)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg, i, self.hasher) for i in range(cfg.n_layers)])
+        self.merge = StreamMerge(cfg.hc_mult, cfg.d_model, init_std=cfg.init_std) if cfg.hc_mult > 1 else None
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Set every parameter (the one place where initialisation happens)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, (HyperConnection, StreamMerge)):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                for weight in (module.w1, module.w2, module.w3):
+                    nn.init.normal_(weight, std=std)
+                module.expert_bias.zero_()
+            elif isinstance(module, Engram):
+                nn.init.normal_(module.multi_head_embedding.weight, std=std)
+                for norm in (module.key_norm, module.query_norm, module.short_conv.norm):
+                    nn.init.ones_(norm.weight)
+                if self.cfg.engram_conv_zero_init:
+                    nn.init.zeros_(module.short_conv.conv.weight)
+                else:
+                    module.short_conv.conv.reset_parameters()
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+
+    def update_router_biases(self) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing: call once after each optimiser step."""
+        for moe in self.moe_layers:
+            moe.update_bias()
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty KV cache for ``max_length`` tokens per sequence."""
+        weight = self.embed.weight
+        return KVCache(self.cfg.n_layers, batch_size, max_length, self.cfg.n_kv_heads, self.cfg.head_dim,
+                       dtype or weight.dtype, device or weight.device)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dtype.is_complex:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one token, got T = 0")
+        bad = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
+        if bool(bad.any()):
+            value = int(input_ids[bad][0])
+            raise ValueError(f"token id {value} is outside the model's vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                engram_history: torch.Tensor | None = None) -> LMOutput:
+        """Logits for ``input_ids``.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (the new tokens when decoding with ``cache``).
+            attention_mask: ``[B, S]`` 1 for real tokens, 0 for (left) padding, over every token so far
+                (``S = cache.seq_len + T`` with a cache, else ``T``). Padding positions are hashed as the
+                Engram pad id, so a left-padded row reads the same rows as the unpadded one.
+            labels: ``[B, T]`` targets aligned with ``input_ids`` (shifted inside); ``-100`` is ignored.
+            cache: a :meth:`new_cache`; it is advanced by ``T``.
+            engram_history: ``[B, <= max_ngram_size - 1]`` raw ids preceding ``input_ids`` (decoding).
+        Returns:
+            :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32).
+        """
+        self._check_ids(input_ids)
+        batch, length = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        if past + length > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {past + length} tokens is longer than max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}")
+        key_padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, past + length):
+                raise ValueError(f"attention_mask must be [B, S] = {(batch, past + length)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            key_padding_mask = attention_mask.bool()
+            positions = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            if bool(key_padding_mask.all()):
+                key_padding_mask = None
+        else:
+            positions = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
+
+        hash_ids = None
+        if self.hasher is not None:
+            hash_input = input_ids
+            if attention_mask is not None:
+                hash_input = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
+            hash_ids = self.hasher.hash_all(hash_input, history=engram_history)
+
+        hidden = self.embed(input_ids)  # [B, T, D]
+        streams = expand_streams(hidden, self.cfg.hc_mult) if self.cfg.hc_mult > 1 else hidden.unsqueeze(2)
+        for block in self.blocks:
+            streams = block(streams, positions, key_padding_mask, cache, hash_ids)
+        if cache is not None:
+            cache.advance(length)
+        hidden = self.merge(streams) if self.merge is not None else streams.squeeze(2)
+        hidden = self.norm(hidden)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, head).float()
+
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must match input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        aux_terms = [moe.aux_loss for moe in self.moe_layers if moe.aux_loss is not None]
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms and self.training else None
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+        """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``) into ``directory``."""
+        return save_pretrained(self, directory, max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> "EngramLM":
+        """Load a :meth:`save_pretrained` folder; refuses weights whose Engram hashing differs."""
+        return load_pretrained(cls, directory)
+
+    def param_report(self, seq_len: int | None = None) -> dict[str, int]:
+        """Parameter counts of this model (see :func:`engram.model.params.param_report`)."""
+        return count_parameters(self, seq_len)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+        """Prompt followed by up to ``max_new_tokens`` new tokens, ``[B, T + new]`` (the HF convention).
+
+        Decodes with a KV cache and incremental Engram hashing. ``temperature=0`` is greedy. Batched
+        prompts of different lengths are left-padded with ``attention_mask`` marking real tokens. A
+        sequence that produced ``eos_token_id`` keeps emitting it; generation stops when all have.
+        Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled.
+        """
+        from engram.model.sampling import sample_next
+
+        self._check_ids(input_ids)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        batch, prompt_len = input_ids.shape
+        if prompt_len + max_new_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        was_training = self.training
+        self.eval()
+        device = input_ids.device
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        context = self.hasher.context if self.hasher is not None else 0
+        pad = self.cfg.engram.pad_id if self.cfg.engram is not None else 0
+        hash_source = input_ids.masked_fill(mask == 0, pad)  # raw ids as Engram sees them
+        cache = self.new_cache(batch, prompt_len + max_new_tokens)
+        ids = input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        out = self(input_ids, attention_mask=mask, cache=cache)
+        for step in range(max_new_tokens):
+            next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator,
+                                   self.cfg.tokenizer_vocab_size)
+            if eos_token_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
+                finished |= next_ids == eos_token_id
+            history = hash_source[:, hash_source.shape[1] - context:] if context else None
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            hash_source = torch.cat([hash_source, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            out = self(next_ids[:, None], attention_mask=mask, cache=cache, engram_history=history)
+        self.train(was_training)
+        return ids

@@ -1,0 +1,135 @@
+"""Save and load EngramLM: ``config.json`` + ``model.safetensors`` (sharded above 5 GB, with an index).
+
+Every weights file carries the Engram hashing fingerprint (seed, layer ids, table sizes, multipliers,
+tokenizer sha256, compression rules version) in its safetensors metadata. Loading recomputes the
+fingerprint from the config and the installed tokenizer and refuses any difference: tables read through
+other hashing give wrong answers, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engram.model.config import EngramLMConfig
+
+if TYPE_CHECKING:
+    from engram.model.lm import EngramLM
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+FORMAT_VERSION = 1
+MAX_SHARD_BYTES = 5 * 1024**3
+_FINGERPRINT_KEY = "engram_fingerprint"
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _pack_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` into ``directory`` (created if needed); files are replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
+    metadata = {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    shards = _pack_shards(state, max_shard_bytes)
+    names = _shard_names(len(shards))
+    for name, shard in zip(names, shards):
+        tmp = directory / f"{name}.tmp{os.getpid()}"
+        save_file(shard, str(tmp), metadata=metadata)
+        os.replace(tmp, directory / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
+        _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
+    config = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), _FINGERPRINT_KEY: fingerprint}
+    _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+    for stale in directory.glob("model*.safetensors*"):  # weights of an earlier save with other sharding
+        if stale.name not in names and stale.name != (INDEX_NAME if len(shards) > 1 else None):
+            stale.unlink()
+    return directory
+
+
+def _fingerprint_differences(saved: Any, current: Any) -> list[str]:
+    if saved is None or current is None:
+        if saved == current:
+            return []
+        return [f"Engram: weights {'have' if saved else 'have no'} Engram tables, config "
+                f"{'has' if current else 'has no'} Engram"]
+    keys = sorted(set(saved) | set(current))
+    return [f"{key}: weights {saved.get(key)!r}, now {current.get(key)!r}" for key in keys
+            if saved.get(key) != current.get(key)]
+
+
+def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """All tensors of a saved model and the fingerprint found in each weights file."""
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+    state: dict[str, torch.Tensor] = {}
+    fingerprints = []
+    for name in files:
+        with safe_open(str(directory / name), framework="pt") as handle:
+            fingerprints.append(json.loads((handle.metadata() or {}).get(_FINGERPRINT_KEY, "null")))
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    return state, fingerprints
+
+
+def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str]) -> "EngramLM":
+    """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    data = json.loads(config_path.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}")
+    model = cls(EngramLMConfig.from_dict(data["model"]))
+    state, fingerprints = load_state(directory)
+    current = model.hasher.fingerprint() if model.hasher is not None else None
+    for saved in fingerprints + [data.get(_FINGERPRINT_KEY)]:
+        differences = _fingerprint_differences(saved, current)
+        if differences:
+            raise ValueError(f"refusing to load {directory}: the Engram hashing of the weights differs from the "
+                             "config and tokenizer here (tables would be read at the wrong rows): "
+                             + "; ".join(differences))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not fit the config: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return model

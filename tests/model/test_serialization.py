@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from engram.model import EngramLM
+
+from lm_helpers import small_config
+
+
+def trained_like(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = EngramLM(small_config(**kwargs))
+    with torch.no_grad():  # move every weight and buffer away from its init
+        for tensor in list(model.parameters()) + [m.expert_bias for m in model.moe_layers]:
+            tensor.add_(torch.randn_like(tensor) * 0.01)
+    return model.eval()
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    ids = torch.randint(3, 128_815, (2, 9))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("engram", [True, False], ids=["engram", "baseline"])
+def test_round_trip_is_exact(tmp_path, engram):
+    model = trained_like(engram=engram)
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
+
+
+def test_sharded_round_trip_and_resave(tmp_path):
+    model = trained_like()
+    model.save_pretrained(tmp_path, max_shard_bytes=2_000_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
+    model.save_pretrained(tmp_path)  # a single-file save over a sharded one leaves no stale shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
+
+
+def _edit_config(path, edit):
+    data = json.loads((path / "config.json").read_text())
+    edit(data)
+    (path / "config.json").write_text(json.dumps(data))
+
+
+def test_changed_hashing_is_refused(tmp_path):
+    trained_like().save_pretrained(tmp_path)
+    _edit_config(tmp_path, lambda d: d["model"]["engram"].update(seed=1))
+    with pytest.raises(ValueError, match=r"refusing to load .*multipliers: weights .* now .*; seed: weights 0, now 1"):
+        EngramLM.from_pretrained(tmp_path)
+
+
+def test_tampered_fingerprint_is_refused(tmp_path):
+    trained_like().save_pretrained(tmp_path)
+    _edit_config(tmp_path, lambda d: d["engram_fingerprint"].update(tokenizer_sha256="0" * 64))
+    with pytest.raises(ValueError, match="tokenizer_sha256: weights '0000"):
+        EngramLM.from_pretrained(tmp_path)
+
+
+def test_weights_without_engram_refused_for_engram_config(tmp_path):
+    trained_like(engram=False).save_pretrained(tmp_path)
+    baseline_config = json.loads((tmp_path / "config.json").read_text())
+    trained_like().save_pretrained(tmp_path / "with")
+    engram_config = json.loads((tmp_path / "with" / "config.json").read_text())
+    baseline_config["model"]["engram"] = engram_config["model"]["engram"]
+    (tmp_path / "config.json").write_text(json.dumps(baseline_config))
+    with pytest.raises(ValueError, match="weights have no Engram tables"):
+        EngramLM.from_pretrained(tmp_path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        EngramLM.from_pretrained(tmp_path)
+    trained_like().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        EngramLM.from_pretrained(tmp_path)
