@@ -67,14 +67,16 @@ def test_stops_at_eos_per_sequence():
     prompt = random_ids(2, 4, seed=4)
     free = model.generate(prompt, max_new_tokens=6, temperature=0)
     eos = int(free[0, 5])  # the second token row 0 produces
+    expected, done = [], torch.zeros(2, dtype=torch.bool)
+    for step in range(6):  # greedy tokens until a row emits eos, eos after it; stop once all rows have
+        token = torch.where(done, torch.full_like(free[:, 4 + step], eos), free[:, 4 + step])
+        expected.append(token)
+        done |= token == eos
+        if bool(done.all()):
+            break
     stopped = model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=eos)
-    assert torch.equal(stopped[0, 4:6], free[0, 4:6])
-    row1_eos = (free[1, 4:] == eos).nonzero()
-    if len(row1_eos) == 0:  # row 1 never emits eos: generation runs to the end, row 0 padded with eos
-        assert stopped.shape[1] == 10 and bool((stopped[0, 6:] == eos).all())
-        assert torch.equal(stopped[1], free[1])
-    else:
-        assert bool((stopped[0, 6:] == eos).all())
+    assert torch.equal(stopped, torch.cat([prompt, torch.stack(expected, dim=1)], dim=1))
+    assert bool((stopped[0, 5:] == eos).all())
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
