@@ -1,4 +1,4 @@
-"""The `engram` command line: one entry point, one subcommand per job."""
+"""The `engram` command line: one entry point, one subcommand per job (`engram COMMAND --help`)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,124 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="prepare token shards from text")
+    actions = parser.add_subparsers(dest="data_command", required=True)
+    prepare = actions.add_parser("prepare", help="tokenise sources into memory-mapped token shards")
+    prepare.add_argument("sources", nargs="+", help="files, folders or presets (shakespeare, gutenberg, sotu, "
+                                                    "zh-poetry, python-code)")
+    prepare.add_argument("--out", required=True, help="output folder")
+    prepare.add_argument("--tokenizer", default="deepseek-v3", help="registered name or tokenizer.json path")
+    prepare.add_argument("--val-fraction", type=float, default=0.05)
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--workers", type=int, default=None)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from engram.train.data import prepare_corpus
+
+    info = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                          seed=args.seed, workers=args.workers)
+    print(f"prepared {args.out}: {info}")
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from engram.train.optim import OptimConfig
+    from engram.train.trainer import TrainConfig
+
+    d, o = TrainConfig(), OptimConfig()
+    parser = subparsers.add_parser(
+        "train", help="train an Engram model and its iso-parameter baseline, then compare them",
+        description="Train the preset's Engram model and (unless --no-baseline) its iso-parameter baseline on "
+                    "the same data and order, then print a side-by-side table and write a loss-curve PNG.")
+    parser.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
+    parser.add_argument("--data", nargs="+", default=d.data, help="presets, raw files/folders or a prepared corpus")
+    parser.add_argument("--tokenizer", default=d.tokenizer,
+                        help="'deepseek-v3', a tokenizer.json path, or 'bpe-N' (a BPE of N ids trained on the data)")
+    parser.add_argument("--max-steps", type=int, default=d.max_steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--lr", type=float, default=o.lr)
+    parser.add_argument("--warmup-steps", type=int, default=o.warmup_steps)
+    parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default=o.schedule)
+    parser.add_argument("--table-lr-mult", type=float, default=o.table_lr_mult,
+                        help="Engram tables' LR over the base LR (paper: 5)")
+    parser.add_argument("--weight-decay", type=float, default=o.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=o.grad_clip)
+    parser.add_argument("--muon", action="store_true", help="Muon for hidden matrices (AdamW otherwise)")
+    parser.add_argument("--out", default=d.out)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--save-every", type=int, default=d.save_every)
+    parser.add_argument("--no-baseline", action="store_true", help="train the Engram model only")
+    parser.add_argument("--no-engram", action="store_true", help="train the preset without Engram (implies --no-baseline)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from engram.train.compare import run_comparison
+    from engram.train.optim import OptimConfig
+    from engram.train.trainer import Trainer, TrainConfig
+
+    optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
+                        table_lr_mult=args.table_lr_mult, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                        muon=args.muon)
+    cfg = TrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, out=args.out,
+                      max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seq_len=args.seq_len, seed=args.seed, device=args.device, compile=args.compile,
+                      eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
+                      save_every=args.save_every, resume=args.resume, progress=not args.no_progress, optim=optim,
+                      model_overrides={"engram": None} if args.no_engram else {})
+    if args.no_baseline or args.no_engram:
+        result = Trainer(cfg).train()
+    else:
+        result = run_comparison(cfg)
+    return 130 if result.get("interrupted") else 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="sample text from a trained model")
+    parser.add_argument("--checkpoint", required=True, help="a save_pretrained folder (e.g. RUN/final) or a checkpoint")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from engram.train.generate import generate_text
+
+    print(generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        device=args.device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Conditional memory for language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_demo(subparsers)
+    for add in (_add_demo, _add_data, _add_train, _add_generate):
+        add(subparsers)
     return parser
 
 
-_COMMANDS = {"demo": _run_demo}
+_COMMANDS = {"demo": _run_demo, "data": _run_data, "train": _run_train, "generate": _run_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return _COMMANDS[args.command](args)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"engram {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, normalizers
 
+from engram.atomic import atomic_path
+
 # Bump when a rule above changes: cached lookup tables are keyed by it.
 RULES_VERSION = 1
 _SINGLE_SPACE_SENTINEL = "\ue000"
@@ -136,9 +138,8 @@ def _read_cache(path: Path) -> np.ndarray | None:
 def _write_cache(path: Path, lookup: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, lookup, allow_pickle=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, lookup, allow_pickle=False)
     except OSError as err:
         warnings.warn(f"could not cache the compressed tokenizer at {path}: {err}", stacklevel=3)
 

@@ -5,7 +5,7 @@ from engram.model.config import EngramLMConfig, MoEConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, sinkhorn_knopp
 from engram.model.lm import Block, EngramLM, LMOutput
 from engram.model.moe import FeedForward, MoE
-from engram.model.params import count_parameters, iso_parameter_config, param_report
+from engram.model.params import baseline_config, count_parameters, iso_parameter_config, param_report
 from engram.model.presets import PRESETS
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "MoEConfig",
     "RotaryEmbedding",
     "StreamMerge",
+    "baseline_config",
     "count_parameters",
     "iso_parameter_config",
     "param_report",

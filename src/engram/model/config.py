@@ -46,6 +46,7 @@ class EngramLMConfig:
         True
     """
 
+    tokenizer: str = "deepseek-v3"  # text tokenizer: registered name or tokenizer.json path (Engram hashes its ids)
     vocab_size: int = 129280  # embedding rows (may be padded past the tokenizer)
     tokenizer_vocab_size: int | None = None  # ids >= this are padding: never sampled by generate()
     d_model: int = 256
@@ -95,6 +96,9 @@ class EngramLMConfig:
         if "moe" in self.ffn_kinds and self.moe is None:
             raise ValueError(f"ffn_kinds {self.ffn_kinds} has MoE layers but moe is None")
         if self.engram is not None:
+            if self.engram.tokenizer != self.tokenizer:
+                raise ValueError(f"engram.tokenizer {self.engram.tokenizer!r} must be the model's tokenizer "
+                                 f"{self.tokenizer!r}")
             bad = [layer for layer in self.engram.layer_ids if layer >= self.n_layers]
             if bad:
                 raise ValueError(f"engram.layer_ids {self.engram.layer_ids} name blocks past n_layers={self.n_layers}: {bad}")

@@ -132,3 +132,30 @@ def iso_parameter_config(base: EngramLMConfig, rho: float, engram: EngramConfig)
     for key in ("total", "activated"):
         report[f"{key}_rel_diff"] = (new_report[key] - base_report[key]) / base_report[key]
     return config, report
+
+
+def baseline_config(cfg: EngramLMConfig) -> tuple[EngramLMConfig, dict]:
+    """The iso-parameter baseline of an Engram model: the same backbone without Engram, its parameters
+    given to routed experts (when the model has MoE layers; top-k unchanged, so activated parameters stay
+    within Engram's projections of the original) or to the dense FFN width otherwise.
+
+    Returns:
+        ``(config, {"engram_model": counts, "baseline": counts})``, counts being ``total``, ``activated``
+        and ``engram``.
+    """
+    if cfg.engram is None:
+        raise ValueError("baseline_config needs a config with Engram")
+    target = param_report(cfg)
+    plain = dataclasses.replace(cfg, engram=None)
+    missing = target["total"] - param_report(plain)["total"]
+    moe_layers = cfg.ffn_kinds.count("moe")
+    if moe_layers:
+        per_expert = moe_layers * (3 * cfg.d_model * cfg.moe.expert_dim + cfg.d_model)  # weights + router row
+        extra = dataclasses.replace(cfg.moe, num_experts=cfg.moe.num_experts + round(missing / per_expert))
+        baseline = dataclasses.replace(plain, moe=extra)
+    else:
+        per_width = 3 * cfg.d_model * cfg.ffn_kinds.count("dense")
+        baseline = dataclasses.replace(plain, dense_ffn_dim=cfg.dense_ffn_dim + round(missing / per_width))
+    report = param_report(baseline)
+    keys = ("total", "activated", "engram")
+    return baseline, {"engram_model": {k: target[k] for k in keys}, "baseline": {k: report[k] for k in keys}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engram.atomic import atomic_path, atomic_write_text
 from engram.model.config import EngramLMConfig
+from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
 
 if TYPE_CHECKING:
     from engram.model.lm import EngramLM
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 5 * 1024**3
 _FINGERPRINT_KEY = "engram_fingerprint"
@@ -49,12 +53,6 @@ def _pack_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[st
     return shards
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write ``model`` into ``directory`` (created if needed); files are replaced atomically."""
     directory = Path(directory)
@@ -65,15 +63,23 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
     shards = _pack_shards(state, max_shard_bytes)
     names = _shard_names(len(shards))
     for name, shard in zip(names, shards):
-        tmp = directory / f"{name}.tmp{os.getpid()}"
-        save_file(shard, str(tmp), metadata=metadata)
-        os.replace(tmp, directory / name)
+        with atomic_path(directory / name) as tmp:
+            save_file(shard, str(tmp), metadata=metadata)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
-        _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
-    config = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), _FINGERPRINT_KEY: fingerprint}
-    _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
+    model_config = model.cfg.to_dict()
+    if model.cfg.tokenizer not in NAMED_TOKENIZERS:  # ship the tokenizer: the folder is self-contained
+        source = resolve_tokenizer_path(model.cfg.tokenizer)
+        if source.resolve() != (directory / TOKENIZER_NAME).resolve():
+            with atomic_path(directory / TOKENIZER_NAME) as tmp:
+                shutil.copyfile(source, tmp)
+        model_config["tokenizer"] = TOKENIZER_NAME
+        if model_config["engram"] is not None:
+            model_config["engram"]["tokenizer"] = TOKENIZER_NAME
+    config = {"format_version": FORMAT_VERSION, "model": model_config, _FINGERPRINT_KEY: fingerprint}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     for stale in directory.glob("model*.safetensors*"):  # weights of an earlier save with other sharding
         if stale.name not in names and stale.name != (INDEX_NAME if len(shards) > 1 else None):
             stale.unlink()
@@ -119,7 +125,12 @@ def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str]) ->
     data = json.loads(config_path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}")
-    model = cls(EngramLMConfig.from_dict(data["model"]))
+    model_config = data["model"]
+    if model_config.get("tokenizer") == TOKENIZER_NAME:  # shipped inside the folder
+        model_config["tokenizer"] = str(directory / TOKENIZER_NAME)
+        if model_config.get("engram") is not None:
+            model_config["engram"]["tokenizer"] = model_config["tokenizer"]
+    model = cls(EngramLMConfig.from_dict(model_config))
     state, fingerprints = load_state(directory)
     current = model.hasher.fingerprint() if model.hasher is not None else None
     for saved in fingerprints + [data.get(_FINGERPRINT_KEY)]:

@@ -1,0 +1,1 @@
+"""Training: corpus sources and preparation, token batches, optimisers, the trainer and checkpoints."""

@@ -1,0 +1,121 @@
+"""The main job: train an Engram model and its iso-parameter baseline on the same data, then compare.
+
+The baseline is the same backbone without Engram, with the Engram parameters given to routed experts
+(or to the dense FFN width): same total parameters, nearly the same activated parameters
+(:func:`engram.model.baseline_config`). Both runs use the same seed, hence the same batches in the
+same order. Results: a table on the console, ``comparison.json`` and ``loss_curves.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from engram.model import baseline_config
+from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
+
+COMPARISON_FILE = "comparison.json"
+PLOT_FILE = "loss_curves.png"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _summary(name: str, run_dir: Path, params: dict[str, int]) -> dict[str, Any]:
+    rows = read_metrics(run_dir)
+    evals = [row for row in rows if "val_loss" in row]
+    speeds = [row["tokens_per_s"] for row in rows[1:] or rows if "tokens_per_s" in row]
+    return {
+        "model": name,
+        "steps": rows[-1]["step"] if rows else 0,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_bpb": evals[-1]["val_bpb"] if evals else None,
+        "train_loss": rows[-1]["loss"] if rows else None,
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "total_params": params["total"],
+        "activated_params": params["activated"],
+        "table_params": params["engram"],
+    }
+
+
+def plot_loss_curves(runs: dict[str, Path], out_file: Path) -> Path:
+    """Training loss (thin) and validation loss (markers) against tokens, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for (name, run_dir), colour in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        rows = read_metrics(run_dir)
+        ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], color=colour, alpha=0.5, lw=1,
+                label=f"{name} train")
+        evals = [r for r in rows if "val_loss" in r]
+        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", color=colour, lw=2,
+                label=f"{name} validation")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("Engram vs iso-parameter baseline")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_file)
+    plt.close(fig)
+    return out_file
+
+
+def _format_count(count: int) -> str:
+    return f"{count / 1e6:.2f}M"
+
+
+def print_comparison(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Engram vs iso-parameter baseline (same data, same order, same seed)")
+    for column in ("model", "steps", "val loss", "val bits/byte", "total params", "activated", "table params",
+                   "tokens/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        table.add_row(row["model"], str(row["steps"]),
+                      f"{row['val_loss']:.4f}" if row["val_loss"] is not None else "-",
+                      f"{row['val_bpb']:.4f}" if row["val_bpb"] is not None else "-",
+                      _format_count(row["total_params"]), _format_count(row["activated_params"]),
+                      _format_count(row["table_params"]),
+                      f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] else "-")
+    console.print(table)
+
+
+def run_comparison(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s Engram model and its baseline into ``cfg.out/engram`` and ``cfg.out/baseline``."""
+    console = console or Console()
+    out = Path(cfg.out)
+    engram_trainer = Trainer(dataclasses.replace(cfg, out=str(out / "engram")), console=console)
+    if engram_trainer.model_cfg.engram is None:
+        raise ValueError(f"preset {cfg.preset!r} has no Engram layers: nothing to compare (use --no-baseline)")
+    baseline, counts = baseline_config(engram_trainer.model_cfg)
+    overrides = {**cfg.model_overrides, "engram": None, "dense_ffn_dim": baseline.dense_ffn_dim,
+                 "moe": dataclasses.asdict(baseline.moe) if baseline.moe is not None else None}
+    console.print(f"[bold]1/2 Engram model[/bold]: {counts['engram_model']}")
+    engram_result = engram_trainer.train()
+    if engram_result["interrupted"]:
+        return {"interrupted": True}
+    console.print(f"[bold]2/2 baseline[/bold] (Engram parameters moved to experts / FFN): {counts['baseline']}")
+    baseline_trainer = Trainer(dataclasses.replace(cfg, out=str(out / "baseline"), model_overrides=overrides),
+                               console=console)
+    baseline_result = baseline_trainer.train()
+    if baseline_result["interrupted"]:
+        return {"interrupted": True}
+    rows = [_summary("engram", out / "engram", engram_result["params"]),
+            _summary("baseline", out / "baseline", baseline_result["params"])]
+    print_comparison(console, rows)
+    plot = plot_loss_curves({"engram": out / "engram", "baseline": out / "baseline"}, out / PLOT_FILE)
+    result = {"rows": rows, "plot": str(plot), "train_config": cfg.to_dict()}
+    (out / COMPARISON_FILE).write_text(json.dumps(result, indent=2, default=str))
+    console.print(f"loss curves: {plot}; table: {out / COMPARISON_FILE}")
+    return result

@@ -1,0 +1,302 @@
+"""The training loop: data, the paper's optimiser recipe, logging, validation, exact resume.
+
+A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
+appended across resumes), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
+end, ``final/`` (a ``save_pretrained`` folder). The batch of step ``s`` is a pure function of the seed and
+``s``, so a resumed run, or a second model trained with the same seed, sees the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from engram.model import EngramLM, EngramLMConfig
+from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
+from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (every CLI flag of ``engram train`` maps to a field)."""
+
+    preset: str = "tiny"
+    data: list[str] = field(default_factory=lambda: ["shakespeare"])  # presets, raw files/folders or a prepared corpus
+    tokenizer: str = "bpe-4096"  # registered name, tokenizer.json path, or "bpe-N": a BPE of N ids trained on the data
+    out: str = "runs/engram"
+    max_steps: int = 300
+    batch_size: int = 16  # global, in sequences
+    grad_accum: int = 1
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 16
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # EngramLMConfig fields over the preset
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
+                     "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        if not self.data:
+            raise ValueError("data must name at least one source")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def model_config_for(cfg: TrainConfig, corpus: Corpus) -> EngramLMConfig:
+    """The preset with the corpus's tokenizer and the run's sequence length and overrides applied."""
+    base = EngramLMConfig.from_preset(cfg.preset)
+    tokenizer_path = corpus.tokenizer_path
+    vocab = corpus.vocab_size
+    fields: dict[str, Any] = {}
+    if base.tokenizer != corpus.tokenizer_name:
+        padded = -(-vocab // 64) * 64
+        fields.update(tokenizer=str(tokenizer_path), vocab_size=padded, tokenizer_vocab_size=vocab)
+        if base.engram is not None:
+            fields["engram"] = dataclasses.replace(base.engram, tokenizer=str(tokenizer_path),
+                                                   pad_id=min(base.engram.pad_id, vocab - 1))
+    fields["max_position_embeddings"] = max(base.max_position_embeddings, cfg.seq_len)
+    fields.update(cfg.model_overrides)
+    data = base.to_dict()
+    data.update({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in fields.items()})
+    return EngramLMConfig.from_dict(data)
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
+    return out
+
+
+class Trainer:
+    """Train one model as ``TrainConfig`` says; :meth:`train` returns a summary dict."""
+
+    def __init__(self, cfg: TrainConfig, console: Console | None = None):
+        self.cfg = cfg
+        self.console = console or Console()
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.corpus = load_or_prepare(cfg.data, tokenizer=cfg.tokenizer, progress=cfg.progress)
+        self.model_cfg = model_config_for(cfg, self.corpus)
+        self.step = 0
+        checkpoint = self._existing_checkpoint()
+        torch.manual_seed(cfg.seed)
+        if checkpoint is not None:
+            self.model = self._load_model(checkpoint)
+        else:
+            self.model = EngramLM(self.model_cfg)
+        enable_sparse_tables(self.model)
+        self.model.to(self.device)
+        self.optimizer = EngramOptimizer(self.model, cfg.optim)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        micro_batch = cfg.batch_size // cfg.grad_accum
+        self.batches = TokenBatches(self.corpus.tokens("train"), micro_batch, cfg.seq_len, cfg.seed)
+        self.val_batches = validation_batches(self.corpus.tokens("val"), micro_batch, cfg.seq_len, cfg.eval_batches)
+        self.token_bytes = torch.from_numpy(token_byte_lengths(self.corpus.tokenizer)).to(self.device)
+        self.autocast = self.device.type == "cuda"
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def _existing_checkpoint(self) -> Path | None:
+        checkpoint = latest_checkpoint(self.out) if self.out.exists() else None
+        if checkpoint is not None and not self.cfg.resume:
+            raise FileExistsError(f"{self.out} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
+                                  "continue it or choose another --out")
+        return checkpoint
+
+    def _load_model(self, checkpoint: Path) -> EngramLM:
+        saved = json.loads((checkpoint / "config.json").read_text())["model"]
+        wanted = self.model_cfg.to_dict()
+        for data in (saved, wanted):  # the tokenizer travels inside the checkpoint under another path
+            data.pop("tokenizer")
+            if data.get("engram"):
+                data["engram"].pop("tokenizer")
+        differences = _config_differences(saved, wanted)
+        if differences:
+            raise ValueError(f"refusing to resume from {checkpoint}: it was written for another model config: "
+                             + "; ".join(differences))
+        return EngramLM.from_pretrained(checkpoint)
+
+    def _restore(self, checkpoint: Path) -> None:
+        step, optimizer_state, trainer_state = load_checkpoint(checkpoint)
+        self.optimizer.load_state_dict(optimizer_state)
+        torch.set_rng_state(trainer_state["torch_rng"])
+        if self.device.type == "cuda" and trainer_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(trainer_state["cuda_rng"])
+        kind, keys, pos, has_gauss, gauss = trainer_state["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        version, internal, python_gauss = trainer_state["python_rng"]
+        random.setstate((version, tuple(internal), python_gauss))
+        self.step = step
+        self.console.print(f"resumed from {checkpoint} at step {step}")
+
+    def save(self) -> Path:
+        trainer_state = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "numpy_rng": _jsonable_numpy_rng(np.random.get_state()),
+            "python_rng": _jsonable_python_rng(random.getstate()),
+            "train_config": self.cfg.to_dict(),
+        }
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer.state_dict(), trainer_state,
+                               keep=self.cfg.keep_checkpoints)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.forward(inputs)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss, out.aux_loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats per token) and bits per byte over the fixed validation windows."""
+        self.model.eval()
+        total_nats, total_tokens, total_bytes = 0.0, 0, 0
+        for inputs, targets in self.val_batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            losses, _ = self._loss(inputs, targets, reduction="none")
+            total_nats += float(losses.sum())
+            total_tokens += targets.numel()
+            total_bytes += int(self.token_bytes[targets].sum())
+        self.model.train()
+        return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / math.log(2) / max(total_bytes, 1)}
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = self.optimizer.set_lr(self.step, cfg.max_steps)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            inputs, targets = self.batches.batch(self.step * cfg.grad_accum + micro)
+            loss, aux = self._loss(inputs.to(self.device), targets.to(self.device))
+            objective = loss if aux is None else loss + aux
+            (objective / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = self.optimizer.clip_grad_norm()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.model.update_router_biases()
+        self.step += 1
+        return {"loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def train(self) -> dict[str, Any]:
+        """Run to ``max_steps`` (from the resumed step); Ctrl-C saves a checkpoint and returns."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_FILE).write_text(json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.to_dict(),
+                                                     "corpus": self.corpus.info_dict()}, indent=2, default=str))
+        writer = self._tensorboard()
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        metrics: dict[str, Any] = {}
+        interrupted = False
+        started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        self.model.train()
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  lr {task.fields[lr]}"),
+                            TimeRemainingColumn(), console=self.console, disable=not cfg.progress)
+        try:
+            with progress, open(self.out / METRICS_FILE, "a") as log:
+                task = progress.add_task(self.out.name, total=cfg.max_steps, completed=self.step,
+                                         loss="-", tps="-", lr="-")
+                while self.step < cfg.max_steps:
+                    metrics = self.train_step()
+                    window_steps += 1
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step % cfg.eval_every == 0:
+                        elapsed = time.perf_counter() - window_start
+                        metrics["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                        window_start, window_steps = time.perf_counter(), 0
+                        if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                            metrics.update(self.evaluate())
+                            window_start = time.perf_counter()  # validation time is not training time
+                        record = {"step": self.step, "tokens": self.step * tokens_per_step, **metrics}
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            for key, value in record.items():
+                                if key != "step":
+                                    writer.add_scalar(key, value, self.step)
+                        progress.update(task, loss=f"{metrics['loss']:.3f}", tps=f"{metrics['tokens_per_s']:,.0f}",
+                                        lr=f"{metrics['lr']:.2e}")
+                    progress.update(task, completed=self.step)
+                    if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                        self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            path = self.save()
+            self.console.print(f"[yellow]interrupted at step {self.step}: checkpoint written to {path}[/yellow]")
+        finally:
+            if writer is not None:
+                writer.close()
+        if not interrupted:
+            self.save()
+            self.model.save_pretrained(self.out / "final")
+        return {"step": self.step, "interrupted": interrupted, "seconds": time.perf_counter() - started,
+                "metrics": metrics, "params": self.model.param_report(cfg.seq_len)}
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.console.print("TensorBoard logs off: `pip install tensorboard` to write them")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def _jsonable_python_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _jsonable_numpy_rng(state: tuple) -> list:
+    kind, keys, pos, has_gauss, gauss = state
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
