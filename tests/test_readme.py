@@ -15,4 +15,4 @@ def test_quick_start_has_two_commands():
     section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     commands = [line for line in block.splitlines() if line.strip()]
-    assert len(commands) == 2 and "engram demo" in commands[0] and "pytest" in commands[1]
+    assert len(commands) == 2 and "engram train" in commands[0] and "pytest" in commands[1]

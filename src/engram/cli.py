@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +76,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weight-decay", type=float, default=o.weight_decay)
     parser.add_argument("--grad-clip", type=float, default=o.grad_clip)
     parser.add_argument("--muon", action="store_true", help="Muon for hidden matrices (AdamW otherwise)")
-    parser.add_argument("--out", default=d.out)
+    parser.add_argument("--out", default=None, help="run folder (default: runs/PRESET-YYYYmmdd-HHMMSS)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=d.device)
@@ -97,7 +98,8 @@ def _run_train(args: argparse.Namespace) -> int:
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
                         table_lr_mult=args.table_lr_mult, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                         muon=args.muon)
-    cfg = TrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, out=args.out,
+    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = TrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, out=out,
                       max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       seq_len=args.seq_len, seed=args.seed, device=args.device, compile=args.compile,
                       eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,

@@ -40,8 +40,6 @@ def _assert_doubly_stochastic(p: torch.Tensor, row_atol: float = 1e-3) -> None:
     torch.testing.assert_close(p.sum(-1), ones, atol=row_atol, rtol=0)
 
 
-# ------------------------------------------------------------------------------------------ Sinkhorn
-
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7], ids=lambda m: f"M{m}")
 def test_sinkhorn_doubly_stochastic_moderate_logits(m: int) -> None:
     torch.manual_seed(m)
@@ -84,8 +82,6 @@ def test_sinkhorn_rejects_bad_input(shape: tuple[int, ...], iters: int) -> None:
     with pytest.raises(ValueError):
         sinkhorn_knopp(torch.randn(shape), iters=iters)
 
-
-# ------------------------------------------------------------------------------------ HyperConnection
 
 @pytest.mark.parametrize("m", [1, 2, 4], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("t", [1, 7], ids=lambda t: f"T{t}")
@@ -197,8 +193,6 @@ def test_bad_constructor_args_raise(kwargs: dict, bad: str) -> None:
         with pytest.raises(ValueError, match=bad):
             StreamMerge(**{"hc_mult": 2, "d_model": D, **kwargs})
 
-
-# ----------------------------------------------------------------------------------- expand / merge
 
 def test_expand_streams() -> None:
     torch.manual_seed(9)

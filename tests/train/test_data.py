@@ -51,8 +51,6 @@ def read_dir(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-# ------------------------------------------------------------------------------------------ sources
-
 
 def test_decode_counts_only_introduced_replacements():
     assert decode("ok \ufffd".encode() + b" \xe9\xff") == ("ok \ufffd \ufffd\ufffd", 2)
@@ -114,8 +112,6 @@ def test_python_code_file_list_is_stable():
     assert len(docs) == 3 and positions == sorted(positions) and positions[0] < 50
     assert all(d.text and d.num_bytes == len(d.text.encode()) for d in docs)
 
-
-# ------------------------------------------------------------------------------------------ presets
 
 
 def fake_registry(members: dict[str, bytes], calls: list[list[str]]):
@@ -188,8 +184,6 @@ def test_fetch_failure_names_preset_registry_and_stderr(tmp_path):
     with pytest.raises(FileNotFoundError, match="'nope'.*shakespeare"):
         resolve_sources(["nope"])
 
-
-# ---------------------------------------------------------------------------------------- preparing
 
 
 def test_prepare_counts_bos_offsets_and_round_trip(tmp_path, raw, deepseek):
@@ -316,8 +310,6 @@ def test_bpe_tokenizer_is_trained_and_kept_with_the_corpus(tmp_path, raw):
     ids = corpus.tokens("train")[1:corpus.doc_offsets("train")[1]].tolist()
     assert corpus.tokenizer.decode(ids) == first_train.text
 
-
-# ------------------------------------------------------------------------------------------ batches
 
 
 def test_token_batches_are_a_function_of_seed_and_step():

@@ -91,8 +91,6 @@ def reference_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x
 
 
-# ---------------------------------------------------------------- config
-
 
 def test_config_round_trips_through_json_and_rejects_bad_values():
     cfg = OptimConfig(muon=True, schedule="step", step_decay_at=(0.5, 0.75))
@@ -105,8 +103,6 @@ def test_config_round_trips_through_json_and_rejects_bad_values():
         with pytest.raises(ValueError, match=field):
             OptimConfig(**{field: value})
 
-
-# ---------------------------------------------------------------- parameter groups
 
 
 def test_param_groups_cover_every_parameter_once_and_classify_by_role():
@@ -153,8 +149,6 @@ def test_muon_takes_exactly_the_matrices_and_adamw_the_rest():
     assert id(model.embed.weight) in in_adamw and id(model.lm_head.weight) in in_adamw
     assert len(EngramOptimizer(model, OptimConfig(muon=False)).optimizers) == 2
 
-
-# ---------------------------------------------------------------- tables
 
 
 def test_tables_update_only_the_rows_read_at_five_times_the_lr():
@@ -230,8 +224,6 @@ def test_dense_table_gradient_raises_a_clear_error():
         opt.step()
 
 
-# ---------------------------------------------------------------- dense groups
-
 
 def test_every_dense_parameter_updates():
     model = small_lm()
@@ -287,8 +279,6 @@ def test_clip_grad_norm_clips_dense_grads_and_leaves_tables_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
-# ---------------------------------------------------------------- schedule
-
 
 def test_warmup_is_monotone_from_near_zero_to_the_peak():
     cfg = OptimConfig(lr=2e-3, warmup_steps=50)
@@ -334,8 +324,6 @@ def test_set_lr_scales_every_group_by_the_schedule():
     assert sorted({g["base_lr"] for o in opt.optimizers for g in o.param_groups}) == pytest.approx([1e-3, 5e-3, 0.02])
 
 
-# ---------------------------------------------------------------- resume
-
 
 def test_resume_from_state_dict_is_bit_identical():
     cfg = OptimConfig(lr=2e-3, muon=True, warmup_steps=2, table_weight_decay=0.1)
@@ -372,8 +360,6 @@ def test_loading_another_layout_raises():
     with pytest.raises(ValueError, match="EngramOptimizer state dict"):
         opt.load_state_dict(state["optimizers"]["adamw"])
 
-
-# ---------------------------------------------------------------- Muon
 
 
 @pytest.mark.parametrize("shape", [(24, 64), (64, 24), (48, 48)])

@@ -89,8 +89,6 @@ class CorpusInfo:
         return cls(**{**data, "splits": {k: SplitInfo(**v) for k, v in data["splits"].items()}})
 
 
-# ------------------------------------------------------------------------------------- tokenising
-
 
 def bos_id(tokenizer: Tokenizer) -> int:
     """The id of the tokenizer's BOS added token (see :data:`BOS_TOKENS`), else 0."""
@@ -218,8 +216,6 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("{task.fields[files]} files"), disable=not enabled)
 
 
-# ------------------------------------------------------------------------------------ preparing
-
 
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
@@ -321,8 +317,6 @@ def prepare_corpus(sources: list[str], out_dir: str | os.PathLike[str], tokenize
         shutil.rmtree(staging, ignore_errors=True)
     return info
 
-
-# ------------------------------------------------------------------------------------- reading
 
 
 class Corpus:
@@ -464,8 +458,6 @@ def load_or_prepare(data: str | os.PathLike[str] | list[str], cache_dir: str | o
                    progress=progress, cache_dir=root)
     return open_corpus(out)
 
-
-# -------------------------------------------------------------------------------------- batches
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:

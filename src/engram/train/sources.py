@@ -103,8 +103,6 @@ PRESETS: dict[str, PresetInfo] = {
 }
 
 
-# ----------------------------------------------------------------------------------------- decoding
-
 
 def decode(data: bytes) -> tuple[str, int]:
     """UTF-8 with replacement, and the number of U+FFFD the replacement introduced."""
@@ -182,8 +180,6 @@ def read_documents(file: SourceFile) -> Iterator[Document]:
         raise ValueError(f"{file.path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
     return reader(file.path, file.origin)
 
-
-# --------------------------------------------------------------------------------------- resolving
 
 
 def _files_under(root: Path, origin_prefix: str, suffixes: Iterable[str], prune: Iterable[Path] = ()) -> list[SourceFile]:
@@ -264,8 +260,6 @@ def iter_documents(source: str | os.PathLike[str], cache_dir: str | os.PathLike[
     if count == 0:
         raise ValueError(f"source {resolved.source!r} yielded no documents (all its files are empty)")
 
-
-# ----------------------------------------------------------------------------------------- presets
 
 
 def staging_dir(parent: Path, name: str) -> Path:
