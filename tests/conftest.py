@@ -2,9 +2,17 @@ import os
 import unicodedata
 import re
 
-import numpy as np
-import pytest
-from tokenizers import Tokenizer, decoders, models
+import torch
+
+# Before anything imports triton (torch._dynamo does): without a GPU the kernel tests (tests/kernels) run the
+# Triton paths on CPU tensors through Triton's interpreter, which @triton.jit picks only if TRITON_INTERPRET=1
+# is set when it decorates. Decided here, the first module pytest imports, whatever order the tests come in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from tokenizers import Tokenizer, decoders, models  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engram.kernels.gather import multi_head_gather
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -56,8 +57,7 @@ class MultiHeadEmbedding(nn.Module):
 
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T, H]`` per-head row ids -> ``[B, T, H * head_dim]`` concatenated head vectors."""
-        vectors = F.embedding(self.flat_row_ids(row_ids), self.weight, sparse=self.sparse)
-        return vectors.flatten(start_dim=-2)
+        return multi_head_gather(self.weight, self.flat_row_ids(row_ids), sparse_grad=self.sparse)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, rows={self.num_rows}, head_dim={self.head_dim}, sparse={self.sparse}"

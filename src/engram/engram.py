@@ -13,7 +13,6 @@ product run in fp32 whatever the autocast dtype.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -23,9 +22,8 @@ from torch import nn
 from engram.config import EngramConfig
 from engram.embedding import MultiHeadEmbedding
 from engram.hashing import NgramHasher
-
-_GATE_FLOOR = 1e-6
-
+from engram.kernels.gate import fused_gate
+from engram.kernels.shortconv import fused_short_conv
 
 class BranchRMSNorm(nn.Module):
     """RMSNorm over the last dim with one weight vector per residual branch: ``[..., M, D]`` -> same.
@@ -55,7 +53,6 @@ class ShortConv(nn.Module):
                  eps: float = 1e-5, zero_init: bool = False):
         super().__init__()
         self.num_branches = num_branches
-        self.left_pad = (kernel_size - 1) * dilation
         channels = dim * num_branches
         self.norm = BranchRMSNorm(num_branches, dim, eps=eps)
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
@@ -74,19 +71,10 @@ class ShortConv(nn.Module):
         Returns:
             ``(y [B, T, M, D], past [B, M * D, (kernel_size - 1) * dilation])`` for the next call.
         """
-        batch, length, branches, dim = x.shape
-        if branches != self.num_branches:
+        if x.dim() != 4 or x.shape[2] != self.num_branches:
             raise ValueError(f"ShortConv expects {self.num_branches} branches, got shape {tuple(x.shape)}")
-        normed = self.norm(x)
-        if token_mask is not None:
-            normed = normed * token_mask[:, :, None, None].to(normed.dtype)
-        channels_first = normed.reshape(batch, length, branches * dim).transpose(1, 2)  # [B, C, T]
-        if past is None:
-            past = channels_first.new_zeros(batch, branches * dim, self.left_pad)
-        window = torch.cat([past.to(channels_first.dtype), channels_first], dim=-1)  # [B, C, P + T]
-        conv = self.conv(window)
-        y = F.silu(conv).transpose(1, 2).reshape(batch, length, branches, dim)
-        return y, window[..., window.shape[-1] - self.left_pad:]
+        return fused_short_conv(x, self.norm.weight, self.conv.weight, self.conv.dilation[0], self.norm.eps,
+                                past, token_mask)
 
 
 class Engram(nn.Module):
@@ -178,9 +166,8 @@ class Engram(nn.Module):
         projected = self.value_key_proj(self.memory(hash_ids))  # [B, T, (1 + M) * D]
         value = projected[..., :dim]  # [B, T, D]
         keys = projected[..., dim:].unflatten(-1, (self.hc_mult, dim))  # [B, T, M, D]
-        score = (self.key_norm(keys.float()) * self.query_norm(hidden_states.float())).sum(-1) / math.sqrt(dim)
-        gates = torch.sigmoid(score.sign() * score.abs().clamp_min(_GATE_FLOOR).sqrt())  # [B, T, M]
-        gated = gates.unsqueeze(-1).to(value.dtype) * value.unsqueeze(2)  # [B, T, M, D]
+        gated, gates = fused_gate(keys, hidden_states, value, self.key_norm.weight, self.query_norm.weight,
+                                  self.key_norm.eps, self.query_norm.eps)  # [B, T, M, D], [B, T, M]
         past = conv_states.get(self.layer_id) if conv_states is not None else None
         conv, past = self.short_conv(gated, past, token_mask)
         if conv_states is not None:

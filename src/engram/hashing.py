@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig
+from engram.kernels.dispatch import use_triton
+from engram.kernels.hash import ngram_hash
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
 _LAYER_SEED_STRIDE = 10007
@@ -112,7 +114,7 @@ class NgramHasher:
         self.pad_id = int(self.tokenizer.lookup[cfg.pad_id])
         self.multipliers = multipliers_for(cfg, len(self.tokenizer))
         self.table_sizes = table_sizes_for(cfg)
-        self._device_constants: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def fingerprint(self) -> dict[str, object]:
         """Everything that decides which rows a token reads; saved beside trained tables and checked on load."""
@@ -160,18 +162,12 @@ class NgramHasher:
             ``[B, max_ngram_size - 1 + T]`` int64 compressed ids.
         """
         input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        history = self._checked_history(input_ids, history)
         batch = input_ids.shape[0]
         compressed = self.tokenizer(input_ids)
         context = self.context
         pieces = []
         if history is not None:
-            history = torch.as_tensor(history, device=input_ids.device)
-            if history.dim() != 2 or history.shape[0] != batch or history.shape[1] > context:
-                raise ValueError(
-                    f"history must be [B={batch}, H<={context}] original ids, got shape {tuple(history.shape)}"
-                )
             hist = self.tokenizer(history)
         else:
             hist = compressed.new_empty((batch, 0))
@@ -180,6 +176,20 @@ class NgramHasher:
             pieces.append(compressed.new_full((batch, missing), self.pad_id))
         pieces += [hist, compressed]
         return torch.cat(pieces, dim=1)
+
+    def _checked_history(self, input_ids: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor | None:
+        """Check ``input_ids`` ``[B, T]`` and ``history`` ``[B, <= max_ngram_size - 1]``; history on the ids' device."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if history is None:
+            return None
+        history = torch.as_tensor(history, device=input_ids.device)
+        batch = input_ids.shape[0]
+        if history.dim() != 2 or history.shape[0] != batch or history.shape[1] > self.context:
+            raise ValueError(
+                f"history must be [B={batch}, H<={self.context}] original ids, got shape {tuple(history.shape)}"
+            )
+        return history
 
     def _hash_context(self, context_ids: torch.Tensor, layer_id: int) -> torch.Tensor:
         mult, primes = self._constants(layer_id, context_ids.device)  # [N], [N - 1, K]
@@ -208,7 +218,38 @@ class NgramHasher:
         self._check_layer(layer_id)
         return self._hash_context(self.compressed_context(input_ids, history), layer_id)
 
-    def hash_all(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """:meth:`hash` for every Engram layer, compressing the ids once: ``{layer_id: [B, T, H]}``."""
-        context_ids = self.compressed_context(input_ids, history)
-        return {layer_id: self._hash_context(context_ids, layer_id) for layer_id in self.cfg.layer_ids}
+    def hash_all(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
+                 force: bool | None = None) -> dict[int, torch.Tensor]:
+        """:meth:`hash` for every Engram layer at once: ``{layer_id: [B, T, H]}``.
+
+        On CUDA one Triton launch computes every layer, order and head (``engram.kernels.hash``);
+        elsewhere the ids are compressed once and hashed with torch ops. ``force`` as in
+        :func:`engram.kernels.dispatch.use_triton`.
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if not use_triton(input_ids, force):
+            context_ids = self.compressed_context(input_ids, history)
+            return {layer_id: self._hash_context(context_ids, layer_id) for layer_id in self.cfg.layer_ids}
+        history = self._checked_history(input_ids, history)
+        for ids in (input_ids, history):
+            if ids is not None:
+                self.tokenizer.check_ids(ids)
+        if history is not None and history.shape[1] < self.context:
+            missing = self.context - history.shape[1]
+            history = torch.cat([history.new_full((history.shape[0], missing), self.cfg.pad_id), history], dim=1)
+        lookup, multipliers, primes = self._stacked_constants(input_ids.device)
+        rows = ngram_hash(input_ids.long(), lookup, multipliers, primes, self.pad_id,
+                          history.long() if history is not None else None, force)
+        return dict(zip(self.cfg.layer_ids, rows.unbind(0)))
+
+    def _stacked_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compression lookup ``[V]``, multipliers ``[L, N]`` and primes ``[L, N - 1, K]`` on ``device``."""
+        key = ("stacked", device)
+        if key not in self._device_constants:
+            layers = self.cfg.layer_ids
+            self._device_constants[key] = (
+                torch.from_numpy(self.tokenizer.lookup).to(device),
+                torch.tensor([self.multipliers[layer] for layer in layers], dtype=torch.int64, device=device),
+                torch.tensor([self.table_sizes[layer] for layer in layers], dtype=torch.int64, device=device),
+            )
+        return self._device_constants[key]

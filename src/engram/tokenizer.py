@@ -227,13 +227,14 @@ class CompressedTokenizer:
 
     def canonical_key(self, token_id: int) -> str:
         """The text that token ``token_id`` is grouped by (see the module docstring)."""
-        self._check_ids(np.asarray([token_id]))
+        self.check_ids(np.asarray([token_id]))
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)
         if _REPLACEMENT_CHAR in text:
             return self.tokenizer.id_to_token(token_id) or text
         return canonical_normalizer().normalize_str(text) or text
 
-    def _check_ids(self, ids: np.ndarray | torch.Tensor) -> None:
+    def check_ids(self, ids: np.ndarray | torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the first id outside ``[0, original_vocab_size)``."""
         size = self.original_vocab_size
         if ids.numel() if isinstance(ids, torch.Tensor) else ids.size:
             bad = (ids < 0) | (ids >= size)
@@ -262,11 +263,11 @@ class CompressedTokenizer:
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise TypeError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
             if validate:
-                self._check_ids(ids)
+                self.check_ids(ids)
             return self._lookup_on(ids.device)[ids.long()]
         arr = np.asarray(ids)
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
         if validate:
-            self._check_ids(arr)
+            self.check_ids(arr)
         return self.lookup[arr]

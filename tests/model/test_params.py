@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from engram import EngramConfig
 from engram.model import EngramLM, EngramLMConfig, PRESETS, iso_parameter_config, param_report

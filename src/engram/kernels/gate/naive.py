@@ -1,0 +1,35 @@
+"""The Engram gate in plain torch: the specification the Triton kernels reproduce (the ops of ``Engram.forward``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+GATE_FLOOR = 1e-6
+
+
+def naive_gate(keys: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, key_norm_weight: torch.Tensor,
+               query_norm_weight: torch.Tensor, key_eps: float | None = None, query_eps: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate the shared value by each branch's agreement between its key and the hidden state.
+
+    Args:
+        keys: ``[B, T, M, D]`` per-branch keys ``W_K^(m) e_t``.
+        hidden: ``[B, T, M, D]`` hidden state of each residual branch (the query).
+        value: ``[B, T, D]`` the value ``W_V e_t``, shared by the branches.
+        key_norm_weight, query_norm_weight: ``[M, D]`` per-branch RMSNorm weights.
+        key_eps, query_eps: RMSNorm epsilons; ``None`` is fp32 machine epsilon (as in ``F.rms_norm``).
+    Returns:
+        ``(gated [B, T, M, D] in value's dtype, gates [B, T, M] fp32)`` with, in fp32,
+        ``s = <rmsnorm(keys) * w_k, rmsnorm(hidden) * w_q> / sqrt(D)``,
+        ``gates = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))`` and ``gated = gates * value``.
+    """
+    dim = keys.shape[-1]
+    normed_keys = F.rms_norm(keys.float(), (dim,), eps=key_eps) * key_norm_weight.float()
+    normed_hidden = F.rms_norm(hidden.float(), (dim,), eps=query_eps) * query_norm_weight.float()
+    score = (normed_keys * normed_hidden).sum(-1) / math.sqrt(dim)
+    gates = torch.sigmoid(score.sign() * score.abs().clamp_min(GATE_FLOOR).sqrt())
+    gated = gates.unsqueeze(-1).to(value.dtype) * value.unsqueeze(2)
+    return gated, gates

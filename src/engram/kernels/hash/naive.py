@@ -1,0 +1,74 @@
+"""The specification of the n-gram hash in plain PyTorch (bit-exact with ``NgramHasher.hash_all``).
+
+Shapes: ``B`` batch, ``T`` tokens, ``V`` original vocabulary, ``L`` Engram layers, ``N`` max_ngram_size,
+``K`` heads per order, ``H = (N - 1) * K`` row ids per token per layer. Every value is non-negative and
+every product ``x * m`` fits in int64 (multipliers are bounded by ``int64max // compressed vocab``), so
+the C-style remainder of the kernels and Python's floor modulo agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ngram_hash_naive(
+    raw_ids: torch.Tensor,
+    lookup: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    pad_id: int,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row ids of every head of every layer.
+
+    Args:
+        raw_ids: ``[B, T]`` int64 original token ids, each in ``[0, V)``.
+        lookup: ``[V]`` int64 original id -> compressed id.
+        multipliers: ``[L, N]`` int64 odd multipliers ``m_0..m_{N-1}`` per layer.
+        primes: ``[L, N - 1, K]`` int64 table size per layer, order (2..N) and head.
+        pad_id: the compressed id read before the start of a sequence.
+        history: optional ``[B, N - 1]`` original ids preceding ``raw_ids`` (oldest first); ``None`` reads pad.
+    Returns:
+        ``[L, B, T, H]`` int64: for layer ``l``, column ``(n - 2) * K + j`` holds
+        ``(XOR_{k<n} x_{t-k} * m_k) % primes[l, n - 2, j]``.
+    """
+    batch, length = raw_ids.shape
+    steps = multipliers.shape[1] - 1
+    if history is None:
+        previous = raw_ids.new_full((batch, steps), pad_id)
+    else:
+        previous = lookup[history]
+    context = torch.cat([previous, lookup[raw_ids]], dim=1)  # [B, N - 1 + T]
+    products = [
+        context[:, steps - k : steps - k + length] * multipliers[:, k, None, None]  # [L, B, T]
+        for k in range(steps + 1)
+    ]
+    mixes = []
+    mix = products[0]
+    for product in products[1:]:
+        mix = mix ^ product
+        mixes.append(mix)
+    rows = torch.stack(mixes, dim=-1).unsqueeze(-1) % primes[:, None, None]  # [L, B, T, N - 1, K]
+    return rows.flatten(start_dim=-2)
+
+
+def ngram_hash_decode_naive(
+    new_ids: torch.Tensor,
+    history: torch.Tensor,
+    lookup: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    pad_id: int,
+) -> torch.Tensor:
+    """Row ids of one new token per sequence; shifts ``history`` left in place and appends ``new_ids``.
+
+    Args:
+        new_ids: ``[B]`` int64 original ids of the new tokens.
+        history: ``[B, N - 1]`` int64 original ids preceding them (oldest first), updated in place.
+        lookup, multipliers, primes, pad_id: as in :func:`ngram_hash_naive`.
+    Returns:
+        ``[L, B, H]`` int64, equal to :func:`ngram_hash_naive` of the whole sequence at the new position.
+    """
+    rows = ngram_hash_naive(new_ids[:, None], lookup, multipliers, primes, pad_id, history)[:, :, 0]
+    history.copy_(torch.cat([history[:, 1:], new_ids[:, None]], dim=1))
+    return rows

@@ -1,0 +1,125 @@
+"""The fused n-gram hash (Triton on the GPU, or through its CPU interpreter without one; and plain torch) against
+NgramHasher.hash_all. ``device`` and TRITON_INTERPRET come from conftest.py."""
+
+import numpy as np
+import pytest
+import torch
+
+
+import engram.kernels.dispatch as dispatch  # noqa: E402
+from engram import CompressedTokenizer, EngramConfig, NgramHasher  # noqa: E402
+from engram.kernels.hash import ngram_hash, ngram_hash_decode, ngram_hash_naive  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_ct() -> CompressedTokenizer:
+    # 40 original ids onto 7 compressed ids: the multipliers get close to int64max / 7.
+    return CompressedTokenizer(np.random.default_rng(0).integers(0, 7, size=40).astype(np.int64))
+
+
+def _constants(hasher: NgramHasher, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layers = hasher.cfg.layer_ids
+    return (torch.from_numpy(hasher.tokenizer.lookup).to(device),
+            torch.tensor([hasher.multipliers[l] for l in layers], device=device),
+            torch.tensor([hasher.table_sizes[l] for l in layers], device=device))
+
+
+def _stack(rows: dict[int, torch.Tensor], hasher: NgramHasher) -> torch.Tensor:
+    return torch.stack([rows[layer] for layer in hasher.cfg.layer_ids])
+
+
+# (max_ngram_size, heads, layer_ids, batch, length, engram_vocab_size per order, history length or None)
+CASES = [
+    (2, 1, [0], 1, 1, 1009, None),
+    (3, 8, [1, 15], 3, 67, 129280 * 5, None),
+    (3, 8, [1, 15], 3, 67, 129280 * 5, 2),
+    (5, 3, [2, 9], 1, 5, 400_000_000, None),
+    (5, 3, [4], 3, 67, 400_000_000, 4),
+    (5, 1, [0, 3], 3, 5, 57, 2),
+    (2, 3, [0, 1], 1, 67, 400_000_000, 1),
+    (3, 1, [7], 3, 1, 400_000_000, 1),
+]
+
+
+@pytest.mark.parametrize("tokenizer", ["deepseek", "tiny"])
+@pytest.mark.parametrize("max_n, heads, layer_ids, batch, length, table, history_len", CASES)
+def test_matches_hasher(deepseek_ct, tiny_ct, device, tokenizer, max_n, heads, layer_ids, batch, length, table,
+                        history_len):
+    ct = deepseek_ct if tokenizer == "deepseek" else tiny_ct
+    cfg = EngramConfig(engram_vocab_size=[table + 100 * n for n in range(max_n - 1)], max_ngram_size=max_n,
+                       n_head_per_ngram=heads, n_embed_per_ngram=heads, layer_ids=layer_ids, pad_id=3)
+    hasher = NgramHasher(cfg, tokenizer=ct)
+    rng = np.random.default_rng([max_n, heads, batch, length, len(ct)])
+    ids = torch.from_numpy(rng.integers(0, ct.original_vocab_size, size=(batch, length))).to(device)
+    history = None
+    if history_len is not None:
+        history = torch.from_numpy(rng.integers(0, ct.original_vocab_size, size=(batch, history_len))).to(device)
+    # force=False: the torch path (what the default picks on CPU; on CUDA the default is Triton, checked below).
+    expected = _stack(hasher.hash_all(ids, history, force=False), hasher)
+    for force in (True, False, None):
+        got = hasher.hash_all(ids, history, force=force)
+        assert list(got) == layer_ids
+        assert torch.equal(_stack(got, hasher), expected)
+
+    if history is not None:  # the raw op, with the caller left-padding history with the original pad id
+        padded = torch.cat([torch.full((batch, max_n - 1 - history_len), cfg.pad_id, device=device), history], dim=1)
+        consts = _constants(hasher, device)
+        assert torch.equal(ngram_hash(ids, *consts, hasher.pad_id, padded, force=True), expected)
+        assert torch.equal(ngram_hash_naive(ids, *consts, hasher.pad_id, padded), expected)
+
+
+@pytest.mark.parametrize("force", [True, False])
+@pytest.mark.parametrize("max_n, heads, batch", [(2, 2, 3), (3, 8, 1), (5, 3, 67)])
+def test_decode_steps_equal_whole(deepseek_ct, device, force, max_n, heads, batch):
+    cfg = EngramConfig(engram_vocab_size=[400_000_000] * (max_n - 1), max_ngram_size=max_n, n_head_per_ngram=heads,
+                       n_embed_per_ngram=heads, layer_ids=[1, 6])
+    hasher = NgramHasher(cfg, tokenizer=deepseek_ct)
+    consts = _constants(hasher, device)
+    ids = torch.from_numpy(np.random.default_rng(batch).integers(0, 128_815, size=(batch, 7))).to(device)
+    whole = ngram_hash(ids, *consts, hasher.pad_id, force=False)
+    history = torch.full((batch, max_n - 1), cfg.pad_id, device=device)
+    for t in range(ids.shape[1]):
+        step = ngram_hash_decode(ids[:, t], history, *consts, hasher.pad_id, force=force)
+        assert torch.equal(step, whole[:, :, t])
+    assert torch.equal(history, ids[:, -(max_n - 1):])
+
+
+def test_decode_continues_a_prefill_history(deepseek_ct, device):
+    hasher = NgramHasher(EngramConfig(engram_vocab_size=[5003, 7001, 9001], max_ngram_size=4, n_head_per_ngram=2,
+                                      n_embed_per_ngram=2, layer_ids=[0, 2]), tokenizer=deepseek_ct)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 128_815, size=(2, 9))).to(device)
+    whole = _stack(hasher.hash_all(ids, force=False), hasher)
+    history = ids[:, 3:6].clone()
+    for t in range(6, 9):
+        assert torch.equal(ngram_hash_decode(ids[:, t], history, *_constants(hasher, device), hasher.pad_id,
+                                             force=True), whole[:, :, t])
+
+
+def test_empty_inputs(deepseek_ct, device):
+    hasher = NgramHasher(EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0]), tokenizer=deepseek_ct)
+    consts = _constants(hasher, device)
+    no_tokens = torch.zeros(2, 0, dtype=torch.long, device=device)
+    assert ngram_hash(no_tokens, *consts, hasher.pad_id, force=True).shape == (1, 2, 0, 16)
+    no_rows = torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, 2, dtype=torch.long, device=device)
+    assert ngram_hash_decode(*no_rows, *consts, hasher.pad_id, force=True).shape == (1, 0, 16)
+
+
+def test_errors(deepseek_ct, monkeypatch):
+    # CPU tensors on purpose, on any machine: without the interpreter, forcing Triton on them must raise.
+    hasher = NgramHasher(EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0]), tokenizer=deepseek_ct)
+    consts = _constants(hasher)
+    ids = torch.tensor([[5, 6]])
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        hasher.hash_all(torch.tensor([[5, 128_815]]))
+    with pytest.raises(ValueError, match="history must be"):
+        hasher.hash_all(ids, history=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="history must be an int64 tensor of shape"):
+        ngram_hash(ids, *consts, hasher.pad_id, history=torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="contiguous"):
+        ngram_hash_decode(torch.tensor([5]), torch.zeros(1, 4, dtype=torch.long)[:, ::2], *consts, hasher.pad_id)
+    monkeypatch.setattr(dispatch, "interpret_mode", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        ngram_hash(ids, *consts, hasher.pad_id, force=True)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        ngram_hash_decode(torch.tensor([5]), torch.zeros(1, 2, dtype=torch.long), *consts, hasher.pad_id, force=True)
