@@ -100,7 +100,31 @@ def _normalised_projection(streams: Tensor, phi: Tensor, eps: float) -> Tensor:
     return (flat @ phi.float()) * inv_rms
 
 
-class HyperConnection(nn.Module):
+class _StreamProjection(nn.Module):
+    """Parameters shared by mHC modules: ``phi`` ``[M*D, n]``, ``alpha`` ``[gains]`` and ``bias`` ``[n]``.
+
+    ``reset_parameters`` sets phi ~ N(0, init_std^2), alpha = 0.01, bias = 0.
+    """
+
+    def __init__(self, hc_mult: int, d_model: int, n_coef: int, n_gains: int, eps: float, init_std: float):
+        super().__init__()
+        _check_dims(hc_mult, d_model, eps, init_std)
+        self.hc_mult = hc_mult
+        self.d_model = d_model
+        self.eps = eps
+        self.init_std = init_std
+        self.phi = nn.Parameter(torch.empty(hc_mult * d_model, n_coef))
+        self.alpha = nn.Parameter(torch.empty(n_gains))
+        self.bias = nn.Parameter(torch.empty(n_coef))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.phi, mean=0.0, std=self.init_std)
+        nn.init.constant_(self.alpha, _ALPHA_INIT)
+        nn.init.zeros_(self.bias)
+
+
+class HyperConnection(_StreamProjection):
     """The mHC wrapper of one sublayer (attention or FFN); its coefficients are its own.
 
     Parameters:
@@ -121,26 +145,10 @@ class HyperConnection(nn.Module):
 
     def __init__(self, hc_mult: int, d_model: int, sinkhorn_iters: int = 20, eps: float = 1e-6,
                  init_std: float = 0.02):
-        super().__init__()
-        _check_dims(hc_mult, d_model, eps, init_std)
         if sinkhorn_iters < 1:
             raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-        self.hc_mult = hc_mult
-        self.d_model = d_model
+        super().__init__(hc_mult, d_model, hc_mult * hc_mult + 2 * hc_mult, 3, eps, init_std)
         self.sinkhorn_iters = sinkhorn_iters
-        self.eps = eps
-        self.init_std = init_std
-        n_coef = hc_mult * hc_mult + 2 * hc_mult
-        self.phi = nn.Parameter(torch.empty(hc_mult * d_model, n_coef))
-        self.alpha = nn.Parameter(torch.empty(3))
-        self.bias = nn.Parameter(torch.empty(n_coef))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """phi ~ N(0, init_std^2), alpha = 0.01, bias = 0: H_pre ~ 0.5, H_post ~ 1, H_res ~ uniform."""
-        nn.init.normal_(self.phi, mean=0.0, std=self.init_std)
-        nn.init.constant_(self.alpha, _ALPHA_INIT)
-        nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return f"hc_mult={self.hc_mult}, d_model={self.d_model}, sinkhorn_iters={self.sinkhorn_iters}"
@@ -223,7 +231,7 @@ def hyper_connection_reference(hc: HyperConnection, streams: Tensor,
     return torch.stack(new, dim=2).to(streams.dtype)
 
 
-class StreamMerge(nn.Module):
+class StreamMerge(_StreamProjection):
     """End of the network: a learned per-token sigmoid-weighted sum of the streams (DeepSeek-V4 style).
 
     ``w = sigmoid(alpha * (x~ @ phi) / r + bias)`` ``[B, T, M]``, output ``sum_i w_i X_i`` ``[B, T, D]``.
@@ -239,22 +247,7 @@ class StreamMerge(nn.Module):
     """
 
     def __init__(self, hc_mult: int, d_model: int, eps: float = 1e-6, init_std: float = 0.02):
-        super().__init__()
-        _check_dims(hc_mult, d_model, eps, init_std)
-        self.hc_mult = hc_mult
-        self.d_model = d_model
-        self.eps = eps
-        self.init_std = init_std
-        self.phi = nn.Parameter(torch.empty(hc_mult * d_model, hc_mult))
-        self.alpha = nn.Parameter(torch.empty(1))
-        self.bias = nn.Parameter(torch.empty(hc_mult))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """phi ~ N(0, init_std^2), alpha = 0.01, bias = 0."""
-        nn.init.normal_(self.phi, mean=0.0, std=self.init_std)
-        nn.init.constant_(self.alpha, _ALPHA_INIT)
-        nn.init.zeros_(self.bias)
+        super().__init__(hc_mult, d_model, hc_mult, 1, eps, init_std)
 
     def extra_repr(self) -> str:
         return f"hc_mult={self.hc_mult}, d_model={self.d_model}"
