@@ -5,6 +5,9 @@ same decision first, so a whole-suite run sets the variable before anything impo
 ``tests/kernels`` self-contained."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,3 +20,16 @@ if not torch.cuda.is_available():
 def device() -> torch.device:
     """Where the Triton-path tests put their tensors: the GPU if present, else the CPU (interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compile_for_h200(script: str) -> None:
+    """Run ``script`` (which lowers kernels to sm_90 cubins with ``triton.compile``) in a fresh process without
+    the interpreter: under ``TRITON_INTERPRET=1`` ``@triton.jit`` skips the compiler in this process. Needs no
+    GPU, only the ptxas that ships with triton."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    assert ptxas.exists(), f"triton {triton.__version__} should ship ptxas at {ptxas}"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-
-import engram.kernels.dispatch as dispatch  # noqa: E402
-from engram import CompressedTokenizer, EngramConfig, NgramHasher  # noqa: E402
-from engram.kernels.hash import ngram_hash, ngram_hash_decode, ngram_hash_naive  # noqa: E402
+import engram.kernels.dispatch as dispatch
+from engram import CompressedTokenizer, EngramConfig, NgramHasher
+from engram.kernels.hash import ngram_hash, ngram_hash_decode, ngram_hash_naive
+from kernels.conftest import compile_for_h200
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,67 @@ def test_errors(deepseek_ct, monkeypatch):
         ngram_hash(ids, *consts, hasher.pad_id, force=True)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         ngram_hash_decode(torch.tensor([5]), torch.zeros(1, 2, dtype=torch.long), *consts, hasher.pad_id, force=True)
+
+
+# Largest primes below 2^32, 2^40 and 2^50 (FAST_MOD_MAX_PRIME, the bound of the kernels' fp64 modulo).
+FAST_PRIMES = [2, 3, 65537, 646_301, 4_294_967_291, 1_099_511_627_689, (1 << 49) + 9, 1_125_899_906_842_597]
+
+
+def _adversarial_mixes(primes: list[int], seed: int) -> list[int]:
+    """Mixes in [0, 2^63) where an fp64 quotient is most likely to land on the wrong side of an integer."""
+    top = (1 << 63) - 1
+    values = {0, 1, 2, top, top - 1, top - 511, top - 512, top - 513, 1 << 62, (1 << 62) - 1, (1 << 53) + 1,
+              (1 << 53) - 1, 1 << 52, (1 << 32) - 1, 1 << 32}
+    rng = np.random.default_rng(seed)
+    for p in primes:
+        for k in (1, 2, 4097, top // p, top // p - 1, (1 << 53) // p, *(int(x) for x in rng.integers(1, top // p, 4))):
+            values.update(v for v in (k * p - 1, k * p, k * p + 1, k * p + p // 2) if 0 <= v <= top)
+    values.update(int(x) for x in rng.integers(0, top, 64, dtype=np.int64, endpoint=True))
+    return sorted(values)
+
+
+@pytest.mark.parametrize("primes, fast", [(FAST_PRIMES, True), ([2, 1_125_899_906_842_597, (1 << 50) + 55,
+                                                                   (1 << 61) - 1], False)])
+def test_modulo_is_exact_on_extreme_mixes(device, primes, fast):
+    # multipliers [1, 0]: the mix of token t is lookup[raw_t] itself, so the lookup table carries the mixes.
+    from engram.kernels.hash.op import _fast_mod
+    from engram.kernels.hash.triton_hash import FAST_MOD_MAX_PRIME
+
+    mixes = _adversarial_mixes(primes, len(primes))
+    lookup = torch.tensor(mixes, device=device)
+    multipliers = torch.tensor([[1, 0]], device=device)
+    primes_t = torch.tensor([[primes]], device=device)
+    assert _fast_mod(primes_t) == fast == (max(primes) < FAST_MOD_MAX_PRIME)
+    expected = torch.tensor([[[m % p for p in primes] for m in mixes]], device=device)  # exact Python ints
+    ids = torch.arange(len(mixes), device=device)
+    assert torch.equal(ngram_hash_naive(ids[None], lookup, multipliers, primes_t, 0), expected[:, None])
+    assert torch.equal(ngram_hash(ids[None], lookup, multipliers, primes_t, 0, force=True), expected[:, None])
+    history = torch.zeros(len(mixes), 1, dtype=torch.long, device=device)
+    assert torch.equal(ngram_hash_decode(ids, history, lookup, multipliers, primes_t, 0, force=True), expected)
+    assert torch.equal(history[:, 0], ids)
+
+
+COMPILE_FOR_H200 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engram.kernels.hash import triton_hash as k
+
+def build(fn, signature, constexprs):
+    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+ptrs = {"lookup_ptr": "*i64", "mult_ptr": "*i64", "primes_ptr": "*i64", "out_ptr": "*i64"}
+for fast in (True, False):
+    ptx = build(k.ngram_hash_kernel, {"raw_ptr": "*i64", "hist_ptr": "*i64", **ptrs, "T": "i32", "B": "i32",
+                "pad_id": "i32"}, {"L": 2, "N": 3, "K": 8, "HP": 16, "HAS_HISTORY": True, "BLOCK_T": 64,
+                "FAST_MOD": fast})
+    # The fast path must not fall back on the emulated 64-bit division.
+    assert ("rem.s64" in ptx) != fast, fast
+    build(k.ngram_hash_decode_kernel, {"new_ptr": "*i64", "hist_ptr": "*i64", **ptrs, "B": "i32"},
+          {"L": 2, "N": 5, "K": 3, "HP": 16, "BLOCK_B": 64, "FAST_MOD": fast})
+"""
+
+
+def test_kernels_compile_for_an_h200_without_one():
+    compile_for_h200(COMPILE_FOR_H200)

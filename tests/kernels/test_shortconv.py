@@ -2,18 +2,12 @@
 (``device`` and TRITON_INTERPRET come from conftest.py). The naive twin is ``ShortConv.forward`` itself off the GPU,
 checked against an independent statement of the demo's ShortConv in tests/test_engram.py."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-import triton  # noqa: F401,E402  (a test dependency: the kernels need it)
-
-from engram.kernels.shortconv import fused_short_conv  # noqa: E402
-from engram.kernels.shortconv.op import _short_conv_bwd, _short_conv_fwd  # noqa: E402
+from engram.kernels.shortconv import fused_short_conv
+from engram.kernels.shortconv.op import _short_conv_bwd, _short_conv_fwd
+from kernels.conftest import compile_for_h200
 
 EPS = 1e-5
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -212,14 +206,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from engram.kernels.shortconv import triton_shortconv as k
 
-def build(fn, signature, constexprs):
+def build(fn, signature, constexprs, num_warps=4):
     signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
 
 for dt, (batch, length, branches, dim), (K, DIL) in (("bf16", (4, 4096, 4, 1024), (4, 3)),
                                                      ("fp32", (1, 7, 1, 3), (2, 1))):
     bt, bd, ndc = k._blocks(length, dim)
-    per_group, _ = k._groups(batch, triton.cdiv(length, bt))
+    cbt, cbd, cndc = k._conv_bwd_blocks(length, dim)
+    per_group, _ = k._groups(batch, triton.cdiv(length, cbt))
+    nbt, nbd = k._norm_bwd_blocks(length, dim)
+    norm_per_group, _ = k._groups(batch, triton.cdiv(length, nbt), k._NORM_WEIGHT_GRAD_ROWS)
     bm = triton.next_power_of_2(branches)
     i32 = "i32"
     xs = {"stride_xb": i32, "stride_xt": i32, "stride_xm": i32}
@@ -236,24 +234,17 @@ for dt, (batch, length, branches, dim), (K, DIL) in (("bf16", (4, 4096, 4, 1024)
               "past_ptr": f"*{dt}", "nw_ptr": "*fp32", "cw_ptr": f"*{dt}", "grad_y_ptr": f"*{dt}",
               "gz_ptr": "*fp32", "partial_cw_ptr": "*fp32", "T": i32, "NG": i32, **xs, **ps,
               "stride_gb": i32, "stride_gt": i32, "stride_gm": i32},
-              {**conv, "HAS_MASK": has_mask, "HAS_PAST": has_past, "TBLOCKS": per_group,
-               "BLOCK_K": triton.next_power_of_2(K)})
+              {**conv, "NDC": cndc, "BLOCK_T": cbt, "BLOCK_D": cbd, "HAS_MASK": has_mask, "HAS_PAST": has_past,
+               "TBLOCKS": per_group}, num_warps=k._CONV_BWD_WARPS)
         build(k._bwd_norm_kernel, {"x_ptr": f"*{dt}", "rstd_ptr": "*fp32", "mask_ptr": "*i8", "nw_ptr": "*fp32",
-              "cw_ptr": f"*{dt}", "gz_ptr": "*fp32", "grad_past_ptr": f"*{dt}", "gxh_ptr": "*fp32",
-              "dots_ptr": "*fp32", "partial_nw_ptr": "*fp32", "T": i32, "NG": i32, **xs,
+              "cw_ptr": f"*{dt}", "gz_ptr": "*fp32", "grad_past_ptr": f"*{dt}", "grad_x_ptr": f"*{dt}",
+              "partial_nw_ptr": "*fp32", "T": i32, "NG": i32, **xs,
               "stride_qb": i32, "stride_qc": i32, "stride_qt": i32},
-              {**conv, "HAS_MASK": has_mask, "HAS_GRAD_PAST": has_past, "TBLOCKS": per_group})
-    build(k._bwd_input_kernel, {"x_ptr": f"*{dt}", "rstd_ptr": "*fp32", "gxh_ptr": "*fp32", "dots_ptr": "*fp32",
-          "grad_x_ptr": f"*{dt}", "T": i32, "NT": i32, **xs},
-          {**shape, "NDC": ndc, "BLOCK_NDC": triton.next_power_of_2(ndc), "BLOCK_T": bt, "BLOCK_D": bd})
+              {**shape, "K": K, "DIL": DIL, "HAS_MASK": has_mask, "HAS_GRAD_PAST": has_past,
+               "TBLOCKS": norm_per_group, "BLOCK_T": nbt, "BLOCK_D": nbd},
+              num_warps=k._norm_bwd_warps(nbt, nbd))
 """
 
 
 def test_kernels_compile_for_an_h200_without_one():
-    # The interpreter skips Triton's compiler; this lowers every kernel to an sm_90 cubin (ptxas ships with
-    # triton), in a fresh process because @triton.jit chose the interpreter here (without a GPU).
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    assert ptxas.exists(), f"triton {triton.__version__} should ship ptxas at {ptxas}"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H200], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    compile_for_h200(COMPILE_FOR_H200)

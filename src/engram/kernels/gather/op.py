@@ -35,12 +35,12 @@ def _(weight: Tensor, flat_rows: Tensor, sparse_grad: bool, deterministic: bool)
 
 
 @torch.library.custom_op("engram::multi_head_gather_bwd_sparse", mutates_args=())
-def _gather_bwd_sparse(grad: Tensor, flat_rows: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
-    return _kernels().gather_bwd_sparse(grad, flat_rows, deterministic)
+def _gather_bwd_sparse(grad: Tensor, flat_rows: Tensor, num_rows: int, deterministic: bool) -> tuple[Tensor, Tensor]:
+    return _kernels().gather_bwd_sparse(grad, flat_rows, deterministic, num_rows)
 
 
 @_gather_bwd_sparse.register_fake
-def _(grad: Tensor, flat_rows: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
+def _(grad: Tensor, flat_rows: Tensor, num_rows: int, deterministic: bool) -> tuple[Tensor, Tensor]:
     num_unique = torch.library.get_ctx().new_dynamic_size()
     dim = grad.shape[-1] // flat_rows.shape[-1]
     return flat_rows.new_empty(num_unique), grad.new_empty(num_unique, dim)
@@ -67,7 +67,7 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 def _backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
     (flat_rows,) = ctx.saved_tensors
     if ctx.sparse_grad:
-        rows, values = _gather_bwd_sparse(grad, flat_rows, ctx.deterministic)
+        rows, values = _gather_bwd_sparse(grad, flat_rows, ctx.table_shape[0], ctx.deterministic)
         grad_weight = torch.sparse_coo_tensor(rows[None], values, ctx.table_shape, is_coalesced=True,
                                               check_invariants=False)
     else:
@@ -89,8 +89,8 @@ def multi_head_gather(weight: Tensor, flat_rows: Tensor, sparse_grad: bool = Tru
         sparse_grad: the gradient of ``weight`` is a coalesced ``torch.sparse_coo`` tensor holding exactly the
             rows read (unique, ascending) instead of a dense ``[R, D]`` tensor.
         force: ``True`` insists on Triton, ``False`` takes the naive path, ``None`` decides (:func:`use_triton`).
-        deterministic: the Triton backward sums each row's gradients in a fixed order (sort, then one
-            program per row), bitwise reproducible for a given D and device. ``False`` adds them with fp32
+        deterministic: the Triton backward sums each row's gradients in a fixed order (sort, then each
+            row's segment in sorted order), bitwise reproducible for a given D and device. ``False`` adds them with fp32
             atomics instead: faster, but the rounding varies from run to run (and a dense gradient goes
             through an fp32 ``[R, D]`` buffer). Both accumulate in fp32 and round once to ``weight``'s dtype.
 

@@ -1,7 +1,7 @@
 """Triton kernels of the multi-head gather: a row-copy forward and two backwards.
 
 The deterministic backward sorts the (row, gradient) pairs by row and sums each row's segment in a fixed
-order, one program per unique row. The atomic backward adds fp32 gradients into a buffer with
+order, a block of unique rows per program. The atomic backward adds fp32 gradients into a buffer with
 ``tl.atomic_add``: faster (no per-segment programs, and no sort at all for a dense gradient) but the order of
 the additions, hence the rounding, changes from run to run.
 
@@ -19,6 +19,8 @@ from torch import Tensor
 MAX_BLOCK_D = 256
 # Elements per tile (tokens or gradient vectors times BLOCK_D).
 TILE = 2048
+# Elements per tile of the segment-sum kernel (segments x gradients per segment x BLOCK_D).
+SEGMENT_TILE = 4096
 
 
 def _block_d(dim: int) -> int:
@@ -41,24 +43,31 @@ def _gather_fwd_kernel(weight_ptr, rows_ptr, out_ptr, num_tokens, H: tl.constexp
 
 
 @triton.jit
-def _segment_sum_kernel(grad_ptr, order_ptr, seg_start_ptr, out_ptr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    seg = tl.program_id(0).to(tl.int64)
+def _segment_sum_kernel(grad_ptr, order_ptr, seg_start_ptr, out_ptr, num_segs, D: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # BLOCK_G segments per program, side by side: each step loads the next BLOCK_S sorted gradients of every
+    # segment ([BLOCK_G, BLOCK_S, BLOCK_D]), sums them along S and adds that to the segment's accumulator, so
+    # a segment's summation order depends on its own length and BLOCK_S alone, never on its neighbours.
+    seg = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    seg_mask = seg < num_segs
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = c < D
-    start = tl.load(seg_start_ptr + seg)
-    end = tl.load(seg_start_ptr + seg + 1)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = tl.load(seg_start_ptr + seg, mask=seg_mask, other=0)
+    end = tl.load(seg_start_ptr + seg + 1, mask=seg_mask, other=0)
+    longest = tl.max(end - start, axis=0)
+    s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     # A while loop: Triton's interpreter cannot take a loaded scalar as a range() bound (numpy >= 2).
-    i = start
-    while i < end:
-        j = i + tl.arange(0, BLOCK_S)
-        j_mask = j < end
+    k = longest * 0
+    while k < longest:
+        j = start[:, None] + k + s[None, :]
+        j_mask = j < end[:, None]
         src = tl.load(order_ptr + j, mask=j_mask, other=0)
-        g = tl.load(grad_ptr + src[:, None] * D + c[None, :], mask=j_mask[:, None] & c_mask[None, :], other=0.0)
-        acc += tl.sum(g.to(tl.float32), axis=0)
-        i += BLOCK_S
-    tl.store(out_ptr + seg * D + c, acc, mask=c_mask)
+        g = tl.load(grad_ptr + src[:, :, None] * D + c[None, None, :],
+                    mask=j_mask[:, :, None] & c_mask[None, None, :], other=0.0)
+        acc += tl.sum(g.to(tl.float32), axis=1)
+        k += BLOCK_S
+    tl.store(out_ptr + seg[:, None] * D + c[None, :], acc, mask=seg_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -96,20 +105,39 @@ def _pairs(grad: Tensor, flat_rows: Tensor) -> tuple[Tensor, Tensor]:
     return rows, grad.reshape(rows.shape[0], grad.shape[-1] // flat_rows.shape[-1]).contiguous()
 
 
-def _segment_sums(vectors: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Unique ``rows`` (ascending) and the fp32 sum of each one's ``vectors``, added in their stable sorted order."""
-    sorted_rows, order = torch.sort(rows, stable=True)
-    unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    num_unique, dim = unique_rows.shape[0], vectors.shape[1]
+def _segment_params(dim: int) -> dict:
+    """Tile of the segment-sum kernel; BLOCK_S depends on D alone, so the summation tree (hence the rounding)
+    is fixed for a given D."""
+    block_d = _block_d(dim)
+    block_s = 4
+    block_g = max(1, min(64, SEGMENT_TILE // (block_s * block_d)))
+    return dict(BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_D=block_d,
+                num_warps=8 if block_g * block_s * block_d >= 4096 else 4)
+
+
+def _segment_sums(vectors: Tensor, rows: Tensor, num_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Unique ``rows`` (ascending) and the fp32 sum of each one's ``vectors``, added in their stable sorted order.
+
+    ``num_rows`` (rows lie in ``[0, num_rows)``), when known and at most 2**31, lets the sort run on int32 keys:
+    a radix sort of half the key bits, and the same stable order as on the int64 rows.
+    """
+    if num_rows is not None and num_rows <= 2**31 and rows.dtype == torch.int64:
+        sorted_rows, order = torch.sort(rows.int(), stable=True)
+    else:
+        sorted_rows, order = torch.sort(rows, stable=True)
+    num_pairs, dim = vectors.shape
+    # Segment starts: the sorted positions whose row differs from the previous one, plus num_pairs at the
+    # end (one pass and one nonzero, instead of unique_consecutive's counts and a cumsum).
+    is_start = torch.ones(num_pairs + 1, dtype=torch.bool, device=vectors.device)
+    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=is_start[1:num_pairs])
+    seg_start = is_start.nonzero().view(-1)
+    num_unique = seg_start.shape[0] - 1
+    unique_rows = sorted_rows[seg_start[:-1]].to(rows.dtype)
     sums = torch.empty(num_unique, dim, dtype=torch.float32, device=vectors.device)
     if num_unique:
-        seg_start = torch.zeros(num_unique + 1, dtype=torch.int64, device=vectors.device)
-        torch.cumsum(counts, dim=0, out=seg_start[1:])
-        block_d = _block_d(dim)
-        # BLOCK_S depends on D alone: the summation tree, hence the rounding, is fixed for a given D.
-        block_s = max(1, min(16, TILE // block_d))
-        grid = (num_unique, triton.cdiv(dim, block_d))
-        _segment_sum_kernel[grid](vectors, order, seg_start, sums, D=dim, BLOCK_S=block_s, BLOCK_D=block_d)
+        params = _segment_params(dim)
+        grid = (triton.cdiv(num_unique, params["BLOCK_G"]), triton.cdiv(dim, params["BLOCK_D"]))
+        _segment_sum_kernel[grid](vectors, order, seg_start, sums, num_unique, D=dim, **params)
     return unique_rows, sums
 
 
@@ -130,11 +158,15 @@ def _scatter_add(vectors: Tensor, dst_rows: Tensor, num_dst: int) -> Tensor:
 # differ between the CPU tests and the GPU.
 
 
-def gather_bwd_sparse(grad: Tensor, flat_rows: Tensor, deterministic: bool) -> tuple[Tensor, Tensor]:
-    """``[..., H * D]`` gradient -> the rows read ``[U]`` (unique, ascending) and their summed gradients ``[U, D]``."""
+def gather_bwd_sparse(grad: Tensor, flat_rows: Tensor, deterministic: bool,
+                      num_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """``[..., H * D]`` gradient -> the rows read ``[U]`` (unique, ascending) and their summed gradients ``[U, D]``.
+
+    ``num_rows``: the table's row count, if known (the rows lie below it), for a cheaper sort.
+    """
     rows, vectors = _pairs(grad, flat_rows)
     if deterministic:
-        unique_rows, sums = _segment_sums(vectors, rows)
+        unique_rows, sums = _segment_sums(vectors, rows, num_rows)
     else:
         unique_rows, inverse = torch.unique(rows, sorted=True, return_inverse=True)
         sums = _scatter_add(vectors, inverse, unique_rows.shape[0])
@@ -146,6 +178,6 @@ def gather_bwd_dense(grad: Tensor, flat_rows: Tensor, num_rows: int, determinist
     if not deterministic:
         rows, vectors = _pairs(grad, flat_rows)
         return _scatter_add(vectors, rows, num_rows).to(grad.dtype)
-    unique_rows, values = gather_bwd_sparse(grad, flat_rows, deterministic=True)
+    unique_rows, values = gather_bwd_sparse(grad, flat_rows, deterministic=True, num_rows=num_rows)
     out = torch.zeros(num_rows, values.shape[1], dtype=grad.dtype, device=grad.device)
     return out.index_copy_(0, unique_rows, values)

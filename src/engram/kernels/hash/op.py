@@ -35,6 +35,22 @@ def _check_constants(lookup: torch.Tensor, multipliers: torch.Tensor, primes: to
     return layers, n, primes.shape[2]
 
 
+def _fast_mod(primes: torch.Tensor) -> bool:
+    """Whether every prime is below ``FAST_MOD_MAX_PRIME`` (the kernels' exact fp64 modulo); else plain ``%``.
+
+    Reading the maximum synchronizes with the device, so the answer is cached on the tensor (the hasher passes
+    the same cached ``primes`` every call), keyed by its version counter so in-place edits are seen.
+    """
+    from engram.kernels.hash.triton_hash import FAST_MOD_MAX_PRIME
+
+    cached = getattr(primes, "_engram_fast_mod", None)
+    if cached is not None and cached[0] == primes._version:
+        return cached[1]
+    fast = primes.numel() == 0 or int(primes.max()) < FAST_MOD_MAX_PRIME
+    primes._engram_fast_mod = (primes._version, fast)
+    return fast
+
+
 def _check_ids(name: str, ids: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
     if ids.dtype != torch.int64 or tuple(ids.shape) != shape or ids.device != device:
         raise ValueError(
@@ -101,7 +117,7 @@ def ngram_hash(
         raw_ids.contiguous(), history.contiguous() if history is not None else raw_ids, lookup.contiguous(),
         multipliers.contiguous(), primes.contiguous(), out, length, batch, pad_id,
         L=layers, N=n, K=heads, HP=_next_power_of_2((n - 1) * heads),
-        HAS_HISTORY=history is not None, BLOCK_T=block,
+        HAS_HISTORY=history is not None, BLOCK_T=block, FAST_MOD=_fast_mod(primes),
     )
     return out
 
@@ -156,6 +172,6 @@ def ngram_hash_decode(
     ngram_hash_decode_kernel[(_cdiv(batch, block),)](
         new_ids.contiguous(), history, lookup.contiguous(), multipliers.contiguous(), primes.contiguous(), out,
         batch, L=layers, N=n, K=heads, HP=_next_power_of_2((n - 1) * heads),
-        BLOCK_B=block,
+        BLOCK_B=block, FAST_MOD=_fast_mod(primes),
     )
     return out

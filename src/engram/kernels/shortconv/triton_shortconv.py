@@ -17,10 +17,10 @@ Only ``x``, the weights, ``past``, the mask and ``rstd`` are kept for the backwa
 Backward (``past`` is a constant: it gets no gradient, although it does enter the conv-weight gradient):
 1. ``_bwd_conv_kernel``: ``gz = gy * silu'(z)`` (fp32, ``[B, T, C]``) and the conv-weight partial sums
    ``sum_t gz[t] u[t - (K - 1 - k) L]`` per (sequence, group of time blocks).
-2. ``_bwd_norm_kernel``: ``gu[t] = sum_k w[c, k] gz[t + (K - 1 - k) L]`` plus new_past's gradient, masked;
-   with ``xh = x * rstd``: ``g_xh = gu * w_n`` (fp32, stored), the norm-weight partial sums ``sum_t gu * xh``
-   and the per-(token, branch, D chunk) partial row dots ``sum_d g_xh * xh``.
-3. ``_bwd_input_kernel``: ``dx = rstd * (g_xh - xh * dot / D)``, ``dot`` the sum of the chunks' partial dots.
+2. ``_bwd_norm_kernel``, one program per (sequence, group of time blocks, branch) with all of D in its tile:
+   ``gu[t] = sum_k w[c, k] gz[t + (K - 1 - k) L]`` plus new_past's gradient, masked; with ``xh = x * rstd``,
+   ``g_xh = gu * w_n``, the row dot ``sum_d g_xh * xh`` and ``dx = rstd * (g_xh - xh * dot / D)``, all in
+   registers (no ``g_xh`` buffer, no second kernel), and the norm-weight partial sums ``sum_t gu * xh``.
 Torch then adds the weight partial sums over their rows (deterministic, no atomics).
 
 Loop bounds are compile-time constants (K, dilation, D, the time blocks per group are model constants or
@@ -36,6 +36,10 @@ import triton.language as tl
 _TILE = 2048  # elements of a [BLOCK_T, BLOCK_D] tile
 _MAX_BLOCK_D = 128
 _WEIGHT_GRAD_ROWS = 256  # at most about this many (sequence, time-block group) rows of weight partial sums
+_CONV_BWD_MAX_BLOCK_D = 64
+_CONV_BWD_WARPS = 16  # 32 x 64 tiles: ~100-130 registers a thread (K = 4), one program per SM
+_NORM_BWD_TILE = 4096  # elements of _bwd_norm_kernel's [BLOCK_T, all of D] tile (more when D is larger)
+_NORM_WEIGHT_GRAD_ROWS = 1024  # its norm-weight partial-sum rows: more programs, each over fewer time blocks
 
 
 @triton.jit
@@ -118,8 +122,12 @@ def _bwd_conv_kernel(x_ptr, rstd_ptr, mask_ptr, past_ptr, nw_ptr, cw_ptr, grad_y
                      stride_gb, stride_gt, stride_gm,
                      M: tl.constexpr, D: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr, NDC: tl.constexpr,
                      HAS_MASK: tl.constexpr, HAS_PAST: tl.constexpr, TBLOCKS: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``gz = gy * silu'(z)`` for TBLOCKS time blocks of one sequence, and their conv-weight partial sums."""
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``gz = gy * silu'(z)`` for TBLOCKS time blocks of one sequence, and their conv-weight partial sums.
+
+    Each tap's shifted ``u`` is computed once per tile and kept in registers (in x's dtype, which holds it
+    exactly) for both ``z`` and the weight-gradient products; those products are summed elementwise into one
+    ``[BLOCK_T, BLOCK_D]`` accumulator per tap and reduced over time once, at the end of the program."""
     P: tl.constexpr = (K - 1) * DIL
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NG
@@ -128,50 +136,58 @@ def _bwd_conv_kernel(x_ptr, rstd_ptr, mask_ptr, past_ptr, nw_ptr, cw_ptr, grad_y
     d = (tl.program_id(1) % NDC) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     c = m * D + d
-    taps = tl.arange(0, BLOCK_K)
     nw = tl.load(nw_ptr + c, mask=d_mask, other=0.0).to(tl.float32)
-    acc_w = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    ws = ()
+    accs = ()
+    for k in tl.static_range(K):
+        ws = ws + (tl.load(cw_ptr + c * K + k, mask=d_mask, other=0.0).to(tl.float32),)
+        accs = accs + (tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32),)
     for i in range(TBLOCKS):
         t = (group * TBLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tile_mask = (t < T)[:, None] & d_mask[None, :]
         z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        us = ()
         for k in tl.static_range(K):
             u = _normed(x_ptr, rstd_ptr, mask_ptr, past_ptr, nw, b, t - (K - 1 - k) * DIL, m, c, d, d_mask, T,
                         stride_xb, stride_xt, stride_xm, stride_pb, stride_pc, stride_pt, M, P, HAS_MASK, HAS_PAST)
-            w = tl.load(cw_ptr + c * K + k, mask=d_mask, other=0.0).to(tl.float32)
-            z += u * w[None, :]
+            us = us + (u.to(x_ptr.dtype.element_ty),)
+            z += u * ws[k][None, :]
         z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
         gy = tl.load(grad_y_ptr + b * stride_gb + t[:, None] * stride_gt + m * stride_gm + d[None, :],
                      mask=tile_mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         gz = tl.where(tile_mask, gy * sig * (1.0 + z * (1.0 - sig)), 0.0)
         tl.store(gz_ptr + (b * T + t[:, None]) * (M * D) + c[None, :], gz, mask=tile_mask)
-        for k in tl.static_range(K):  # u again (cached): the taps' weight-gradient terms
-            u = _normed(x_ptr, rstd_ptr, mask_ptr, past_ptr, nw, b, t - (K - 1 - k) * DIL, m, c, d, d_mask, T,
-                        stride_xb, stride_xt, stride_xm, stride_pb, stride_pc, stride_pt, M, P, HAS_MASK, HAS_PAST)
-            acc_w += tl.where(taps[None, :] == k, tl.sum(gz * u, axis=0)[:, None], 0.0)
-    tl.store(partial_cw_ptr + pid * (M * D * K) + c[:, None] * K + taps[None, :], acc_w,
-             mask=d_mask[:, None] & (taps < K)[None, :])
+        new_accs = ()
+        for k in tl.static_range(K):  # the taps' weight-gradient terms
+            new_accs = new_accs + (accs[k] + gz * us[k].to(tl.float32),)
+        accs = new_accs
+    for k in tl.static_range(K):
+        tl.store(partial_cw_ptr + pid * (M * D * K) + c * K + k, tl.sum(accs[k], axis=0), mask=d_mask)
 
 
 @triton.jit
-def _bwd_norm_kernel(x_ptr, rstd_ptr, mask_ptr, nw_ptr, cw_ptr, gz_ptr, grad_past_ptr, gxh_ptr, dots_ptr,
+def _bwd_norm_kernel(x_ptr, rstd_ptr, mask_ptr, nw_ptr, cw_ptr, gz_ptr, grad_past_ptr, grad_x_ptr,
                      partial_nw_ptr, T, NG, stride_xb, stride_xt, stride_xm, stride_qb, stride_qc, stride_qt,
-                     M: tl.constexpr, D: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr, NDC: tl.constexpr,
+                     M: tl.constexpr, D: tl.constexpr, K: tl.constexpr, DIL: tl.constexpr,
                      HAS_MASK: tl.constexpr, HAS_GRAD_PAST: tl.constexpr, TBLOCKS: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``g_xh`` and the partial row dots for TBLOCKS time blocks of one sequence, their norm-weight partial sums."""
+    """``dx`` for TBLOCKS time blocks of one sequence and one branch (all of D in one tile, so the row dot
+    ``sum_d g_xh * xh`` is complete in the program and ``g_xh`` never leaves registers), and their norm-weight
+    partial sums."""
     P: tl.constexpr = (K - 1) * DIL
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NG
     group = pid % NG
-    m = tl.program_id(1) // NDC
-    chunk = tl.program_id(1) % NDC
-    d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
     d_mask = d < D
     c = m * D + d
     nw = tl.load(nw_ptr + c, mask=d_mask, other=0.0).to(tl.float32)
-    acc_nw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ws = ()
+    for k in tl.static_range(K):
+        ws = ws + (tl.load(cw_ptr + c * K + k, mask=d_mask, other=0.0).to(tl.float32),)
+    acc_nw = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for i in range(TBLOCKS):
         t = (group * TBLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         in_x = t < T
@@ -181,8 +197,7 @@ def _bwd_norm_kernel(x_ptr, rstd_ptr, mask_ptr, nw_ptr, cw_ptr, gz_ptr, grad_pas
             later = t + (K - 1 - k) * DIL
             g = tl.load(gz_ptr + (b * T + later[:, None]) * (M * D) + c[None, :],
                         mask=(later < T)[:, None] & d_mask[None, :], other=0.0)
-            w = tl.load(cw_ptr + c * K + k, mask=d_mask, other=0.0).to(tl.float32)
-            gu += g * w[None, :]
+            gu += g * ws[k][None, :]
         if HAS_GRAD_PAST:
             pos = t - (T - P)
             tail = (pos >= 0) & in_x
@@ -196,37 +211,12 @@ def _bwd_norm_kernel(x_ptr, rstd_ptr, mask_ptr, nw_ptr, cw_ptr, gz_ptr, grad_pas
         rstd = tl.load(rstd_ptr + (b * T + t) * M + m, mask=in_x, other=0.0)
         xh = xv * rstd[:, None]
         gxh = gu * nw[None, :]
-        acc_nw += tl.sum(gu * xh, axis=0)
-        tl.store(gxh_ptr + (b * T + t[:, None]) * (M * D) + c[None, :], gxh, mask=tile_mask)
-        tl.store(dots_ptr + ((b * T + t) * M + m) * NDC + chunk, tl.sum(gxh * xh, axis=1), mask=in_x)
-    tl.store(partial_nw_ptr + pid * (M * D) + c, acc_nw, mask=d_mask)
-
-
-@triton.jit
-def _bwd_input_kernel(x_ptr, rstd_ptr, gxh_ptr, dots_ptr, grad_x_ptr, T, NT, stride_xb, stride_xt, stride_xm,
-                      M: tl.constexpr, D: tl.constexpr, NDC: tl.constexpr, BLOCK_NDC: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``dx = rstd * (g_xh - xh * dot / D)`` on one tile; ``dot`` adds the D chunks' partial dots."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NT
-    t = (pid % NT) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_x = t < T
-    m = tl.program_id(1) // NDC
-    d = (tl.program_id(1) % NDC) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    c = m * D + d
-    tile_mask = in_x[:, None] & d_mask[None, :]
-    chunks = tl.arange(0, BLOCK_NDC)
-    dot = tl.sum(tl.load(dots_ptr + ((b * T + t[:, None]) * M + m) * NDC + chunks[None, :],
-                         mask=in_x[:, None] & (chunks < NDC)[None, :], other=0.0), axis=1)
-    rstd = tl.load(rstd_ptr + (b * T + t) * M + m, mask=in_x, other=0.0)
-    xv = tl.load(x_ptr + b * stride_xb + t[:, None] * stride_xt + m * stride_xm + d[None, :], mask=tile_mask,
-                 other=0.0).to(tl.float32)
-    gxh = tl.load(gxh_ptr + (b * T + t[:, None]) * (M * D) + c[None, :], mask=tile_mask, other=0.0)
-    xh = xv * rstd[:, None]
-    grad_x = rstd[:, None] * (gxh - xh * (dot / D)[:, None])
-    tl.store(grad_x_ptr + (b * T + t[:, None]) * (M * D) + c[None, :], grad_x.to(grad_x_ptr.dtype.element_ty),
-             mask=tile_mask)
+        acc_nw += gu * xh
+        dot = tl.sum(gxh * xh, axis=1)
+        grad_x = rstd[:, None] * (gxh - xh * (dot / D)[:, None])
+        tl.store(grad_x_ptr + (b * T + t[:, None]) * (M * D) + c[None, :],
+                 grad_x.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(partial_nw_ptr + pid * (M * D) + c, tl.sum(acc_nw, axis=0), mask=d_mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -234,16 +224,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _blocks(length: int, dim: int) -> tuple[int, int, int]:
+def _blocks(length: int, dim: int, max_block_d: int = _MAX_BLOCK_D, tile: int = _TILE) -> tuple[int, int, int]:
     """``(BLOCK_T, BLOCK_D, number of D chunks)``."""
-    block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK_D)
-    block_t = max(1, min(triton.next_power_of_2(length), _TILE // block_d))
+    block_d = min(triton.next_power_of_2(dim), max_block_d)
+    block_t = max(1, min(triton.next_power_of_2(length), tile // block_d))
     return block_t, block_d, triton.cdiv(dim, block_d)
 
 
-def _groups(batch: int, num_blocks: int) -> tuple[int, int]:
+def _conv_bwd_blocks(length: int, dim: int) -> tuple[int, int, int]:
+    """``_bwd_conv_kernel``'s tiles: taller than the forward's (32 x 64 for a large D), so the K shifted windows
+    of a tile overlap more (a 9-step window re-reads 41/32 rows per tile instead of 25/16)."""
+    return _blocks(length, dim, _CONV_BWD_MAX_BLOCK_D)
+
+
+def _norm_bwd_blocks(length: int, dim: int) -> tuple[int, int]:
+    """``_bwd_norm_kernel``'s tiles ``(BLOCK_T, BLOCK_D)``: all of D (a power of two) in one tile."""
+    block_d = triton.next_power_of_2(dim)
+    return max(1, min(triton.next_power_of_2(length), _NORM_BWD_TILE // block_d)), block_d
+
+
+def _norm_bwd_warps(block_t: int, block_d: int) -> int:
+    return min(16, max(4, block_t * block_d // 512))
+
+
+def _groups(batch: int, num_blocks: int, rows: int = _WEIGHT_GRAD_ROWS) -> tuple[int, int]:
     """``(time blocks per group, groups per sequence)``: a power of two, so few compile-time loop lengths."""
-    per_group = triton.next_power_of_2(max(1, triton.cdiv(batch * num_blocks, _WEIGHT_GRAD_ROWS)))
+    per_group = triton.next_power_of_2(max(1, triton.cdiv(batch * num_blocks, rows)))
     return per_group, triton.cdiv(num_blocks, per_group)
 
 
@@ -313,29 +319,27 @@ def short_conv_bwd(grad_y: torch.Tensor, grad_new_past: torch.Tensor | None, x: 
     cw = conv_weight.reshape(channels, kernel_size).to(x.dtype).contiguous()
     past_arg, *past_strides = _past_args(past, x)
     mask_arg = _mask_arg(token_mask, x)
-    block_t, block_d, chunks = _blocks(length, dim)
+    block_t, block_d, chunks = _conv_bwd_blocks(length, dim)
     num_blocks = triton.cdiv(length, block_t)
     per_group, groups = _groups(batch, num_blocks)
     gz = torch.empty((batch, length, channels), dtype=torch.float32, device=device)
     partial_cw = torch.empty((batch * groups, channels, kernel_size), dtype=torch.float32, device=device)
-    partial_nw = torch.empty((batch * groups, channels), dtype=torch.float32, device=device)
-    grid = (batch * groups, branches * chunks)
-    common = dict(M=branches, D=dim, K=kernel_size, DIL=dilation, NDC=chunks, HAS_MASK=token_mask is not None,
-                  TBLOCKS=per_group, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
-    _bwd_conv_kernel[grid](
+    _bwd_conv_kernel[(batch * groups, branches * chunks)](
         x, rstd, mask_arg, past_arg, nw, cw, grad_y, gz, partial_cw, length, groups,
         x.stride(0), x.stride(1), x.stride(2), *past_strides, grad_y.stride(0), grad_y.stride(1),
-        grad_y.stride(2), HAS_PAST=past is not None, BLOCK_K=triton.next_power_of_2(kernel_size), **common)
+        grad_y.stride(2), M=branches, D=dim, K=kernel_size, DIL=dilation, NDC=chunks,
+        HAS_MASK=token_mask is not None, HAS_PAST=past is not None, TBLOCKS=per_group, BLOCK_T=block_t,
+        BLOCK_D=block_d, num_warps=_CONV_BWD_WARPS)
     has_grad_past = grad_new_past is not None and left_pad > 0
     grad_past_arg, *grad_past_strides = _past_args(grad_new_past if has_grad_past else None, x)
-    gxh = torch.empty((batch, length, channels), dtype=torch.float32, device=device)
-    dots = torch.empty((batch, length, branches, chunks), dtype=torch.float32, device=device)
-    _bwd_norm_kernel[grid](
-        x, rstd, mask_arg, nw, cw, gz, grad_past_arg, gxh, dots, partial_nw, length, groups,
-        x.stride(0), x.stride(1), x.stride(2), *grad_past_strides, HAS_GRAD_PAST=has_grad_past, **common)
-    _bwd_input_kernel[(batch * num_blocks, branches * chunks)](
-        x, rstd, gxh, dots, grad_x, length, num_blocks, x.stride(0), x.stride(1), x.stride(2),
-        M=branches, D=dim, NDC=chunks, BLOCK_NDC=triton.next_power_of_2(chunks), BLOCK_T=block_t,
-        BLOCK_D=block_d, num_warps=4)
+    block_t, block_d = _norm_bwd_blocks(length, dim)
+    num_blocks = triton.cdiv(length, block_t)
+    per_group, groups = _groups(batch, num_blocks, _NORM_WEIGHT_GRAD_ROWS)
+    partial_nw = torch.empty((batch * groups, channels), dtype=torch.float32, device=device)
+    _bwd_norm_kernel[(batch * groups, branches)](
+        x, rstd, mask_arg, nw, cw, gz, grad_past_arg, grad_x, partial_nw, length, groups,
+        x.stride(0), x.stride(1), x.stride(2), *grad_past_strides, M=branches, D=dim, K=kernel_size,
+        DIL=dilation, HAS_MASK=token_mask is not None, HAS_GRAD_PAST=has_grad_past, TBLOCKS=per_group,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_norm_bwd_warps(block_t, block_d))
     grad_cw = partial_cw.sum(0).reshape(conv_weight.shape).to(conv_weight.dtype)
     return grad_x, partial_nw.sum(0).reshape(norm_weight.shape).to(norm_weight.dtype), grad_cw
