@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig
-from engram.kernels.dispatch import use_triton
 from engram.kernels.hash import ngram_hash
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
@@ -114,7 +113,7 @@ class NgramHasher:
         self.pad_id = int(self.tokenizer.lookup[cfg.pad_id])
         self.multipliers = multipliers_for(cfg, len(self.tokenizer))
         self.table_sizes = table_sizes_for(cfg)
-        self._device_constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._device_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def fingerprint(self) -> dict[str, object]:
         """Everything that decides which rows a token reads; saved beside trained tables and checked on load."""
@@ -143,40 +142,6 @@ class NgramHasher:
         if layer_id not in self.table_sizes:
             raise ValueError(f"layer_id {layer_id} is not an Engram layer; layer_ids are {self.cfg.layer_ids}")
 
-    def _constants(self, layer_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (layer_id, device)
-        if key not in self._device_constants:
-            mult = torch.tensor(self.multipliers[layer_id], dtype=torch.int64, device=device)
-            primes = torch.tensor(self.table_sizes[layer_id], dtype=torch.int64, device=device)
-            self._device_constants[key] = (mult, primes)
-        return self._device_constants[key]
-
-    def compressed_context(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        """Compressed ids with ``max_ngram_size - 1`` columns of history (or pad) in front.
-
-        Args:
-            input_ids: ``[B, T]`` original token ids.
-            history: optional ``[B, H]`` original ids that precede ``input_ids``, ``H <= max_ngram_size - 1``;
-                missing positions count as pad.
-        Returns:
-            ``[B, max_ngram_size - 1 + T]`` int64 compressed ids.
-        """
-        input_ids = torch.as_tensor(input_ids)
-        history = self._checked_history(input_ids, history)
-        batch = input_ids.shape[0]
-        compressed = self.tokenizer(input_ids)
-        context = self.context
-        pieces = []
-        if history is not None:
-            hist = self.tokenizer(history)
-        else:
-            hist = compressed.new_empty((batch, 0))
-        missing = context - hist.shape[1]
-        if missing:
-            pieces.append(compressed.new_full((batch, missing), self.pad_id))
-        pieces += [hist, compressed]
-        return torch.cat(pieces, dim=1)
-
     def _checked_history(self, input_ids: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor | None:
         """Check ``input_ids`` ``[B, T]`` and ``history`` ``[B, <= max_ngram_size - 1]``; history on the ids' device."""
         if input_ids.dim() != 2:
@@ -191,18 +156,6 @@ class NgramHasher:
             )
         return history
 
-    def _hash_context(self, context_ids: torch.Tensor, layer_id: int) -> torch.Tensor:
-        mult, primes = self._constants(layer_id, context_ids.device)  # [N], [N - 1, K]
-        steps = self.context
-        length = context_ids.shape[1] - steps
-        mixes = []
-        mix = context_ids[:, steps:] * mult[0]
-        for k in range(1, self.cfg.max_ngram_size):
-            mix = mix ^ (context_ids[:, steps - k : steps - k + length] * mult[k])
-            mixes.append(mix)  # order k + 1
-        rows = torch.stack(mixes, dim=-1).unsqueeze(-1) % primes  # [B, T, N - 1, K]
-        return rows.flatten(start_dim=-2)
-
     def hash(self, input_ids: torch.Tensor, layer_id: int, history: torch.Tensor | None = None) -> torch.Tensor:
         """Row ids inside each head's table for one Engram layer.
 
@@ -216,20 +169,16 @@ class NgramHasher:
             ``j`` of order ``n``, each value in ``[0, table_sizes[layer_id][n - 2][j])``.
         """
         self._check_layer(layer_id)
-        return self._hash_context(self.compressed_context(input_ids, history), layer_id)
+        return self.hash_all(input_ids, history)[layer_id]
 
     def hash_all(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
                  force: bool | None = None) -> dict[int, torch.Tensor]:
         """:meth:`hash` for every Engram layer at once: ``{layer_id: [B, T, H]}``.
 
-        On CUDA one Triton launch computes every layer, order and head (``engram.kernels.hash``);
-        elsewhere the ids are compressed once and hashed with torch ops. ``force`` as in
-        :func:`engram.kernels.dispatch.use_triton`.
+        On CUDA one Triton launch computes every layer, order and head; elsewhere the same algorithm runs as
+        torch ops (``engram.kernels.hash``). ``force`` as in :func:`engram.kernels.dispatch.use_triton`.
         """
         input_ids = torch.as_tensor(input_ids)
-        if not use_triton(input_ids, force):
-            context_ids = self.compressed_context(input_ids, history)
-            return {layer_id: self._hash_context(context_ids, layer_id) for layer_id in self.cfg.layer_ids}
         history = self._checked_history(input_ids, history)
         for ids in (input_ids, history):
             if ids is not None:
@@ -244,12 +193,11 @@ class NgramHasher:
 
     def _stacked_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compression lookup ``[V]``, multipliers ``[L, N]`` and primes ``[L, N - 1, K]`` on ``device``."""
-        key = ("stacked", device)
-        if key not in self._device_constants:
+        if device not in self._device_constants:
             layers = self.cfg.layer_ids
-            self._device_constants[key] = (
+            self._device_constants[device] = (
                 torch.from_numpy(self.tokenizer.lookup).to(device),
                 torch.tensor([self.multipliers[layer] for layer in layers], dtype=torch.int64, device=device),
                 torch.tensor([self.table_sizes[layer] for layer in layers], dtype=torch.int64, device=device),
             )
-        return self._device_constants[key]
+        return self._device_constants[device]

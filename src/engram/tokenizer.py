@@ -147,6 +147,14 @@ def _write_cache(path: Path, lookup: np.ndarray) -> None:
 IdsT = TypeVar("IdsT", np.ndarray, torch.Tensor)
 
 
+def _check_integer(ids: np.ndarray | torch.Tensor) -> None:
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
+    elif not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+
+
 class CompressedTokenizer:
     """Maps original token ids to canonical (compressed) ids.
 
@@ -234,7 +242,9 @@ class CompressedTokenizer:
         return canonical_normalizer().normalize_str(text) or text
 
     def check_ids(self, ids: np.ndarray | torch.Tensor) -> None:
-        """Raise ``ValueError`` naming the first id outside ``[0, original_vocab_size)``."""
+        """Raise ``TypeError`` for non-integer ids, ``ValueError`` naming the first id outside
+        ``[0, original_vocab_size)``."""
+        _check_integer(ids)
         size = self.original_vocab_size
         if ids.numel() if isinstance(ids, torch.Tensor) else ids.size:
             bad = (ids < 0) | (ids >= size)
@@ -259,15 +269,12 @@ class CompressedTokenizer:
         Raises ``ValueError`` naming the first id outside ``[0, original_vocab_size)`` (skip the check,
         and its host sync on GPU, with ``validate=False`` when ids are known to be valid).
         """
-        if isinstance(ids, torch.Tensor):
-            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-                raise TypeError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
-            if validate:
-                self.check_ids(ids)
-            return self._lookup_on(ids.device)[ids.long()]
-        arr = np.asarray(ids)
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+        if not isinstance(ids, torch.Tensor):
+            ids = np.asarray(ids)
         if validate:
-            self.check_ids(arr)
-        return self.lookup[arr]
+            self.check_ids(ids)
+        else:
+            _check_integer(ids)
+        if isinstance(ids, torch.Tensor):
+            return self._lookup_on(ids.device)[ids.long()]
+        return self.lookup[ids]
