@@ -16,14 +16,15 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engram.config import EngramConfig
 from engram.embedding import MultiHeadEmbedding
 from engram.hashing import NgramHasher
+from engram.kernels.branch_norm import branch_rms_norm
 from engram.kernels.gate import fused_gate
 from engram.kernels.shortconv import fused_short_conv
+
 
 class BranchRMSNorm(nn.Module):
     """RMSNorm over the last dim with one weight vector per residual branch: ``[..., M, D]`` -> same.
@@ -38,8 +39,7 @@ class BranchRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_branches, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()
-        return normed.to(x.dtype)
+        return branch_rms_norm(x, self.weight, self.eps).to(x.dtype)
 
 
 class ShortConv(nn.Module):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from engram.kernels.branch_norm import branch_rms_norm
 
 GATE_FLOOR = 1e-6
 
@@ -27,8 +28,8 @@ def naive_gate(keys: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, ke
         ``gates = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))`` and ``gated = gates * value``.
     """
     dim = keys.shape[-1]
-    normed_keys = F.rms_norm(keys.float(), (dim,), eps=key_eps) * key_norm_weight.float()
-    normed_hidden = F.rms_norm(hidden.float(), (dim,), eps=query_eps) * query_norm_weight.float()
+    normed_keys = branch_rms_norm(keys, key_norm_weight, key_eps)
+    normed_hidden = branch_rms_norm(hidden, query_norm_weight, query_eps)
     score = (normed_keys * normed_hidden).sum(-1) / math.sqrt(dim)
     gates = torch.sigmoid(score.sign() * score.abs().clamp_min(GATE_FLOOR).sqrt())
     gated = gates.unsqueeze(-1).to(value.dtype) * value.unsqueeze(2)

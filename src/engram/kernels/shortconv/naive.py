@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engram.kernels.branch_norm import branch_rms_norm
+
 
 def short_conv_naive(x: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torch.Tensor, dilation: int,
                      eps: float | None, past: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
@@ -26,7 +28,7 @@ def short_conv_naive(x: torch.Tensor, norm_weight: torch.Tensor, conv_weight: to
     batch, length, branches, dim = x.shape
     kernel_size = conv_weight.shape[-1]
     left_pad = (kernel_size - 1) * dilation
-    normed = (F.rms_norm(x.float(), (dim,), eps=eps) * norm_weight.float()).to(x.dtype)
+    normed = branch_rms_norm(x, norm_weight, eps).to(x.dtype)
     if token_mask is not None:
         normed = normed * token_mask[:, :, None, None].to(normed.dtype)
     channels_first = normed.reshape(batch, length, branches * dim).transpose(1, 2)  # [B, C, T]
