@@ -28,6 +28,7 @@ from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
 from engram.model.moe import FeedForward, MoE
 from engram.model.params import count_parameters
+from engram.model.sampling import sample_next
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
 
 IGNORE_INDEX = -100
@@ -251,8 +252,6 @@ class EngramLM(nn.Module):
         sequence that produced ``eos_token_id`` keeps emitting it; generation stops when all have.
         Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled.
         """
-        from engram.model.sampling import sample_next
-
         self._check_ids(input_ids)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
