@@ -161,7 +161,16 @@ def test_errors(hasher):
         layer(torch.randn(1, 3, 16), input_ids=random_ids(1, 3))
     with pytest.raises(ValueError, match=r"must be \[B, T, 4, 16\], got shape \(1, 3, 4, 8\)"):
         layer(torch.randn(1, 3, 4, 8), input_ids=random_ids(1, 3))
-    with pytest.raises(ValueError, match="needs input_ids or hash_ids"):
+    with pytest.raises(ValueError, match="needs input_ids, hash_ids or memory"):
         layer(torch.randn(1, 3, 4, 16))
     with pytest.raises(ValueError, match="disagree on"):
         layer(torch.randn(1, 3, 4, 16), input_ids=random_ids(1, 4))
+    with pytest.raises(ValueError, match=r"memory \(1, 4, 32\) and hidden_states \(1, 3, 4, 16\) disagree"):
+        layer(torch.randn(1, 3, 4, 16), memory=torch.randn(1, 4, 32))
+
+
+def test_prefetched_memory_equals_reading_in_the_layer(hasher):
+    layer = Engram(CFG, 2, 16, hc_mult=4, hasher=hasher)
+    hidden, ids = torch.randn(2, 5, 4, 16), random_ids(2, 5)
+    memory = layer.multi_head_embedding.fetch(hasher.hash(ids, 2)).wait()
+    assert torch.equal(layer(hidden, memory=memory), layer(hidden, input_ids=ids))

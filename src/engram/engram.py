@@ -89,6 +89,7 @@ class Engram(nn.Module):
         sparse: sparse gradients for the memory table (see :class:`MultiHeadEmbedding`).
         conv_zero_init: start the ShortConv kernel at zero (the paper's identity start).
         table_init_std: std of the table's normal init (the demo's ``nn.Embedding`` uses 1.0).
+        table_device: where the table is allocated (``"meta"``: nowhere, for a store attached later).
 
     Example:
         >>> cfg = EngramConfig(engram_vocab_size=[1000, 1000], layer_ids=[1])
@@ -100,7 +101,7 @@ class Engram(nn.Module):
 
     def __init__(self, cfg: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1, *,
                  hasher: NgramHasher | None = None, sparse: bool = False, conv_zero_init: bool = False,
-                 table_init_std: float = 1.0):
+                 table_init_std: float = 1.0, table_device: torch.device | str | None = None):
         super().__init__()
         if layer_id not in cfg.layer_ids:
             raise ValueError(f"layer_id {layer_id} is not in cfg.layer_ids {cfg.layer_ids}")
@@ -114,8 +115,8 @@ class Engram(nn.Module):
         self.hc_mult = hc_mult
         self.hasher = hasher if hasher is not None else NgramHasher(cfg)
         self.multi_head_embedding = MultiHeadEmbedding(
-            self.hasher.flat_table_sizes(layer_id), cfg.head_dim, sparse=sparse, init_std=table_init_std
-        )
+            self.hasher.flat_table_sizes(layer_id), cfg.head_dim, sparse=sparse, init_std=table_init_std,
+            device=table_device)
         # Rows [0, D) are W_V (shared by branches), rows [(m + 1) D, (m + 2) D) are W_K^(m).
         self.value_key_proj = nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size)
         self.key_norm = BranchRMSNorm(hc_mult, hidden_size)
@@ -129,8 +130,8 @@ class Engram(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None,
                 hash_ids: torch.Tensor | None = None, return_gates: bool = False,
-                conv_states: dict[int, torch.Tensor] | None = None, token_mask: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                conv_states: dict[int, torch.Tensor] | None = None, token_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Memory delta for ``hidden_states``.
 
         Args:
@@ -142,6 +143,8 @@ class Engram(nn.Module):
                 positions are read from ``conv_states[layer_id]`` (absent: start of the sequence) and the
                 new ones written back, so that decoding piece by piece equals one full forward.
             token_mask: ``[B, T]`` False at (left) padding positions, which the ShortConv then ignores.
+            memory: ``[B, T, heads * head_dim]`` the rows of ``hash_ids`` already read (a prefetch, see
+                :meth:`MultiHeadEmbedding.fetch`); read here when omitted.
         Returns:
             the delta, same shape as ``hidden_states``; with ``return_gates``, ``(delta, gates)``.
         """
@@ -154,16 +157,22 @@ class Engram(nn.Module):
         if hidden_states.dim() != 4 or hidden_states.shape[2:] != (self.hc_mult, self.hidden_size):
             raise ValueError(f"hidden_states must be [B, T, {self.hc_mult}, {self.hidden_size}], "
                              f"got shape {tuple(hidden_states.shape)}")
-        if hash_ids is None:
-            if input_ids is None:
-                raise ValueError("Engram.forward needs input_ids or hash_ids")
-            hash_ids = self.hasher.hash(input_ids, self.layer_id)
-        if hash_ids.shape[:2] != hidden_states.shape[:2]:
-            raise ValueError(f"hash_ids {tuple(hash_ids.shape)} and hidden_states {tuple(hidden_states.shape)} "
+        if memory is None:
+            if hash_ids is None:
+                if input_ids is None:
+                    raise ValueError("Engram.forward needs input_ids, hash_ids or memory")
+                hash_ids = self.hasher.hash(input_ids, self.layer_id)
+            if hash_ids.shape[:2] != hidden_states.shape[:2]:
+                raise ValueError(f"hash_ids {tuple(hash_ids.shape)} and hidden_states "
+                                 f"{tuple(hidden_states.shape)} disagree on [B, T]")
+            memory = self.memory(hash_ids)
+        if memory.shape[:2] != hidden_states.shape[:2]:
+            raise ValueError(f"memory {tuple(memory.shape)} and hidden_states {tuple(hidden_states.shape)} "
                              "disagree on [B, T]")
 
         dim = self.hidden_size
-        projected = self.value_key_proj(self.memory(hash_ids))  # [B, T, (1 + M) * D]
+        # A table kept outside the module (host, disk) keeps its file's dtype: cast like the parameter would be.
+        projected = self.value_key_proj(memory.to(self.value_key_proj.weight.dtype))  # [B, T, (1 + M) * D]
         value = projected[..., :dim]  # [B, T, D]
         keys = projected[..., dim:].unflatten(-1, (self.hc_mult, dim))  # [B, T, M, D]
         gated, gates = fused_gate(keys, hidden_states, value, self.key_norm.weight, self.query_norm.weight,

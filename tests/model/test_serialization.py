@@ -30,7 +30,8 @@ def assert_same_model(a, b):
 def test_round_trip_is_exact(tmp_path, engram):
     model = trained_like(engram=engram)
     model.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    tables = {"engram-layer-0.safetensors", "engram-layer-2.safetensors"} if engram else set()
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"} | tables
     assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
 
 
@@ -41,7 +42,8 @@ def test_sharded_round_trip_and_resave(tmp_path):
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
     model.save_pretrained(tmp_path)  # a single-file save over a sharded one leaves no stale shards
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "engram-layer-0.safetensors", "engram-layer-2.safetensors", "model.safetensors"]
     assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
 
 

@@ -6,7 +6,9 @@ Architecture (every choice in one place):
   pre-norm RoPE GQA attention, then a pre-norm SwiGLU FFN, dense or DeepSeek-V3 MoE by ``ffn_kinds``;
   with M > 1 each sublayer reads and writes the streams through its own hyper-connection (mHC);
 - streams merged (learned sigmoid mix), final RMSNorm, LM head (optionally tied to the embedding);
-- the hash ids of every Engram layer are computed once per forward from the input ids;
+- the hash ids of every Engram layer are computed once per forward from the input ids, and every layer's
+  table read is issued right then (a prefetch: tables in host memory or on disk arrive while the blocks
+  before the first Engram layer run); ``from_pretrained(engram_placement=...)`` picks where tables live;
 - every weight is set in :meth:`EngramLM.init_weights`: matrices, embeddings and tables N(0, init_std),
   norms 1, the ShortConv kernel 0 when ``engram_conv_zero_init``, mHC and MoE bias as their modules say.
 """
@@ -30,6 +32,7 @@ from engram.model.moe import FeedForward, MoE
 from engram.model.params import count_parameters
 from engram.model.sampling import sample_next
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
+from engram.storage import PendingRows
 
 IGNORE_INDEX = -100
 
@@ -46,14 +49,15 @@ class LMOutput:
 class Block(nn.Module):
     """One transformer block: [Engram] -> attention -> FFN, on ``[B, T, M, D]`` residual streams."""
 
-    def __init__(self, cfg: EngramLMConfig, layer_idx: int, hasher: NgramHasher | None):
+    def __init__(self, cfg: EngramLMConfig, layer_idx: int, hasher: NgramHasher | None,
+                 table_device: torch.device | str | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.hc_mult = cfg.hc_mult
         self.engram = None
         if layer_idx in cfg.engram_layer_ids:
             self.engram = Engram(cfg.engram, layer_idx, cfg.d_model, cfg.hc_mult, hasher=hasher,
-                                 conv_zero_init=cfg.engram_conv_zero_init)
+                                 conv_zero_init=cfg.engram_conv_zero_init, table_device=table_device)
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -64,13 +68,14 @@ class Block(nn.Module):
             self.ffn_hc = HyperConnection(cfg.hc_mult, cfg.d_model, cfg.hc_sinkhorn_iters, init_std=cfg.init_std)
 
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                cache: KVCache | None, hash_ids: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """``[B, T, M, D]`` -> ``[B, T, M, D]``; ``key_padding_mask`` is ``[B, S]`` over every token so far."""
+                cache: KVCache | None, memories: dict[int, PendingRows] | None) -> torch.Tensor:
+        """``[B, T, M, D]`` -> ``[B, T, M, D]``; ``key_padding_mask`` is ``[B, S]`` over every token so far;
+        ``memories`` holds the table reads issued at the start of the forward, by Engram layer."""
         if self.engram is not None:
             token_mask = key_padding_mask[:, -streams.shape[1]:] if key_padding_mask is not None else None
             conv_states = cache.conv_states if cache is not None else None
-            streams = streams + self.engram(streams, hash_ids=hash_ids[self.layer_idx], conv_states=conv_states,
-                                            token_mask=token_mask)
+            streams = streams + self.engram(streams, memory=memories[self.layer_idx].wait(),
+                                            conv_states=conv_states, token_mask=token_mask)
 
         def attention(u: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(u), positions, key_padding_mask, cache, self.layer_idx)
@@ -98,14 +103,16 @@ class EngramLM(nn.Module):
         torch.Size([1, 6])
     """
 
-    def __init__(self, cfg: EngramLMConfig, hasher: NgramHasher | None = None):
+    def __init__(self, cfg: EngramLMConfig, hasher: NgramHasher | None = None,
+                 table_device: torch.device | str | None = None):
+        """``table_device="meta"`` allocates no Engram table (for :meth:`from_pretrained` with a store)."""
         super().__init__()
         self.cfg = cfg
         self.hasher = hasher
         if cfg.engram is not None and hasher is None:
             self.hasher = NgramHasher(cfg.engram)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList([Block(cfg, i, self.hasher) for i in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, i, self.hasher, table_device) for i in range(cfg.n_layers)])
         self.merge = StreamMerge(cfg.hc_mult, cfg.d_model, init_std=cfg.init_std) if cfg.hc_mult > 1 else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -129,7 +136,8 @@ class EngramLM(nn.Module):
                     nn.init.normal_(weight, std=std)
                 module.expert_bias.zero_()
             elif isinstance(module, Engram):
-                nn.init.normal_(module.multi_head_embedding.weight, std=std)
+                if module.multi_head_embedding.store is None:
+                    nn.init.normal_(module.multi_head_embedding.weight, std=std)
                 for norm in (module.key_norm, module.query_norm, module.short_conv.norm):
                     nn.init.ones_(norm.weight)
                 if self.cfg.engram_conv_zero_init:
@@ -168,7 +176,7 @@ class EngramLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                engram_history: torch.Tensor | None = None) -> LMOutput:
+                engram_history: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
         """Logits for ``input_ids``.
 
         Args:
@@ -179,8 +187,10 @@ class EngramLM(nn.Module):
             labels: ``[B, T]`` targets aligned with ``input_ids`` (shifted inside); ``-100`` is ignored.
             cache: a :meth:`new_cache`; it is advanced by ``T``.
             engram_history: ``[B, <= max_ngram_size - 1]`` raw ids preceding ``input_ids`` (decoding).
+            logits_to_keep: compute logits for the last this many positions only (0: all); a batched
+                prefill needs just the last (``[B, T, V]`` fp32 logits of 512 x 1024 tokens are 270 GB).
         Returns:
-            :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32).
+            :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32; ``[B, logits_to_keep, V]`` when given).
         """
         self._check_ids(input_ids)
         batch, length = input_ids.shape
@@ -200,20 +210,28 @@ class EngramLM(nn.Module):
         else:
             positions = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
 
-        hash_ids = None
+        memories = None
         if self.hasher is not None:
             hash_input = input_ids
             if attention_mask is not None:
                 hash_input = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
             hash_ids = self.hasher.hash_all(hash_input, history=engram_history)
+            memories = {block.layer_idx: block.engram.multi_head_embedding.fetch(hash_ids[block.layer_idx])
+                        for block in self.blocks if block.engram is not None}
 
         hidden = self.embed(input_ids)  # [B, T, D]
         streams = expand_streams(hidden, self.cfg.hc_mult) if self.cfg.hc_mult > 1 else hidden.unsqueeze(2)
         for block in self.blocks:
-            streams = block(streams, positions, key_padding_mask, cache, hash_ids)
+            streams = block(streams, positions, key_padding_mask, cache, memories)
         if cache is not None:
             cache.advance(length)
         hidden = self.merge(streams) if self.merge is not None else streams.squeeze(2)
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
+            hidden = hidden[:, -logits_to_keep:]
         hidden = self.norm(hidden)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, head).float()
@@ -233,9 +251,24 @@ class EngramLM(nn.Module):
         return save_pretrained(self, directory, max_shard_bytes)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> "EngramLM":
-        """Load a :meth:`save_pretrained` folder; refuses weights whose Engram hashing differs."""
-        return load_pretrained(cls, directory)
+    def from_pretrained(cls, directory: str | os.PathLike[str], engram_placement: str = "device",
+                        engram_cache_rows: int = 0, **placement_options) -> "EngramLM":
+        """Load a :meth:`save_pretrained` folder; refuses weights whose Engram hashing differs.
+
+        Args:
+            engram_placement: where the Engram tables live. ``"device"``: a parameter, moved with the model
+                (``.to("cuda")``), trainable. ``"host"``: (pinned) host memory, rows gathered and copied to the
+                model's device on demand. ``"disk"``: the table file memory-mapped where it is, for tables larger
+                than RAM. Outputs are identical for every placement.
+            engram_cache_rows: with ``host`` or ``disk``, keep this many hot rows in the device's memory
+                (frequency-based admission); 0 for no cache.
+            placement_options: see :func:`engram.storage.open_table_store` (``host_method``, ``workers``,
+                ``share_memory``, ``host_memory_budget``, ``verify``).
+
+        Example:
+            >>> model = EngramLM.from_pretrained("ckpt", engram_placement="host").to("cuda")  # doctest: +SKIP
+        """
+        return load_pretrained(cls, directory, engram_placement, engram_cache_rows, **placement_options)
 
     def param_report(self, seq_len: int | None = None) -> dict[str, int]:
         """Parameter counts of this model (see :func:`engram.model.params.param_report`)."""
@@ -270,7 +303,7 @@ class EngramLM(nn.Module):
         cache = self.new_cache(batch, prompt_len + max_new_tokens)
         ids = input_ids
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        out = self(input_ids, attention_mask=mask, cache=cache)
+        out = self(input_ids, attention_mask=mask, cache=cache, logits_to_keep=1)
         for step in range(max_new_tokens):
             next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator,
                                    self.cfg.tokenizer_vocab_size)

@@ -60,9 +60,10 @@ def count_parameters(model: "EngramLM", seq_len: int | None = None) -> dict[str,
         else:
             counts["dense_ffn"] += _numel(block.ffn)
         if block.engram is not None:
-            tables = block.engram.multi_head_embedding.weight.numel()
+            embedding = block.engram.multi_head_embedding
+            tables = embedding.num_rows * embedding.head_dim  # also when a store holds them (not a parameter)
             counts["engram_tables"] += tables
-            counts["engram_dense"] += _numel(block.engram) - tables
+            counts["engram_dense"] += _numel(block.engram) - (tables if embedding.store is None else 0)
             rows_read += cfg.engram.num_heads * cfg.engram.head_dim
     report = dict(counts)
     report["total"] = sum(counts.values())

@@ -1,4 +1,7 @@
-"""Save and load EngramLM: ``config.json`` + ``model.safetensors`` (sharded above 5 GB, with an index).
+"""Save and load EngramLM: ``config.json`` + ``model.safetensors`` (sharded above 5 GB, with an index) +
+one table file per Engram layer (``engram-layer-{L}.safetensors``, :mod:`engram.storage.table_file`: a
+safetensors file with per-chunk checksums that loads into any placement — device, host, disk — as is).
+Folders written before table files existed (tables inside ``model.safetensors``) still load.
 
 Every weights file carries the Engram hashing fingerprint (seed, layer ids, table sizes, multipliers,
 tokenizer sha256, compression rules version) in its safetensors metadata. Loading recomputes the
@@ -20,6 +23,7 @@ from safetensors.torch import save_file
 
 from engram.atomic import atomic_path, atomic_write_text
 from engram.model.config import EngramLMConfig
+from engram.storage import PLACEMENTS, load_table, open_table_store, read_header, write_table
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
 
 if TYPE_CHECKING:
@@ -32,6 +36,15 @@ TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 5 * 1024**3
 _FINGERPRINT_KEY = "engram_fingerprint"
+_TABLES_KEY = "engram_tables"
+
+
+def table_file_name(layer_id: int) -> str:
+    return f"engram-layer-{layer_id}.safetensors"
+
+
+def _table_key(block_index: int) -> str:
+    return f"blocks.{block_index}.engram.multi_head_embedding.weight"
 
 
 def _shard_names(count: int) -> list[str]:
@@ -59,7 +72,14 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
     directory.mkdir(parents=True, exist_ok=True)
     fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
     metadata = {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    tables = {}
+    for block in model.blocks:
+        if block.engram is not None:
+            tables[block.layer_idx] = table_file_name(block.layer_idx)
+            write_table(directory / tables[block.layer_idx], block.engram.multi_head_embedding.table().cpu(),
+                        metadata={**metadata, "layer_id": str(block.layer_idx)})
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
+             if name not in {_table_key(layer) for layer in tables}}
     shards = _pack_shards(state, max_shard_bytes)
     names = _shard_names(len(shards))
     for name, shard in zip(names, shards):
@@ -78,11 +98,14 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
         model_config["tokenizer"] = TOKENIZER_NAME
         if model_config["engram"] is not None:
             model_config["engram"]["tokenizer"] = TOKENIZER_NAME
-    config = {"format_version": FORMAT_VERSION, "model": model_config, _FINGERPRINT_KEY: fingerprint}
+    config = {"format_version": FORMAT_VERSION, "model": model_config, _FINGERPRINT_KEY: fingerprint,
+              _TABLES_KEY: {str(layer): name for layer, name in tables.items()}}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-    for stale in directory.glob("model*.safetensors*"):  # weights of an earlier save with other sharding
-        if stale.name not in names and stale.name != (INDEX_NAME if len(shards) > 1 else None):
-            stale.unlink()
+    keep = set(names) | set(tables.values()) | ({INDEX_NAME} if len(shards) > 1 else set())
+    for pattern in ("model*.safetensors*", "engram-layer-*.safetensors"):  # an earlier save's other files
+        for stale in directory.glob(pattern):
+            if stale.name not in keep:
+                stale.unlink()
     return directory
 
 
@@ -116,8 +139,26 @@ def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], list[Any]]:
     return state, fingerprints
 
 
-def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str]) -> "EngramLM":
-    """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch."""
+def _refuse_mismatch(directory: Path, fingerprints: list[Any], current: Any) -> None:
+    for saved in fingerprints:
+        differences = _fingerprint_differences(saved, current)
+        if differences:
+            raise ValueError(f"refusing to load {directory}: the Engram hashing of the weights differs from the "
+                             "config and tokenizer here (tables would be read at the wrong rows): "
+                             + "; ".join(differences))
+
+
+def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], engram_placement: str = "device",
+                    engram_cache_rows: int = 0, **placement_options: Any) -> "EngramLM":
+    """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch.
+
+    Engram tables go where ``engram_placement`` says (see :meth:`EngramLM.from_pretrained`).
+    """
+    if engram_placement not in PLACEMENTS:
+        raise ValueError(f"engram_placement must be one of {PLACEMENTS}, got {engram_placement!r}")
+    if engram_cache_rows and engram_placement == "device":
+        raise ValueError(f"engram_cache_rows={engram_cache_rows} needs engram_placement 'host' or 'disk' "
+                         "(a device table is all in device memory already)")
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -130,16 +171,35 @@ def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str]) ->
         model_config["tokenizer"] = str(directory / TOKENIZER_NAME)
         if model_config.get("engram") is not None:
             model_config["engram"]["tokenizer"] = model_config["tokenizer"]
-    model = cls(EngramLMConfig.from_dict(model_config))
+    model = cls(EngramLMConfig.from_dict(model_config), table_device="meta")
     state, fingerprints = load_state(directory)
     current = model.hasher.fingerprint() if model.hasher is not None else None
-    for saved in fingerprints + [data.get(_FINGERPRINT_KEY)]:
-        differences = _fingerprint_differences(saved, current)
-        if differences:
-            raise ValueError(f"refusing to load {directory}: the Engram hashing of the weights differs from the "
-                             "config and tokenizer here (tables would be read at the wrong rows): "
-                             + "; ".join(differences))
+    _refuse_mismatch(directory, fingerprints + [data.get(_FINGERPRINT_KEY)], current)
+    table_files = data.get(_TABLES_KEY, {})
+    for block in model.blocks:
+        if block.engram is None:
+            continue
+        embedding = block.engram.multi_head_embedding
+        inline = state.pop(_table_key(block.layer_idx), None)  # a folder from before table files
+        if str(block.layer_idx) in table_files:
+            path = directory / table_files[str(block.layer_idx)]
+            header = read_header(path)
+            _refuse_mismatch(directory, [json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))], current)
+            if engram_placement == "device":
+                embedding.weight = torch.nn.Parameter(load_table(path, verify=placement_options.get("verify", True)))
+            else:
+                embedding.use_store(open_table_store(path, engram_placement, engram_cache_rows, **placement_options))
+        elif inline is None:
+            raise ValueError(f"{directory}: no table for Engram layer {block.layer_idx} (config.json lists "
+                             f"{sorted(table_files)})")
+        elif engram_placement == "device":
+            embedding.weight = torch.nn.Parameter(inline)
+        else:
+            raise ValueError(f"{directory} keeps its Engram tables inside the model weights (an older save); "
+                             f"placement {engram_placement!r} reads table files: load it with the default "
+                             "placement and save_pretrained it again")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("multi_head_embedding.weight")]
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit the config: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")

@@ -1,0 +1,24 @@
+"""Where Engram tables live: files, host memory, disk, an HBM cache.
+
+- :mod:`~engram.storage.table_file`: the one table file format (safetensors with per-chunk CRC-32s) that
+  loads into every placement, memory-maps, and shares one copy per machine through ``/dev/shm``;
+- :class:`HostStore` (pinned host memory: CPU gather + copy, or a GPU kernel reading over UVA),
+  :class:`DiskStore` (a memory-mapped file larger than RAM), :class:`CachedStore` (hot rows in HBM in front
+  of either), all behind :class:`TableStore`: ``fetch`` now, ``wait`` later (a prefetch);
+- :func:`open_table_store`: a table file opened for a placement.
+"""
+
+from engram.storage.cache import CachedStore
+from engram.storage.disk import DiskStore
+from engram.storage.host import DEFAULT_HOST_METHOD, HostStore, cpu_gather, cuda_alias, pin_in_place
+from engram.storage.placement import PLACEMENTS, available_host_memory, open_table_store
+from engram.storage.store import PendingRows, TableStore
+from engram.storage.table_file import (MappedTable, TableFileError, TableHeader, load_table, map_table,
+                                       read_header, share_in_shm, verify_table, write_table)
+
+__all__ = [
+    "CachedStore", "DEFAULT_HOST_METHOD", "DiskStore", "HostStore", "MappedTable", "PLACEMENTS", "PendingRows",
+    "TableFileError", "TableHeader", "TableStore", "available_host_memory", "cpu_gather", "cuda_alias",
+    "load_table", "map_table", "open_table_store", "pin_in_place", "read_header", "share_in_shm",
+    "verify_table", "write_table",
+]

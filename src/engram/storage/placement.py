@@ -1,0 +1,77 @@
+"""Open a table file as a store for one placement: pinned host memory, a memory-mapped disk file, either
+behind an HBM cache of hot rows."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from engram.storage.cache import CachedStore
+from engram.storage.disk import DiskStore
+from engram.storage.host import HostStore
+from engram.storage.store import TableStore
+from engram.storage.table_file import load_table, map_table, read_header, share_in_shm
+
+PLACEMENTS = ("device", "host", "disk")
+
+
+def available_host_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where the kernel does not say)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def open_table_store(path: str | os.PathLike[str], placement: str, cache_rows: int = 0, *,
+                     host_method: str = "auto", workers: int | None = None, share_memory: bool = False,
+                     shm_dir: str | os.PathLike[str] = "/dev/shm", host_memory_budget: int | None = None,
+                     verify: bool = True) -> TableStore:
+    """A store serving the ``[R, D]`` table of the file at ``path`` from ``placement`` (``host`` or ``disk``).
+
+    Args:
+        cache_rows: > 0 puts a :class:`CachedStore` of that many rows (in the compute device's memory) in front.
+        host_method: how host rows reach the GPU, see :class:`HostStore`.
+        workers: threads gathering rows on the CPU.
+        share_memory: ``host`` only: map one copy in ``/dev/shm`` that every process on the machine shares
+            (copied there once) instead of a private copy per process.
+        shm_dir: the RAM-backed folder ``share_memory`` uses.
+        host_memory_budget: bytes a private ``host`` copy may take (default: the kernel's ``MemAvailable``); a
+            larger table is refused with a hint to use ``disk``.
+        verify: check every chunk's checksum while loading (``host``) or before mapping (``disk``).
+    """
+    if placement not in ("host", "disk"):
+        raise ValueError(f"open_table_store serves placement 'host' or 'disk', got {placement!r}")
+    if cache_rows < 0:
+        raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
+    if share_memory and placement == "disk":
+        raise ValueError("share_memory applies to placement 'host' (a 'disk' table is mapped where it is)")
+    path = Path(path)
+    store: TableStore
+    if placement == "disk" or share_memory:
+        source = share_in_shm(path, shm_dir) if share_memory else path
+        mapped = map_table(source, verify=verify, workers=workers)
+        if placement == "disk":
+            store = DiskStore(mapped.tensor, workers=workers, on_close=mapped.close)
+        else:
+            store = HostStore(mapped.tensor, method=host_method, workers=workers, on_close=mapped.close)
+    else:
+        header = read_header(path)
+        budget = available_host_memory() if host_memory_budget is None else host_memory_budget
+        if budget is not None and header.data_bytes > budget:
+            raise ValueError(f"{path}: a host copy of this table needs {header.data_bytes / 2**30:.2f} GiB, more "
+                             f"than the host memory budget of {budget / 2**30:.2f} GiB; use placement 'disk'")
+        # Pageable, in pages of its own (an anonymous map): the CPU gather stages through pinned buffers, and
+        # "uva" page-locks the table in place, which must not lock (or collide with) a neighbour's memory.
+        memory = mmap.mmap(-1, header.data_bytes)
+        table = torch.frombuffer(memory, dtype=header.dtype).view(header.num_rows, header.dim)
+        store = HostStore(load_table(path, out=table, verify=verify, workers=workers), method=host_method,
+                          workers=workers)
+    return CachedStore(store, cache_rows) if cache_rows else store

@@ -1,0 +1,204 @@
+"""What every table store offers: ``fetch`` rows now, ``wait`` for them later.
+
+A store serves one ``[R, D]`` table from wherever it lives (pinned host memory, a memory-mapped file, an HBM
+cache in front of either). Engram's row ids depend only on the input tokens, so a model issues every layer's
+reads before its first block and waits for each just before the layer needs it: the copy overlaps compute.
+
+The helpers here are shared by the stores that do their work on a background thread: a private snapshot of
+the caller's rows, its arrival on the thread's side stream, and the side streams themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+_ROW_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class PendingRows:
+    """Rows being fetched; :meth:`wait` returns them ``[*shape, D]`` on the target device (blocks until ready).
+
+    Made from a ready tensor (:meth:`ready`) or from a future plus, for a CUDA result written on another
+    stream, the event after which it is complete: :meth:`wait` makes the current stream wait for that event
+    and tells the allocator the tensor is used there. Repeated calls return the same tensor.
+
+    Example:
+        >>> PendingRows.ready(torch.ones(2, 3)).then(lambda rows: rows.sum(0)).wait()
+        tensor([2., 2., 2.])
+    """
+
+    def __init__(self, future: Future[Tensor], ready_event: torch.cuda.Event | None = None):
+        self._future = future
+        self._ready_event = ready_event
+
+    @classmethod
+    def ready(cls, rows: Tensor, ready_event: torch.cuda.Event | None = None) -> PendingRows:
+        """Rows already queued: ``wait`` only orders the current stream after ``ready_event`` (if any)."""
+        future: Future[Tensor] = Future()
+        future.set_result(rows)
+        return cls(future, ready_event)
+
+    def done(self) -> bool:
+        """Whether :meth:`wait` would return without blocking the calling thread."""
+        return self._future.done()
+
+    def wait(self) -> Tensor:
+        rows = self._future.result()
+        if self._ready_event is not None:
+            stream = torch.cuda.current_stream(rows.device)
+            stream.wait_event(self._ready_event)
+            rows.record_stream(stream)
+        return rows
+
+    def then(self, fn: Callable[[Tensor], Tensor]) -> PendingRows:
+        """Rows whose :meth:`wait` returns ``fn(self.wait())``, computed once by the first thread that waits."""
+        return _Then(self, fn)
+
+
+class _Then(PendingRows):
+    def __init__(self, source: PendingRows, fn: Callable[[Tensor], Tensor]):
+        self._source = source
+        self._fn = fn
+        self._rows: Tensor | None = None
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._rows is not None or self._source.done()
+
+    def wait(self) -> Tensor:
+        with self._lock:
+            if self._rows is None:
+                self._rows = self._fn(self._source.wait())
+            return self._rows
+
+
+class TableStore(Protocol):
+    """An ``[R, D]`` table served from outside the compute device's own parameters."""
+
+    placement: str  # "host" | "disk" | "cache"
+    num_rows: int
+    dim: int
+    dtype: torch.dtype
+
+    def fetch(self, rows: Tensor, device: torch.device) -> PendingRows:
+        """Start reading ``rows`` (int ``[...]`` flat row ids in ``[0, R)``, on any device); ``wait()`` gives
+        ``[..., D]`` on ``device``, bit-identical to ``table[rows]`` (a copy). Out-of-range rows raise
+        ``IndexError``: from ``fetch`` for rows on the CPU, from ``wait`` for rows on a GPU (checking them in
+        ``fetch`` would stall the caller until the GPU has computed them)."""
+        ...
+
+    def table(self) -> Tensor:
+        """The full ``[R, D]`` CPU tensor behind the store (for saving; read-only for a disk store)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the store's threads and release what it holds; fetch no more afterwards."""
+        ...
+
+
+def check_row_dtype(rows: Tensor) -> None:
+    """Raise ``TypeError`` unless ``rows`` holds integers (never reads the values: no device sync)."""
+    if rows.dtype not in _ROW_DTYPES:
+        raise TypeError(f"row ids must be an integer tensor, got {rows.dtype}")
+
+
+def check_rows(rows: Tensor, num_rows: int) -> None:
+    """Raise ``TypeError`` for non-integer ``rows`` and ``IndexError`` naming the first row outside
+    ``[0, num_rows)``. Reads the values: on a CUDA tensor this waits for the GPU to compute them.
+
+    Example:
+        >>> check_rows(torch.tensor([0, 3, -1]), 3)
+        Traceback (most recent call last):
+        ...
+        IndexError: row 3 (flat position 1) is out of range [0, 3)
+    """
+    check_row_dtype(rows)
+    if rows.numel() == 0:
+        return
+    low, high = torch.aminmax(rows)
+    if int(low) >= 0 and int(high) < num_rows:
+        return
+    flat = rows.reshape(-1)
+    position = int(((flat < 0) | (flat >= num_rows)).nonzero()[0, 0])
+    raise IndexError(f"row {int(flat[position])} (flat position {position}) is out of range [0, {num_rows})")
+
+
+def as_device(device: torch.device | str) -> torch.device:
+    """``device`` with an explicit index for CUDA (the current one when unnamed), so equal devices compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def snapshot_rows(rows: Tensor, device: torch.device) -> tuple[Tensor, torch.cuda.Event | None]:
+    """A private int64 copy of ``rows`` for a background job on ``device``, taken without blocking the caller
+    (who may overwrite ``rows`` as soon as ``fetch`` returns), and the event that marks it complete.
+
+    GPU rows for a CUDA job are copied to ``device`` on its current stream; GPU rows for a host job go to pinned
+    host memory; both return an event recorded after the copy. CPU rows are copied at once, into pinned memory
+    for a CUDA job so that its own host-to-device copy is asynchronous, with no event.
+    """
+    if not rows.is_cuda:
+        copy = torch.empty(rows.shape, dtype=torch.int64, pin_memory=device.type == "cuda")
+        return copy.copy_(rows), None
+    if device.type == "cuda":
+        copy = rows.to(device, torch.int64, non_blocking=True, copy=True)
+        stream = torch.cuda.current_stream(device)
+    else:
+        copy = torch.empty(rows.shape, dtype=torch.int64, pin_memory=True).copy_(rows, non_blocking=True)
+        stream = torch.cuda.current_stream(rows.device)
+    copied = torch.cuda.Event()
+    copied.record(stream)
+    return copy, copied
+
+
+def receive_rows(snapshot: Tensor, copied: torch.cuda.Event | None, device: torch.device) -> Tensor:
+    """Inside a background job: the :func:`snapshot_rows` copy on ``device``, ordered after the copy on the
+    job's current stream (a CUDA ``device``) or on the host (a CPU ``device``: waits for the event)."""
+    if device.type != "cuda":
+        if copied is not None:
+            copied.synchronize()
+        return snapshot
+    if not snapshot.is_cuda:
+        return snapshot.to(device, non_blocking=True)
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(copied)
+    snapshot.record_stream(stream)  # allocated on the caller's stream, read on this one
+    return snapshot
+
+
+class SideStreams:
+    """One CUDA stream per device, made on first use, on which a store's background jobs run.
+
+    The streams have high priority: their small gathers are scheduled ahead of the model's queued kernels, so
+    they finish before the Engram layer waits for them instead of queueing behind whole blocks for free SMs.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(self._streams)
+
+    @contextlib.contextmanager
+    def on(self, device: torch.device) -> Iterator[None]:
+        """Make ``device`` and its side stream current (nothing for a CPU ``device``)."""
+        if device.type != "cuda":
+            yield
+            return
+        with self._lock:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device, priority=-1)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            yield

@@ -1,0 +1,317 @@
+"""The table file: one on-disk format for an Engram memory table ``[R, D]``, loadable into any placement.
+
+A table file is a valid safetensors file (``safetensors.safe_open`` reads it) holding exactly one 2-D
+tensor, ``"weight"`` (fp32, bf16 or fp16), whose ``__metadata__`` carries a CRC-32 of every
+``chunk_bytes`` of the data region beside the caller's own string metadata. The header is padded so the
+data starts at a multiple of 64 bytes. The same file is read into GPU or pinned host memory
+(:func:`load_table`), memory-mapped from disk (:func:`map_table`) or shared by every process of a host
+through ``/dev/shm`` (:func:`share_in_shm`), never converted.
+
+Tables reach 100 GB, so :func:`write_table` streams the data instead of serialising it in memory (as
+``safetensors.torch.save_file`` would), and checksums are computed and checked in parallel chunks:
+``zlib.crc32`` and ``os.preadv`` release the GIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engram.atomic import atomic_path
+
+CHUNK_BYTES = 64 * 2**20
+FORMAT_VERSION = "1"
+_FORMAT_KEY = "engram_table_format"
+_CHUNK_KEY = "engram_table_chunk_bytes"
+_CRC_KEY = "engram_table_crc32"
+_RESERVED_KEYS = frozenset({_FORMAT_KEY, _CHUNK_KEY, _CRC_KEY})
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_ALIGN = 64
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_IO_BYTES = 64 * 2**20
+# warnings.catch_warnings swaps process-wide state; threads mapping tables at once must take turns.
+_WARNINGS_LOCK = threading.Lock()
+_SHM_LOCK = threading.Lock()  # atomic_path's temporary name is per process, not per thread
+
+
+class TableFileError(ValueError):
+    """A table file is malformed, truncated or fails its checksums; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TableHeader:
+    """What a table file's header says about its ``[num_rows, dim]`` tensor."""
+
+    path: Path
+    num_rows: int
+    dim: int
+    dtype: torch.dtype
+    data_offset: int  # byte offset of row 0 in the file: 8 + header length
+    chunk_bytes: int  # bytes covered by each checksum, the last chunk shorter; need not hold whole rows
+    crc32: tuple[int, ...]  # zlib.crc32 of each chunk of the data region
+    metadata: dict[str, str]  # the caller's metadata, integrity keys removed
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.dtype.itemsize
+
+    @property
+    def data_bytes(self) -> int:
+        return self.num_rows * self.row_bytes
+
+
+def _num_workers(workers: int | None) -> int:
+    return min(16, os.cpu_count() or 1) if workers is None else workers
+
+
+def write_table(
+    path: str | os.PathLike[str],
+    weight: torch.Tensor,
+    metadata: Mapping[str, str] | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    workers: int | None = None,
+) -> TableHeader:
+    """Write ``weight`` ``[R, D]`` (a contiguous CPU fp32/bf16/fp16 tensor, possibly a memory map) to ``path``.
+
+    The file is replaced atomically: readers see the old file or the complete new one.
+    Example: ``write_table("layer2.safetensors", table, {"layer": "2"})``.
+    """
+    if weight.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"table dtype must be one of {list(_DTYPE_NAMES)}, got {weight.dtype}")
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"a table is a non-empty 2-D tensor [rows, dim], got shape {tuple(weight.shape)}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"write_table needs a CPU tensor, got one on {weight.device}; call .cpu() first")
+    if not weight.is_contiguous():
+        raise ValueError("write_table needs a contiguous tensor (a copy of a huge table is the caller's call)")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata must map str to str, got {key!r}: {value!r}")
+        if key in _RESERVED_KEYS:
+            raise ValueError(f"metadata key {key!r} is reserved for the table file's integrity data")
+
+    num_rows, dim = weight.shape
+    data = memoryview(weight.detach().view(torch.uint8).reshape(-1).numpy())
+    ranges = [(s, min(s + chunk_bytes, len(data))) for s in range(0, len(data), chunk_bytes)]
+    with ThreadPoolExecutor(_num_workers(workers)) as pool:
+        crc32 = tuple(pool.map(lambda r: zlib.crc32(data[r[0] : r[1]]), ranges))
+    integrity = {_FORMAT_KEY: FORMAT_VERSION, _CHUNK_KEY: str(chunk_bytes), _CRC_KEY: json.dumps(crc32)}
+    header = {
+        "weight": {"dtype": _DTYPE_NAMES[weight.dtype], "shape": [num_rows, dim], "data_offsets": [0, len(data)]},
+        "__metadata__": {**metadata, **integrity},
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-(8 + len(header_bytes)) % _ALIGN)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for start in range(0, len(data), _IO_BYTES):
+            f.write(data[start : start + _IO_BYTES])
+        f.flush()
+        os.fsync(f.fileno())  # else a crash soon after the rename can leave the new name with missing data
+    return TableHeader(Path(path), num_rows, dim, weight.dtype, 8 + len(header_bytes), chunk_bytes, crc32, metadata)
+
+
+def read_header(path: str | os.PathLike[str]) -> TableHeader:
+    """Parse and validate the header of the table file at ``path`` (the data is not read)."""
+    path = Path(path)
+
+    def fail(what: str) -> TableFileError:
+        return TableFileError(f"table file {path}: {what}")
+
+    with open(path, "rb") as f:
+        file_bytes = os.fstat(f.fileno()).st_size
+        if file_bytes < 8:
+            raise fail(f"truncated: {file_bytes} bytes, too short for the 8-byte header length")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > _MAX_HEADER_BYTES:
+            raise fail(f"bad header length {header_len} (more than {_MAX_HEADER_BYTES}); not a table file?")
+        if file_bytes < 8 + header_len:
+            raise fail(f"truncated inside the header: it needs {8 + header_len} bytes, the file has {file_bytes}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail(f"header is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise fail(f"header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if list(header) != ["weight"]:
+        raise fail(f"holds tensors {sorted(header)}, a table file holds exactly one named 'weight'")
+    entry = header["weight"]
+    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+        raise fail(f"'weight' has no supported dtype (one of {list(_DTYPES)}): {entry}")
+    dtype, shape = _DTYPES[entry["dtype"]], entry.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)):
+        raise fail(f"'weight' must have a non-empty 2-D shape [rows, dim], got {shape}")
+    data_bytes = shape[0] * shape[1] * dtype.itemsize
+    if entry.get("data_offsets") != [0, data_bytes]:
+        raise fail(f"'weight' data_offsets {entry.get('data_offsets')} should be [0, {data_bytes}]")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise fail("__metadata__ is missing or not a str -> str map")
+    if meta.get(_FORMAT_KEY) != FORMAT_VERSION:
+        raise fail(f"{_FORMAT_KEY} is {meta.get(_FORMAT_KEY)!r}; this reader knows {FORMAT_VERSION!r}")
+    try:
+        chunk_bytes = int(meta[_CHUNK_KEY])
+        crc32 = tuple(json.loads(meta[_CRC_KEY]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise fail(f"malformed integrity metadata ({type(e).__name__}: {e})") from None
+    expected_chunks = -(-data_bytes // chunk_bytes) if chunk_bytes > 0 else -1
+    if len(crc32) != expected_chunks or not all(type(c) is int and 0 <= c < 2**32 for c in crc32):
+        raise fail(f"{_CRC_KEY} should hold {expected_chunks} 32-bit checksums of {chunk_bytes}-byte chunks")
+    data_offset = 8 + header_len
+    if file_bytes != data_offset + data_bytes:
+        extra = file_bytes - data_offset - data_bytes
+        problem = "truncated" if extra < 0 else f"has {extra} extra bytes"
+        raise fail(f"{problem}: expected {data_offset + data_bytes} bytes, the file has {file_bytes}")
+    metadata = {k: v for k, v in meta.items() if k not in _RESERVED_KEYS}
+    return TableHeader(path, shape[0], shape[1], dtype, data_offset, chunk_bytes, crc32, metadata)
+
+
+def _read_chunks(
+    header: TableHeader, workers: int | None, dest: Callable[[int, int], memoryview] | None, check: bool
+) -> None:
+    """Read every chunk into ``dest(start, stop)`` (a scratch buffer if None), checking CRC-32s if ``check``."""
+
+    def read_chunk(index: int) -> None:
+        start = index * header.chunk_bytes
+        stop = min(start + header.chunk_bytes, header.data_bytes)
+        buffer = memoryview(bytearray(stop - start)) if dest is None else dest(start, stop)
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(fd, [buffer[done:]], header.data_offset + start + done)
+            if n == 0:
+                raise TableFileError(f"table file {header.path}: truncated while being read")
+            done += n
+        if check and (computed := zlib.crc32(buffer)) != header.crc32[index]:
+            rows = f"rows {start // header.row_bytes} to {(stop - 1) // header.row_bytes}"
+            raise TableFileError(
+                f"table file {header.path}: chunk {index} (data bytes {start}:{stop}, {rows}) fails its "
+                f"CRC-32 check: stored {header.crc32[index]:08x}, computed {computed:08x}; the file is corrupt"
+            )
+
+    fd = os.open(header.path, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(_num_workers(workers)) as pool:
+            # map yields in chunk order and cancels the chunks not yet started once one fails.
+            for _ in pool.map(read_chunk, range(len(header.crc32))):
+                pass
+    finally:
+        os.close(fd)
+
+
+def verify_table(path_or_header: str | os.PathLike[str] | TableHeader, workers: int | None = None) -> None:
+    """Recompute every chunk's CRC-32; raise :class:`TableFileError` naming the first corrupt chunk."""
+    header = path_or_header if isinstance(path_or_header, TableHeader) else read_header(path_or_header)
+    _read_chunks(header, workers, None, check=True)
+
+
+class MappedTable:
+    """A read-only memory map of a table file; ``tensor`` is a zero-copy ``[R, D]`` CPU view of its data.
+
+    The map is shared (``MAP_SHARED``): processes mapping the same file share its page-cache pages.
+    ``tensor`` is READ-ONLY although torch cannot mark it so: writing into it crashes the process.
+    ``close`` drops this object's references; the pages are unmapped once no view of ``tensor`` is left
+    (unmapping earlier would leave those views pointing at nothing).
+    """
+
+    def __init__(self, header: TableHeader) -> None:
+        self.header = header
+        with open(header.path, "rb") as f:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(
+                buffer, dtype=header.dtype, count=header.num_rows * header.dim, offset=header.data_offset
+            )
+        self.tensor = flat.view(header.num_rows, header.dim)
+
+    def close(self) -> None:
+        del self.tensor
+
+    def __enter__(self) -> MappedTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def map_table(path: str | os.PathLike[str], verify: bool = True, workers: int | None = None) -> MappedTable:
+    """Memory-map the table at ``path``; with ``verify`` every checksum is checked first (reads the whole file).
+
+    Example: ``with map_table(p) as table: rows = table.tensor[row_ids]``.
+    """
+    header = read_header(path)
+    if verify:
+        verify_table(header, workers)
+    return MappedTable(header)
+
+
+def load_table(
+    path: str | os.PathLike[str],
+    out: torch.Tensor | None = None,
+    verify: bool = True,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """Read the table at ``path`` into ``out`` (a contiguous ``[R, D]`` CPU tensor of its dtype, e.g. pinned)
+    or a new tensor, checking checksums in the same pass. Returns the ``[R, D]`` tensor.
+
+    On a :class:`TableFileError` ``out`` holds partial data and must not be used.
+    Example: ``load_table(p, out=torch.empty(r, d, dtype=torch.bfloat16, pin_memory=True))``.
+    """
+    header = read_header(path)
+    shape = (header.num_rows, header.dim)
+    if out is None:
+        out = torch.empty(shape, dtype=header.dtype)
+    elif tuple(out.shape) != shape or out.dtype != header.dtype:
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, the table {path} is {shape} {header.dtype}")
+    elif out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CPU tensor, got one on {out.device}")
+    data = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+    _read_chunks(header, workers, lambda start, stop: data[start:stop], check=verify)
+    return out
+
+
+def share_in_shm(path: str | os.PathLike[str], shm_dir: str | os.PathLike[str] = "/dev/shm") -> Path:
+    """Copy the table at ``path`` into RAM-backed ``shm_dir`` once per host; return the copy's path.
+
+    The copy is named by its content (shape, dtype, checksums, metadata), so every process sharing a table
+    maps one copy and an existing valid copy is reused; it is checked before it appears under its name.
+    Example: ``table = map_table(share_in_shm(p), verify=False)``.
+    """
+    shm_dir = Path(shm_dir)
+    if not shm_dir.is_dir():
+        raise FileNotFoundError(f"shared-memory folder {shm_dir} does not exist; pass shm_dir= a tmpfs folder")
+    header = read_header(path)
+    identity = [header.num_rows, header.dim, str(header.dtype), header.chunk_bytes, header.crc32, header.metadata]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    shared = shm_dir / f"engram-{key}.safetensors"
+    with _SHM_LOCK:
+        try:
+            existing = read_header(shared)
+            if dataclasses.replace(existing, path=header.path) == header:
+                return shared
+        except (FileNotFoundError, TableFileError):
+            pass
+        with atomic_path(shared) as tmp:
+            shutil.copyfile(header.path, tmp)
+            verify_table(tmp)
+    return shared
