@@ -76,3 +76,18 @@ def reference_lookup(tokenizer: Tokenizer) -> np.ndarray:
         text = tokenizer.decode([tid], skip_special_tokens=False)
         out[tid] = keys.setdefault(reference_key(text, tokenizer.id_to_token(tid)), len(keys))
     return out
+
+
+TRAIN_WORDS = ("the king and the queen of the castle went to the sea by the way alexander the great "
+               "could tame the horse bucephalus while the milky way shone over the hills ").split()
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory):
+    """A folder of 12 small text documents of a few recurring phrases (training tests)."""
+    folder = tmp_path_factory.mktemp("texts")
+    gen = torch.Generator().manual_seed(0)
+    for doc in range(12):
+        picks = torch.randint(0, len(TRAIN_WORDS), (1500,), generator=gen).tolist()
+        (folder / f"doc{doc:02d}.txt").write_text(" ".join(TRAIN_WORDS[i] for i in picks))
+    return folder

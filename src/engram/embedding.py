@@ -8,11 +8,26 @@ read at once and returns a handle to wait on, so a model can start every layer's
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from engram.kernels.gather import multi_head_gather
 from engram.storage import PendingRows, TableStore
+
+
+def check_table_geometry(table_sizes: list[int], head_dim: int) -> None:
+    """Raise ``ValueError`` unless there is at least one head, every head has rows, and rows have width."""
+    if not table_sizes or min(table_sizes) < 1:
+        raise ValueError(f"table_sizes must be a non-empty list of positive sizes, got {table_sizes}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+
+
+def head_offsets(table_sizes: list[int]) -> torch.Tensor:
+    """Row of the flat table where each head's rows start: ``[0, n_0, n_0 + n_1, ...]`` int64 ``[H]``."""
+    return torch.tensor([0, *itertools.accumulate(table_sizes[:-1])], dtype=torch.long)
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -32,19 +47,13 @@ class MultiHeadEmbedding(nn.Module):
     def __init__(self, table_sizes: list[int], head_dim: int, sparse: bool = False, init_std: float = 1.0,
                  device: torch.device | str | None = None):
         super().__init__()
-        if not table_sizes or min(table_sizes) < 1:
-            raise ValueError(f"table_sizes must be a non-empty list of positive sizes, got {table_sizes}")
-        if head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        check_table_geometry(table_sizes, head_dim)
         self.table_sizes = [int(n) for n in table_sizes]
         self.head_dim = head_dim
         self.sparse = sparse
         self.init_std = init_std
         self.store: TableStore | None = None
-        offsets = [0]
-        for size in self.table_sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", head_offsets(self.table_sizes), persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(self.table_sizes), head_dim, device=device))
         self.reset_parameters()
 

@@ -13,20 +13,6 @@ from engram.train.generate import generate_text
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 
-WORDS = ("the king and the queen of the castle went to the sea by the way alexander the great "
-         "could tame the horse bucephalus while the milky way shone over the hills ").split()
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("texts")
-    gen = torch.Generator().manual_seed(0)
-    for doc in range(12):
-        picks = torch.randint(0, len(WORDS), (1500,), generator=gen).tolist()
-        (folder / f"doc{doc:02d}.txt").write_text(" ".join(WORDS[i] for i in picks))
-    return folder
-
-
 def config(text_dir, out, **kwargs) -> TrainConfig:
     fields = dict(preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(out), max_steps=6,
                   batch_size=4, seq_len=32, eval_every=3, eval_batches=2, log_every=1, save_every=100,

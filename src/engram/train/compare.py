@@ -96,6 +96,8 @@ def run_comparison(cfg: TrainConfig, console: Console | None = None) -> dict[str
     console = console or Console()
     out = Path(cfg.out)
     engram_trainer = Trainer(dataclasses.replace(cfg, out=str(out / "engram")), console=console)
+    main = engram_trainer.dist.is_main  # under torchrun only rank 0 reports and writes
+    console.quiet = console.quiet or not main
     if engram_trainer.model_cfg.engram is None:
         raise ValueError(f"preset {cfg.preset!r} has no Engram layers: nothing to compare (use --no-baseline)")
     baseline, counts = baseline_config(engram_trainer.model_cfg)
@@ -111,6 +113,8 @@ def run_comparison(cfg: TrainConfig, console: Console | None = None) -> dict[str
     baseline_result = baseline_trainer.train()
     if baseline_result["interrupted"]:
         return {"interrupted": True}
+    if not main:
+        return {"interrupted": False}
     rows = [_summary("engram", out / "engram", engram_result["params"]),
             _summary("baseline", out / "baseline", baseline_result["params"])]
     print_comparison(console, rows)

@@ -7,9 +7,9 @@ import os
 import torch
 
 from engram.model import EngramLM
+from engram.parallel import resolve_device
 from engram.tokenizer import load_tokenizer
 from engram.train.data import bos_id
-from engram.train.trainer import resolve_device
 
 
 def generate_text(checkpoint: str | os.PathLike[str], prompt: str, max_new_tokens: int = 64,

@@ -33,9 +33,11 @@ from engram.embedding import MultiHeadEmbedding
 from engram.engram import BranchRMSNorm
 from engram.model.hyper_connections import HyperConnection, StreamMerge
 from engram.model.moe import MoE
+from engram.parallel.sharded_embedding import ShardedMultiHeadEmbedding
 
 SCHEDULES = ("cosine", "step", "constant")
 GROUP_NAMES = ("tables", "matrices", "decay", "no_decay")
+TABLE_MODULES = (MultiHeadEmbedding, ShardedMultiHeadEmbedding)  # whole tables, and one rank's rows of them
 
 # Quintic Newton-Schulz coefficients of Muon (Keller Jordan): pushes singular values into ~[0.7, 1.2].
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -128,7 +130,7 @@ def enable_sparse_tables(model: nn.Module) -> int:
     ``EngramLM`` builds its tables dense-gradient; :class:`EngramOptimizer` needs sparse ones (a dense
     gradient of a billion-row table would be as large as the table). Call before the first backward.
     """
-    tables = [m for m in model.modules() if isinstance(m, MultiHeadEmbedding)]
+    tables = [m for m in model.modules() if isinstance(m, TABLE_MODULES)]
     for table in tables:
         table.sparse = True
     return len(tables)
@@ -154,7 +156,7 @@ def param_groups(model: nn.Module) -> dict[str, NamedParams]:
         if not param.requires_grad:
             continue
         module, local_name = owner[id(param)]
-        if isinstance(module, MultiHeadEmbedding) and local_name == "weight":
+        if isinstance(module, TABLE_MODULES) and local_name == "weight":
             group = "tables"
         elif isinstance(module, MoE) and local_name in ("w1", "w2", "w3"):
             group = "matrices"

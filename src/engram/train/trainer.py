@@ -1,5 +1,10 @@
 """The training loop: data, the paper's optimiser recipe, logging, validation, exact resume.
 
+Under ``torchrun`` every rank trains its slice of each global batch: Engram tables are row-sharded over the
+ranks and the rest is replicated under DDP (:mod:`engram.parallel`); ``batch_size`` stays the global batch and
+the logged loss the global-batch mean, so the same flags give the same optimisation at any world size. Rank 0
+alone logs and writes checkpoints, in the single-process format (tables gathered), which resume at any world size.
+
 A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
 appended across resumes), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
 end, ``final/`` (a ``save_pretrained`` folder). The batch of step ``s`` is a pure function of the seed and
@@ -8,6 +13,7 @@ end, ``final/`` (a ``save_pretrained`` folder). The batch of step ``s`` is a pur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from engram.model import EngramLM, EngramLMConfig
+from engram.parallel import (all_reduce_sum, gather_checkpoint_state, init_distributed, local_rows,
+                             shard_engram_tables, shard_optimizer_state, sync_router_load, wrap_ddp)
 from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
@@ -76,15 +84,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
-
-
 def model_config_for(cfg: TrainConfig, corpus: Corpus) -> EngramLMConfig:
     """The preset with the corpus's tokenizer and the run's sequence length and overrides applied."""
     base = EngramLMConfig.from_preset(cfg.preset)
@@ -120,10 +119,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, console: Console | None = None):
         self.cfg = cfg
-        self.console = console or Console()
+        self.dist, self.device = init_distributed(cfg.device)
+        self.console = console or Console(quiet=not self.dist.is_main)
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
-        self.corpus = load_or_prepare(cfg.data, tokenizer=cfg.tokenizer, progress=cfg.progress)
+        with self.dist.main_first():  # rank 0 prepares the corpus, the others then read it
+            self.corpus = load_or_prepare(cfg.data, tokenizer=cfg.tokenizer,
+                                          progress=cfg.progress and self.dist.is_main)
         self.model_cfg = model_config_for(cfg, self.corpus)
         self.step = 0
         checkpoint = self._existing_checkpoint()
@@ -133,16 +134,21 @@ class Trainer:
         else:
             self.model = EngramLM(self.model_cfg)
         enable_sparse_tables(self.model)
+        if self.dist.enabled:
+            shard_engram_tables(self.model)
         self.model.to(self.device)
         self.optimizer = EngramOptimizer(self.model, cfg.optim)
         if checkpoint is not None:
             self._restore(checkpoint)
-        micro_batch = cfg.batch_size // cfg.grad_accum
-        self.batches = TokenBatches(self.corpus.tokens("train"), micro_batch, cfg.seq_len, cfg.seed)
-        self.val_batches = validation_batches(self.corpus.tokens("val"), micro_batch, cfg.seq_len, cfg.eval_batches)
+        self.micro_batch = cfg.batch_size // cfg.grad_accum
+        self.rows = local_rows(self.micro_batch, self.dist)
+        self.batches = TokenBatches(self.corpus.tokens("train"), self.micro_batch, cfg.seq_len, cfg.seed)
+        self.val_batches = validation_batches(self.corpus.tokens("val"), self.micro_batch, cfg.seq_len,
+                                              cfg.eval_batches)
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.corpus.tokenizer)).to(self.device)
         self.autocast = self.device.type == "cuda"
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        wrapped = wrap_ddp(self.model, self.dist, self.device)
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
 
     def _existing_checkpoint(self) -> Path | None:
         checkpoint = latest_checkpoint(self.out) if self.out.exists() else None
@@ -166,7 +172,7 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         step, optimizer_state, trainer_state = load_checkpoint(checkpoint)
-        self.optimizer.load_state_dict(optimizer_state)
+        self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.model))
         torch.set_rng_state(trainer_state["torch_rng"])
         if self.device.type == "cuda" and trainer_state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(trainer_state["cuda_rng"])
@@ -177,7 +183,14 @@ class Trainer:
         self.step = step
         self.console.print(f"resumed from {checkpoint} at step {step}")
 
-    def save(self) -> Path:
+    def save(self, final: bool = False) -> Path | None:
+        """Write a checkpoint and, with ``final``, the ``final/`` model folder (rank 0 writes; every rank takes
+        part in gathering the sharded tables). Returns the checkpoint folder on rank 0."""
+        model, optimizer_state = gather_checkpoint_state(self.model, self.optimizer.state_dict())
+        if not self.dist.is_main:
+            return None
+        if final:
+            model.save_pretrained(self.out / "final")
         trainer_state = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -185,7 +198,7 @@ class Trainer:
             "python_rng": _jsonable_python_rng(random.getstate()),
             "train_config": self.cfg.to_dict(),
         }
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer.state_dict(), trainer_state,
+        return save_checkpoint(self.out, self.step, model, optimizer_state, trainer_state,
                                keep=self.cfg.keep_checkpoints)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
@@ -201,38 +214,49 @@ class Trainer:
         self.model.eval()
         total_nats, total_tokens, total_bytes = 0.0, 0, 0
         for inputs, targets in self.val_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            rows = local_rows(inputs.shape[0], self.dist)
+            inputs, targets = inputs[rows].to(self.device), targets[rows].to(self.device)
             losses, _ = self._loss(inputs, targets, reduction="none")
             total_nats += float(losses.sum())
             total_tokens += targets.numel()
             total_bytes += int(self.token_bytes[targets].sum())
+        total_nats, total_tokens, total_bytes = all_reduce_sum([total_nats, total_tokens, total_bytes], self.dist,
+                                                               self.device)
         self.model.train()
         return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / math.log(2) / max(total_bytes, 1)}
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         lr = self.optimizer.set_lr(self.step, cfg.max_steps)
+        batch_tokens = self.micro_batch * cfg.seq_len  # of the global micro-batch, over every rank
+        share = (self.rows.stop - self.rows.start) / self.micro_batch
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             inputs, targets = self.batches.batch(self.step * cfg.grad_accum + micro)
-            loss, aux = self._loss(inputs.to(self.device), targets.to(self.device))
-            objective = loss if aux is None else loss + aux
+            inputs, targets = inputs[self.rows].to(self.device), targets[self.rows].to(self.device)
+            loss, aux = self._loss(inputs, targets, reduction="sum")
+            # This rank's part of the global-batch mean; the ranks' gradients are summed (engram.parallel).
+            objective = loss / batch_tokens if aux is None else loss / batch_tokens + aux * share
             (objective / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
         grad_norm = self.optimizer.clip_grad_norm()
         self.optimizer.step()
         self.optimizer.zero_grad()
+        sync_router_load(self.model, self.dist)
         self.model.update_router_biases()
         self.step += 1
-        return {"loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm)}
+        (loss_sum,) = all_reduce_sum([loss_sum], self.dist, self.device)
+        return {"loss": loss_sum / (batch_tokens * cfg.grad_accum), "lr": lr, "grad_norm": float(grad_norm)}
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (from the resumed step); Ctrl-C saves a checkpoint and returns."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / RUN_FILE).write_text(json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.to_dict(),
-                                                     "corpus": self.corpus.info_dict()}, indent=2, default=str))
-        writer = self._tensorboard()
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RUN_FILE).write_text(json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.to_dict(),
+                                                         "corpus": self.corpus.info_dict()}, indent=2, default=str))
+        writer = self._tensorboard() if main else None
         tokens_per_step = cfg.batch_size * cfg.seq_len
         metrics: dict[str, Any] = {}
         interrupted = False
@@ -240,9 +264,9 @@ class Trainer:
         self.model.train()
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  lr {task.fields[lr]}"),
-                            TimeRemainingColumn(), console=self.console, disable=not cfg.progress)
+                            TimeRemainingColumn(), console=self.console, disable=not (cfg.progress and main))
         try:
-            with progress, open(self.out / METRICS_FILE, "a") as log:
+            with progress, open(self.out / METRICS_FILE, "a") if main else contextlib.nullcontext() as log:
                 task = progress.add_task(self.out.name, total=cfg.max_steps, completed=self.step,
                                          loss="-", tps="-", lr="-")
                 while self.step < cfg.max_steps:
@@ -256,8 +280,9 @@ class Trainer:
                             metrics.update(self.evaluate())
                             window_start = time.perf_counter()  # validation time is not training time
                         record = {"step": self.step, "tokens": self.step * tokens_per_step, **metrics}
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                        if log is not None:
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
                         if writer is not None:
                             for key, value in record.items():
                                 if key != "step":
@@ -275,8 +300,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
         if not interrupted:
-            self.save()
-            self.model.save_pretrained(self.out / "final")
+            self.save(final=True)
         return {"step": self.step, "interrupted": interrupted, "seconds": time.perf_counter() - started,
                 "metrics": metrics, "params": self.model.param_report(cfg.seq_len)}
 
