@@ -118,6 +118,13 @@ def test_checkpoints_reshard_between_world_sizes(text_dir, tmp_path):
     train_single(config(text_dir, tmp_path / "straight"))
     # 2 -> 1: two ranks stop after step 3, one process resumes.
     train_distributed(config(text_dir, tmp_path / "two-then-one"), interrupt_at=3)
+    checkpoint = tmp_path / "two-then-one" / "checkpoints" / "step-000003"
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert [f for f in files if f.startswith("engram-layer-")] == [  # each rank wrote its rows, nobody the table
+        "engram-layer-1.rows-0-80158.safetensors", "engram-layer-1.rows-80158-160316.safetensors"]
+    assert len([f for f in files if f.startswith("optimizer-table-1.rows-")]) == 2
+    with pytest.raises(ValueError, match="in 2 row parts .* load it with the default placement"):
+        EngramLM.from_pretrained(checkpoint, engram_placement="disk")
     train_single(config(text_dir, tmp_path / "two-then-one", resume=True))
     assert_same_run(tmp_path / "straight", tmp_path / "two-then-one")
     # 1 -> 2: one process stops after step 3, two ranks resume.

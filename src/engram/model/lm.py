@@ -246,9 +246,12 @@ class EngramLM(nn.Module):
         aux_loss = torch.stack(aux_terms).sum() if aux_terms and self.training else None
         return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 
-    def save_pretrained(self, directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-        """Write ``config.json`` and safetensors weights (sharded above ``max_shard_bytes``) into ``directory``."""
-        return save_pretrained(self, directory, max_shard_bytes)
+    def save_pretrained(self, directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES,
+                        table_parts: dict[int, list[list]] | None = None) -> Path:
+        """Write ``config.json``, safetensors weights (sharded above ``max_shard_bytes``) and one table file per
+        Engram layer into ``directory`` (``table_parts``: layers already written in row parts, see
+        :func:`engram.model.serialization.save_pretrained`)."""
+        return save_pretrained(self, directory, max_shard_bytes, table_parts)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], engram_placement: str = "device",

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,8 +40,17 @@ _FINGERPRINT_KEY = "engram_fingerprint"
 _TABLES_KEY = "engram_tables"
 
 
-def table_file_name(layer_id: int) -> str:
-    return f"engram-layer-{layer_id}.safetensors"
+def table_file_name(layer_id: int, rows: tuple[int, int] | None = None) -> str:
+    """The file of an Engram layer's table, or of its rows ``[start, end)`` (one rank's part)."""
+    return f"engram-layer-{layer_id}.safetensors" if rows is None else \
+        f"engram-layer-{layer_id}.rows-{rows[0]}-{rows[1]}.safetensors"
+
+
+def table_metadata(model: "EngramLM", layer_id: int) -> dict[str, str]:
+    """The safetensors metadata of a table file of ``model``'s Engram layer ``layer_id``."""
+    fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
+    return {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True),
+            "layer_id": str(layer_id)}
 
 
 def _table_key(block_index: int) -> str:
@@ -66,18 +76,25 @@ def _pack_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[st
     return shards
 
 
-def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write ``model`` into ``directory`` (created if needed); files are replaced atomically."""
+def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES,
+                    table_parts: Mapping[int, list[list[Any]]] | None = None) -> Path:
+    """Write ``model`` into ``directory`` (created if needed); files are replaced atomically.
+
+    ``table_parts``: Engram layers whose table is already written as row parts (``[file, start, end]``, one per
+    rank of a distributed run, see :mod:`engram.parallel.checkpoint`), listed in ``config.json`` instead.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
     metadata = {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
-    tables = {}
+    tables: dict[int, str | list[list[Any]]] = {}
     for block in model.blocks:
-        if block.engram is not None:
+        if block.engram is not None and table_parts is not None and block.layer_idx in table_parts:
+            tables[block.layer_idx] = [list(part) for part in table_parts[block.layer_idx]]
+        elif block.engram is not None:
             tables[block.layer_idx] = table_file_name(block.layer_idx)
             write_table(directory / tables[block.layer_idx], block.engram.multi_head_embedding.table().cpu(),
-                        metadata={**metadata, "layer_id": str(block.layer_idx)})
+                        metadata=table_metadata(model, block.layer_idx))
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
              if name not in {_table_key(layer) for layer in tables}}
     shards = _pack_shards(state, max_shard_bytes)
@@ -101,7 +118,8 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
     config = {"format_version": FORMAT_VERSION, "model": model_config, _FINGERPRINT_KEY: fingerprint,
               _TABLES_KEY: {str(layer): name for layer, name in tables.items()}}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
-    keep = set(names) | set(tables.values()) | ({INDEX_NAME} if len(shards) > 1 else set())
+    table_names = {part[0] for entry in tables.values() for part in (entry if isinstance(entry, list) else [[entry]])}
+    keep = set(names) | table_names | ({INDEX_NAME} if len(shards) > 1 else set())
     for pattern in ("model*.safetensors*", "engram-layer-*.safetensors"):  # an earlier save's other files
         for stale in directory.glob(pattern):
             if stale.name not in keep:
@@ -148,6 +166,23 @@ def _refuse_mismatch(directory: Path, fingerprints: list[Any], current: Any) -> 
                              + "; ".join(differences))
 
 
+def _load_table_parts(directory: Path, parts: list[list[Any]], fingerprint: Any, verify: bool) -> torch.Tensor:
+    """The ``[R, D]`` table assembled from its row parts ``[file, start, end]``, which must tile ``[0, R)``."""
+    headers = [read_header(directory / file) for file, _, _ in parts]
+    for header in headers:
+        _refuse_mismatch(directory, [json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))], fingerprint)
+    expected = 0
+    for (file, start, end), header in zip(parts, headers):
+        if start != expected or header.num_rows != end - start or header.dim != headers[0].dim:
+            raise ValueError(f"{directory}: table part {file} holds rows [{start}, {end}) of shape "
+                             f"[{header.num_rows}, {header.dim}], which does not continue the parts before it")
+        expected = end
+    table = torch.empty(expected, headers[0].dim, dtype=headers[0].dtype)
+    for (file, start, end), header in zip(parts, headers):
+        load_table(header.path, out=table[start:end], verify=verify)
+    return table
+
+
 def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], engram_placement: str = "device",
                     engram_cache_rows: int = 0, **placement_options: Any) -> "EngramLM":
     """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch.
@@ -181,8 +216,16 @@ def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], en
             continue
         embedding = block.engram.multi_head_embedding
         inline = state.pop(_table_key(block.layer_idx), None)  # a folder from before table files
-        if str(block.layer_idx) in table_files:
-            path = directory / table_files[str(block.layer_idx)]
+        entry = table_files.get(str(block.layer_idx))
+        if isinstance(entry, list):  # row parts, one per rank of a distributed run
+            if engram_placement != "device":
+                raise ValueError(f"{directory} holds Engram layer {block.layer_idx}'s table in {len(entry)} row "
+                                 f"parts (a distributed checkpoint); placement {engram_placement!r} reads one table "
+                                 "file: load it with the default placement and save_pretrained it again")
+            embedding.weight = torch.nn.Parameter(
+                _load_table_parts(directory, entry, current, placement_options.get("verify", True)))
+        elif entry is not None:
+            path = directory / entry
             header = read_header(path)
             _refuse_mismatch(directory, [json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))], current)
             if engram_placement == "device":

@@ -71,17 +71,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def staging_folder(run_dir: str | os.PathLike[str], step: int, shared: bool = False) -> Path:
+    """The hidden folder checkpoint ``step`` is built in (``shared``: the same name in every process of a run,
+    whose ranks all write into it)."""
+    suffix = "shared" if shared else str(os.getpid())
+    return Path(run_dir) / "checkpoints" / f".tmp-step-{step:06d}-{suffix}"
+
+
 def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: Any, optimizer_state: dict[str, Any],
-                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` of a run; keep the newest ``keep`` checkpoints. Returns its folder."""
+                    trainer_state: dict[str, Any], keep: int = 2, staging: Path | None = None,
+                    table_parts: dict[int, list[list[Any]]] | None = None) -> Path:
+    """Write checkpoint ``step`` of a run; keep the newest ``keep`` checkpoints. Returns its folder.
+
+    ``staging``: a :func:`staging_folder` other ranks have already written their table parts into (listed in
+    ``table_parts``, see :func:`engram.parallel.write_table_shards`); it becomes the checkpoint.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    if tmp.exists():
+    tmp = staging if staging is not None else staging_folder(run_dir, step)
+    if staging is None and tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, table_parts=table_parts)
         tensors: dict[str, torch.Tensor] = {}
         skeleton = flatten_state(optimizer_state, tensors)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))

@@ -3,7 +3,7 @@
 Under ``torchrun`` every rank trains its slice of each global batch: Engram tables are row-sharded over the
 ranks and the rest is replicated under DDP (:mod:`engram.parallel`); ``batch_size`` stays the global batch and
 the logged loss the global-batch mean, so the same flags give the same optimisation at any world size. Rank 0
-alone logs and writes checkpoints, in the single-process format (tables gathered), which resume at any world size.
+alone logs; in checkpoints every rank writes its table rows and rank 0 the rest; they resume at any world size.
 
 A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
 appended across resumes), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from engram.model import EngramLM, EngramLMConfig
-from engram.parallel import (all_reduce_sum, gather_checkpoint_state, init_distributed, local_rows,
-                             shard_engram_tables, shard_optimizer_state, sync_router_load, wrap_ddp)
-from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.parallel import (all_reduce_sum, gather_full_model, init_distributed, load_table_moments, local_rows,
+                             shard_engram_tables, sharded_tables, sync_router_load, wrap_ddp, write_table_shards)
+from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, staging_folder
 from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 
@@ -172,7 +174,7 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         step, optimizer_state, trainer_state = load_checkpoint(checkpoint)
-        self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.model))
+        self.optimizer.load_state_dict(load_table_moments(optimizer_state, self.model, checkpoint))
         torch.set_rng_state(trainer_state["torch_rng"])
         if self.device.type == "cuda" and trainer_state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(trainer_state["cuda_rng"])
@@ -184,13 +186,27 @@ class Trainer:
         self.console.print(f"resumed from {checkpoint} at step {step}")
 
     def save(self, final: bool = False) -> Path | None:
-        """Write a checkpoint and, with ``final``, the ``final/`` model folder (rank 0 writes; every rank takes
-        part in gathering the sharded tables). Returns the checkpoint folder on rank 0."""
-        model, optimizer_state = gather_checkpoint_state(self.model, self.optimizer.state_dict())
-        if not self.dist.is_main:
-            return None
+        """Write a checkpoint and, with ``final``, the ``final/`` model folder. Under torchrun every rank writes
+        its rows of the sharded tables, rank 0 the rest (``engram.parallel.checkpoint``). Returns the checkpoint
+        folder (``None`` on the other ranks)."""
+        optimizer_state, staging, table_parts = self.optimizer.state_dict(), None, None
+        if sharded_tables(self.model):
+            staging = staging_folder(self.out, self.step, shared=True)
+            if self.dist.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            dist.barrier()
+            table_parts, optimizer_state = write_table_shards(staging, self.model, optimizer_state)
+            dist.barrier()
+        path = self._save_checkpoint(optimizer_state, staging, table_parts) if self.dist.is_main else None
         if final:
-            model.save_pretrained(self.out / "final")
+            model = gather_full_model(self.model)
+            if model is not None:
+                model.save_pretrained(self.out / "final")
+        return path
+
+    def _save_checkpoint(self, optimizer_state: dict[str, Any], staging: Path | None,
+                         table_parts: dict[int, list[list[Any]]] | None) -> Path:
         trainer_state = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -198,8 +214,8 @@ class Trainer:
             "python_rng": _jsonable_python_rng(random.getstate()),
             "train_config": self.cfg.to_dict(),
         }
-        return save_checkpoint(self.out, self.step, model, optimizer_state, trainer_state,
-                               keep=self.cfg.keep_checkpoints)
+        return save_checkpoint(self.out, self.step, self.model, optimizer_state, trainer_state,
+                               keep=self.cfg.keep_checkpoints, staging=staging, table_parts=table_parts)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
