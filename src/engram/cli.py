@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engram.train.trainer import TrainConfig
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -51,15 +55,12 @@ def _run_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(subparsers: argparse._SubParsersAction) -> None:
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of one training run (``engram train`` and every run of ``engram sweep``)."""
     from engram.train.optim import OptimConfig
     from engram.train.trainer import TrainConfig
 
     d, o = TrainConfig(), OptimConfig()
-    parser = subparsers.add_parser(
-        "train", help="train an Engram model and its iso-parameter baseline, then compare them",
-        description="Train the preset's Engram model and (unless --no-baseline) its iso-parameter baseline on "
-                    "the same data and order, then print a side-by-side table and write a loss-curve PNG.")
     parser.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
     parser.add_argument("--data", nargs="+", default=d.data, help="presets, raw files/folders or a prepared corpus")
     parser.add_argument("--tokenizer", default=d.tokenizer,
@@ -85,30 +86,70 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--save-every", type=int, default=d.save_every)
-    parser.add_argument("--no-baseline", action="store_true", help="train the Engram model only")
-    parser.add_argument("--no-engram", action="store_true", help="train the preset without Engram (implies --no-baseline)")
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from engram.train.compare import run_comparison
+def _train_config(args: argparse.Namespace, default_out: str, **fields) -> "TrainConfig":
     from engram.train.optim import OptimConfig
-    from engram.train.trainer import Trainer, TrainConfig
+    from engram.train.trainer import TrainConfig
 
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
                         table_lr_mult=args.table_lr_mult, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                         muon=args.muon)
-    out = args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = TrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, out=out,
-                      max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      seq_len=args.seq_len, seed=args.seed, device=args.device, compile=args.compile,
-                      eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
-                      save_every=args.save_every, resume=args.resume, progress=not args.no_progress, optim=optim,
-                      model_overrides={"engram": None} if args.no_engram else {})
+    return TrainConfig(preset=args.preset, data=args.data, tokenizer=args.tokenizer, out=args.out or default_out,
+                       max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       seq_len=args.seq_len, seed=args.seed, device=args.device, compile=args.compile,
+                       eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.log_every,
+                       save_every=args.save_every, resume=args.resume, progress=not args.no_progress, optim=optim,
+                       **fields)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train an Engram model and its iso-parameter baseline, then compare them",
+        description="Train the preset's Engram model and (unless --no-baseline) its iso-parameter baseline on "
+                    "the same data and order, then print a side-by-side table and write a loss-curve PNG.")
+    _add_training_flags(parser)
+    parser.add_argument("--no-baseline", action="store_true", help="train the Engram model only")
+    parser.add_argument("--no-engram", action="store_true", help="train the preset without Engram (implies --no-baseline)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from engram.train.compare import run_comparison
+    from engram.train.trainer import Trainer
+
+    cfg = _train_config(args, f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                        model_overrides={"engram": None} if args.no_engram else {})
     if args.no_baseline or args.no_engram:
         result = Trainer(cfg).train()
     else:
         result = run_comparison(cfg)
+    return 130 if result.get("interrupted") else 0
+
+
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    from engram.train.sweep import DEFAULT_MEMORY_FACTORS, DEFAULT_RHOS, MODES
+
+    parser = subparsers.add_parser(
+        "sweep", help="the sparsity-allocation sweep (MoE <-> Engram at equal parameters) or memory scaling",
+        description="allocation: for each --rhos value keep that share of the preset's sparse parameters as routed "
+                    "experts and give the rest to Engram tables (equal total parameters); memory: multiply the "
+                    "preset's table rows by each --memory-factors value. Every run trains on the same data in the "
+                    "same order for --max-steps; an interrupted sweep continues where it stopped. Writes sweep.csv "
+                    "and sweep.png into --out.")
+    _add_training_flags(parser)
+    parser.add_argument("--mode", choices=MODES, default="allocation")
+    parser.add_argument("--rhos", type=float, nargs="+", default=list(DEFAULT_RHOS),
+                        help="shares of the sparse parameters kept as routed experts (1 = pure MoE)")
+    parser.add_argument("--memory-factors", type=int, nargs="+", default=list(DEFAULT_MEMORY_FACTORS),
+                        help="table-row multipliers of the memory-scaling mode")
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from engram.train.sweep import SweepConfig, run_sweep
+
+    train = _train_config(args, f"runs/sweep-{args.mode}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_sweep(SweepConfig(train=train, mode=args.mode, rhos=args.rhos, memory_factors=args.memory_factors))
     return 130 if result.get("interrupted") else 0
 
 
@@ -136,12 +177,13 @@ def _run_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Conditional memory for language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_data, _add_train, _add_generate):
+    for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_generate):
         add(subparsers)
     return parser
 
 
-_COMMANDS = {"demo": _run_demo, "data": _run_data, "train": _run_train, "generate": _run_generate}
+_COMMANDS = {"demo": _run_demo, "data": _run_data, "train": _run_train, "sweep": _run_sweep,
+             "generate": _run_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _summary(name: str, run_dir: Path, params: dict[str, int]) -> dict[str, Any]:
+def run_summary(name: str, run_dir: Path, params: dict[str, int]) -> dict[str, Any]:
+    """The last logged losses, median throughput and parameter counts of a finished run."""
     rows = read_metrics(run_dir)
     evals = [row for row in rows if "val_loss" in row]
     speeds = [row["tokens_per_s"] for row in rows[1:] or rows if "tokens_per_s" in row]
@@ -115,8 +116,8 @@ def run_comparison(cfg: TrainConfig, console: Console | None = None) -> dict[str
         return {"interrupted": True}
     if not main:
         return {"interrupted": False}
-    rows = [_summary("engram", out / "engram", engram_result["params"]),
-            _summary("baseline", out / "baseline", baseline_result["params"])]
+    rows = [run_summary("engram", out / "engram", engram_result["params"]),
+            run_summary("baseline", out / "baseline", baseline_result["params"])]
     print_comparison(console, rows)
     plot = plot_loss_curves({"engram": out / "engram", "baseline": out / "baseline"}, out / PLOT_FILE)
     result = {"rows": rows, "plot": str(plot), "train_config": cfg.to_dict()}
