@@ -161,3 +161,10 @@ def test_torchrun_trains_on_cpu(text_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in records(out)] == [1, 2]
     assert (out / "final" / "config.json").is_file()
+
+
+def test_two_ranks_train_a_model_without_engram(text_dir, tmp_path):
+    overrides = {"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"], "engram": None}
+    train_distributed(config(text_dir, tmp_path / "plain", max_steps=2, model_overrides=overrides))
+    assert [r["step"] for r in records(tmp_path / "plain")] == [1, 2]
+    assert EngramLM.from_pretrained(tmp_path / "plain" / "final").cfg.engram is None

@@ -200,8 +200,8 @@ class Trainer:
             dist.barrier()
         path = self._save_checkpoint(optimizer_state, staging, table_parts) if self.dist.is_main else None
         if final:
-            model = gather_full_model(self.model)
-            if model is not None:
+            model = gather_full_model(self.model)  # a collective when tables are sharded
+            if self.dist.is_main:
                 model.save_pretrained(self.out / "final")
         return path
 
