@@ -5,8 +5,10 @@ rank that never starts.
 Tolerances: the ranks sum token losses and gradients in another order than one process does, so values agree to
 float rounding, not bit for bit, and Adam's normalised steps amplify that rounding: after 6 steps losses agree to
 1e-4 relative, dense weights to 2e-4 absolute (measured: <= 1.1e-4), and table rows to 1e-4 except rows whose
-gradient nearly cancels, where a rounding-level gradient still moves the row by a whole Adam step (measured: 7
-of 160,316 rows, by up to 7.5e-4): at most 0.1% of rows may differ, by at most 5e-3.
+gradient nearly cancels, where a rounding-level gradient still moves the row by a whole Adam step in either
+direction (measured: 7 of 160,316 rows, by up to 7.5e-4 in one run and 1.2e-2 in another): at most 0.1% of rows
+may differ, each by at most two table-LR Adam steps per step trained. A wrong shard, route or gradient moves
+far more rows than that.
 """
 
 import json
@@ -26,6 +28,8 @@ from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 
 TOLERANCE = 1e-4
+LR = 3e-3
+TABLE_LR = OptimConfig().table_lr_mult * LR
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,7 +41,7 @@ def prepared(text_dir):
 def config(text_dir, out, **kwargs) -> TrainConfig:
     fields = dict(preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(out), max_steps=6,
                   batch_size=4, seq_len=32, eval_every=3, eval_batches=2, log_every=1, save_every=100,
-                  progress=False, tensorboard=False, device="cpu", optim=OptimConfig(lr=3e-3, warmup_steps=2),
+                  progress=False, tensorboard=False, device="cpu", optim=OptimConfig(lr=LR, warmup_steps=2),
                   model_overrides={"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]})
     fields.update(kwargs)
     return TrainConfig(**fields)
@@ -99,7 +103,7 @@ def assert_same_run(a, b, steps=range(1, 7)):
     for key in sa:
         if key.endswith("multi_head_embedding.weight"):
             row_error = (sa[key] - sb[key]).abs().amax(dim=1)
-            assert float(row_error.max()) <= 5e-3, key
+            assert float(row_error.max()) <= 2 * TABLE_LR * len(steps), key
             assert int((row_error > TOLERANCE).sum()) <= 1e-3 * row_error.numel(), key
         else:
             torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=2 * TOLERANCE, msg=key)

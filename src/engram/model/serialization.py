@@ -46,11 +46,15 @@ def table_file_name(layer_id: int, rows: tuple[int, int] | None = None) -> str:
         f"engram-layer-{layer_id}.rows-{rows[0]}-{rows[1]}.safetensors"
 
 
+def _weights_metadata(model: "EngramLM") -> dict[str, str]:
+    """The safetensors metadata of every weights file of ``model``: format version and hashing fingerprint."""
+    fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
+    return {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
+
+
 def table_metadata(model: "EngramLM", layer_id: int) -> dict[str, str]:
     """The safetensors metadata of a table file of ``model``'s Engram layer ``layer_id``."""
-    fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
-    return {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True),
-            "layer_id": str(layer_id)}
+    return {**_weights_metadata(model), "layer_id": str(layer_id)}
 
 
 def _table_key(block_index: int) -> str:
@@ -85,8 +89,7 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
-    metadata = {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
+    metadata = _weights_metadata(model)
     tables: dict[int, str | list[list[Any]]] = {}
     for block in model.blocks:
         if block.engram is not None and table_parts is not None and block.layer_idx in table_parts:
@@ -115,7 +118,8 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
         model_config["tokenizer"] = TOKENIZER_NAME
         if model_config["engram"] is not None:
             model_config["engram"]["tokenizer"] = TOKENIZER_NAME
-    config = {"format_version": FORMAT_VERSION, "model": model_config, _FINGERPRINT_KEY: fingerprint,
+    config = {"format_version": FORMAT_VERSION, "model": model_config,
+              _FINGERPRINT_KEY: json.loads(metadata[_FINGERPRINT_KEY]),
               _TABLES_KEY: {str(layer): name for layer, name in tables.items()}}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     table_names = {part[0] for entry in tables.values() for part in (entry if isinstance(entry, list) else [[entry]])}

@@ -139,7 +139,7 @@ def load_table_moments(optimizer_state: dict[str, Any], model: nn.Module, direct
     def cut(name: str, module: TableModule, key: str, moment: Any) -> Tensor:
         start, end = _rows_of(module)
         if isinstance(moment, Tensor):
-            return moment[start:end].clone()
+            return moment if (start, end) == (0, moment.shape[0]) else moment[start:end].clone()
         return _read_rows(directory, moment["parts"], key, start, end).reshape(end - start, module.head_dim)
 
     return _with_table_moments(optimizer_state, tables, lambda module: list(module.weight.shape), cut)
