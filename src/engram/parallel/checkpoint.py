@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from engram.embedding import MultiHeadEmbedding
 from engram.model import EngramLM
 from engram.model.serialization import table_file_name, table_metadata
-from engram.parallel.sharded_embedding import ShardedMultiHeadEmbedding, row_shard
+from engram.parallel.sharded_embedding import TABLE_MODULES, ShardedMultiHeadEmbedding, row_shard
 from engram.storage import write_table
 
 TableModule = MultiHeadEmbedding | ShardedMultiHeadEmbedding
@@ -38,7 +38,7 @@ def table_modules(model: nn.Module) -> dict[str, TableModule]:
     """``{parameter name: module}`` of every Engram table of ``model`` (whole or row-sharded)."""
     modules = dict(model.named_modules())
     return {name: modules[name.rsplit(".", 1)[0]] for name, _ in model.named_parameters()
-            if isinstance(modules.get(name.rsplit(".", 1)[0]), (MultiHeadEmbedding, ShardedMultiHeadEmbedding))}
+            if isinstance(modules.get(name.rsplit(".", 1)[0]), TABLE_MODULES)}
 
 
 def sharded_tables(model: nn.Module) -> dict[str, ShardedMultiHeadEmbedding]:

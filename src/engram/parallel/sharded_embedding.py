@@ -250,6 +250,10 @@ class ShardedMultiHeadEmbedding(nn.Module):
                 f"sparse={self.sparse}, dedup={self.dedup}, placement={self.placement}")
 
 
+# Modules holding an Engram table: whole, or one rank's rows of it.
+TABLE_MODULES = (MultiHeadEmbedding, ShardedMultiHeadEmbedding)
+
+
 def shard_engram_tables(model: nn.Module, group: ProcessGroup | None = None, dedup: bool = True) -> int:
     """Replace every :class:`MultiHeadEmbedding` under ``model`` by its :class:`ShardedMultiHeadEmbedding`; returns
     how many.

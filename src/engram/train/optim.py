@@ -29,15 +29,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from engram.embedding import MultiHeadEmbedding
 from engram.engram import BranchRMSNorm
 from engram.model.hyper_connections import HyperConnection, StreamMerge
 from engram.model.moe import MoE
-from engram.parallel.sharded_embedding import ShardedMultiHeadEmbedding
+from engram.parallel.sharded_embedding import TABLE_MODULES
 
 SCHEDULES = ("cosine", "step", "constant")
 GROUP_NAMES = ("tables", "matrices", "decay", "no_decay")
-TABLE_MODULES = (MultiHeadEmbedding, ShardedMultiHeadEmbedding)  # whole tables, and one rank's rows of them
 
 # Quintic Newton-Schulz coefficients of Muon (Keller Jordan): pushes singular values into ~[0.7, 1.2].
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
