@@ -189,7 +189,12 @@ _COMMANDS = {"demo": _run_demo, "data": _run_data, "train": _run_train, "sweep":
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        if args.command in ("train", "sweep"):  # under torchrun: leave the process group once all ranks are done
+            from engram.parallel import finish_distributed
+
+            finish_distributed()
+        return code
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"engram {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engram.model import EngramLM
-from engram.parallel import init_distributed
+from engram.parallel import finish_distributed, init_distributed
 from engram.train.data import load_or_prepare
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
@@ -58,6 +58,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: TrainConfig, interrupt_at:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     run(Trainer(cfg), interrupt_at)
+    finish_distributed()
 
 
 def run(trainer: Trainer, interrupt_at: int | None) -> None:

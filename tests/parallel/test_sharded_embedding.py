@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from engram import EngramConfig, MultiHeadEmbedding
 from engram.model import EngramLM, EngramLMConfig, MoEConfig
-from engram.parallel import RowShard, ShardedMultiHeadEmbedding, row_shard, shard_engram_tables
+from engram.parallel import RowShard, ShardedMultiHeadEmbedding, finish_distributed, row_shard, shard_engram_tables
 
 HEAD_DIM = 4
 # World 2, R = 33, block 17: flat rows 0..16 (head 0, head 1 and head 2's row 0) live on rank 0.
@@ -117,10 +117,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    try:
-        torch.save(SCENARIOS[scenario](rank, world), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.save(SCENARIOS[scenario](rank, world), f"{out_dir}/rank{rank}.pt")
+    finish_distributed()
 
 
 def run_ranks(tmp_path, world: int, scenario: str) -> list[dict]:

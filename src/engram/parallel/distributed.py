@@ -102,6 +102,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> tuple[Di
     return DistContext(rank, world, local_rank, backend), resolved
 
 
+def finish_distributed() -> None:
+    """Leave the process group cleanly once every rank is done (a barrier, then teardown): a rank tearing its
+    connections down while a peer still finishes a collective can abort that peer."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_rows(batch_size: int, ctx: DistContext) -> slice:
     """This rank's sequences of a global batch: contiguous, the first ``batch_size % world_size`` ranks one more.
 
