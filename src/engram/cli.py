@@ -143,13 +143,19 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
                         help="shares of the sparse parameters kept as routed experts (1 = pure MoE)")
     parser.add_argument("--memory-factors", type=int, nargs="+", default=list(DEFAULT_MEMORY_FACTORS),
                         help="table-row multipliers of the memory-scaling mode")
+    parser.add_argument("--no-matched-baseline", dest="matched_baseline", action="store_false",
+                        help="allocation: leave out the pure MoE with top-k raised to Engram's activated parameters")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write sweep.csv and sweep.png from runs finished in --out (refused "
+                             "while one is missing)")
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from engram.train.sweep import SweepConfig, run_sweep
 
     train = _train_config(args, f"runs/sweep-{args.mode}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_sweep(SweepConfig(train=train, mode=args.mode, rhos=args.rhos, memory_factors=args.memory_factors))
+    result = run_sweep(SweepConfig(train=train, mode=args.mode, rhos=args.rhos, memory_factors=args.memory_factors,
+                                   matched_baseline=args.matched_baseline, report_only=args.report_only))
     return 130 if result.get("interrupted") else 0
 
 

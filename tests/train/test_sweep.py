@@ -5,7 +5,8 @@ import csv
 import pytest
 
 from engram.cli import main
-from engram.train.sweep import CSV_FILE, PLOT_FILE, SweepConfig, fit_power_law, run_sweep
+from engram.model import EngramLMConfig, param_report
+from engram.train.sweep import CSV_FILE, PLOT_FILE, SweepConfig, fit_power_law, run_sweep, sweep_runs
 from engram.train.trainer import Trainer
 
 from test_trainer import config
@@ -31,7 +32,7 @@ def test_allocation_sweep_keeps_total_parameters_and_resumes(text_dir, tmp_path,
         return original_train(self)
 
     monkeypatch.setattr(Trainer, "train", interrupted_second_run)
-    result = run_sweep(SweepConfig(train=train, rhos=[1.0, 0.5]))
+    result = run_sweep(SweepConfig(train=train, rhos=[1.0, 0.5], matched_baseline=False))
     assert result == {"interrupted": True, "completed": 1}
     assert (tmp_path / "rho-1.00" / "final").is_dir() and not (tmp_path / "rho-0.50" / "final").exists()
 
@@ -42,7 +43,7 @@ def test_allocation_sweep_keeps_total_parameters_and_resumes(text_dir, tmp_path,
         return original_train(self)
 
     monkeypatch.setattr(Trainer, "train", recorded)
-    result = run_sweep(SweepConfig(train=train, rhos=[1.0, 0.5]))
+    result = run_sweep(SweepConfig(train=train, rhos=[1.0, 0.5], matched_baseline=False))
     assert [cfg.out for cfg in trained] == [str(tmp_path / "rho-0.50")]  # the finished run was not trained again
     assert trained[0].resume  # the interrupted one continued from its checkpoint
 
@@ -54,6 +55,41 @@ def test_allocation_sweep_keeps_total_parameters_and_resumes(text_dir, tmp_path,
     assert abs(totals[1] - totals[0]) / totals[0] < 0.01  # iso-parameter
     assert all(float(row["val_loss"]) > 0 for row in rows)
     assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_activation_matched_baseline_comes_with_rho_one():
+    small = EngramLMConfig.from_preset("small")
+    engram_activated = param_report(small)["activated"]
+    runs = sweep_runs(SweepConfig(train=None, rhos=[1.0, 0.6]), small)
+    assert [name for name, _, _ in runs] == ["rho-1.00", "rho-0.60", "moe-top3"]
+    (_, pure, pure_cfg), (_, _, engram_cfg), (_, matched, matched_cfg) = runs
+    assert matched_cfg.engram is None and matched_cfg.moe.num_experts == pure_cfg.moe.num_experts
+    assert matched["top_k"] == 3 and matched["total_rel_diff"] == 0.0 and matched["rho_effective"] == 1.0
+    gaps = {k: abs(param_report(cfg)["activated"] - engram_activated) for k, cfg in
+            [(2, pure_cfg), (3, matched_cfg)]}
+    assert gaps[3] < gaps[2]  # top-3 is closer to the Engram runs' activated parameters than top-2
+    assert abs(param_report(engram_cfg)["activated"] - engram_activated) / engram_activated < 0.001
+    assert [name for name, _, _ in sweep_runs(SweepConfig(train=None, rhos=[0.6, 0.4]), small)] == [
+        "rho-0.60", "rho-0.40"]  # only the process that trains rho = 1 trains the matched baseline
+    assert len(sweep_runs(SweepConfig(train=None, rhos=[1.0], matched_baseline=False), small)) == 1
+
+
+def test_report_only_trains_nothing_and_names_missing_runs(text_dir, tmp_path, monkeypatch, capsys):
+    args = ["sweep", "--mode", "memory", "--data", str(text_dir), "--tokenizer", "bpe-300", "--max-steps", "2",
+            "--batch-size", "4", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "2", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(args + ["--memory-factors", "2"]) == 0
+    (tmp_path / CSV_FILE).unlink()
+
+    def no_training(self):
+        raise AssertionError("report only must not train")
+
+    monkeypatch.setattr(Trainer, "train", no_training)
+    assert main(args + ["--memory-factors", "1", "2", "--report-only"]) == 2
+    assert "run(s) ['rows-x1'] not finished" in capsys.readouterr().err
+    assert not (tmp_path / CSV_FILE).exists()
+    assert main(args + ["--memory-factors", "2", "--report-only"]) == 0
+    assert [row["run"] for row in read_csv(tmp_path / CSV_FILE)] == ["rows-x2"]
 
 
 def test_memory_sweep_fits_a_power_law(text_dir, tmp_path):

@@ -3,13 +3,18 @@
 ``allocation`` mode (brief §5): start from the preset's MoE backbone without Engram (rho = 1, every sparse
 parameter in routed experts) and, for each rho, keep ``k + round(rho (E - k))`` routed experts and give the
 freed parameters to Engram tables shaped like the preset's (:func:`engram.model.iso_parameter_config`): the
-same total parameters, nearly the same activated ones. ``memory`` mode: the preset with Engram, its tables'
+same total parameters. Their activated parameters exceed the pure MoE's by the Engram projections (a few percent
+at 129k-id vocabularies, more for small backbones with small vocabularies), so when rho = 1 is swept an extra
+pure-MoE run ``moe-top{k}`` raises top-k to the value whose activated parameters come closest to the preset's
+with Engram: the comparison at equal total *and* activated parameters. ``memory`` mode: the preset with Engram, its tables'
 rows multiplied by each factor, the backbone fixed; a power law ``loss = a * rows ** -b`` is fitted in log-log
 space (``fit_a``, ``fit_b``, ``fit_r2`` on every row of the CSV).
 
 Every run trains on the same data in the same order with the same seed, for the same number of steps, into
 ``OUT/<run>/`` (a normal training run folder). A sweep is resumable: a finished run (``final/`` present) is not
-trained again, an interrupted one continues from its checkpoint. Results: ``sweep.csv`` and ``sweep.png``.
+trained again, an interrupted one continues from its checkpoint; ``report_only`` trains nothing and writes the
+results of runs finished elsewhere (several sweep processes over parts of the values, say), refusing while one
+is missing. Results: ``sweep.csv`` and ``sweep.png``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class SweepConfig:
     mode: str = "allocation"  # "allocation" (rho) or "memory" (table rows)
     rhos: list[float] = field(default_factory=lambda: list(DEFAULT_RHOS))
     memory_factors: list[int] = field(default_factory=lambda: list(DEFAULT_MEMORY_FACTORS))
+    matched_baseline: bool = True  # allocation with rho = 1: also the pure MoE with top-k matching activated params
+    report_only: bool = False  # train nothing: write the CSV and plot of runs already finished
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,6 +76,17 @@ def _overrides(cfg: EngramLMConfig) -> dict[str, Any]:
             "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None}
 
 
+def activation_matched_moe(model_cfg: EngramLMConfig) -> EngramLMConfig:
+    """``model_cfg``'s backbone as a pure MoE whose top-k brings its activated parameters closest to those of
+    ``model_cfg`` with its Engram layers (the Engram runs of an allocation sweep differ from it only by router
+    rows); the first such top-k on a tie."""
+    target = param_report(model_cfg)["activated"]
+    base = dataclasses.replace(model_cfg, engram=None)
+    candidates = [dataclasses.replace(base, moe=dataclasses.replace(base.moe, top_k=k))
+                  for k in range(base.moe.top_k, base.moe.num_experts + 1)]
+    return min(candidates, key=lambda cfg: abs(param_report(cfg)["activated"] - target))
+
+
 def sweep_runs(sweep: SweepConfig, model_cfg: EngramLMConfig) -> list[tuple[str, dict[str, Any], EngramLMConfig]]:
     """``(run name, CSV fields, model config)`` of every run, from the preset's model config ``model_cfg``."""
     if model_cfg.engram is None:
@@ -76,13 +94,22 @@ def sweep_runs(sweep: SweepConfig, model_cfg: EngramLMConfig) -> list[tuple[str,
     runs = []
     if sweep.mode == "allocation":
         base = dataclasses.replace(model_cfg, engram=None)
+        base_report = param_report(base)
+
+        def fields(rho: float, cfg: EngramLMConfig) -> dict[str, Any]:
+            moe, report = cfg.moe, param_report(cfg)
+            kept = (moe.num_experts - base.moe.top_k) / (base.moe.num_experts - base.moe.top_k)
+            return {"rho": rho, "rho_effective": kept,
+                    "num_experts": moe.num_experts, "top_k": moe.top_k,
+                    "total_rel_diff": (report["total"] - base_report["total"]) / base_report["total"],
+                    "activated_rel_diff": (report["activated"] - base_report["activated"]) / base_report["activated"]}
+
         for rho in sweep.rhos:
-            cfg, report = iso_parameter_config(base, rho, model_cfg.engram)
-            moe = cfg.moe
-            effective = (moe.num_experts - moe.top_k) / (base.moe.num_experts - base.moe.top_k)
-            runs.append((f"rho-{rho:.2f}", {"rho": rho, "rho_effective": effective, "num_experts": moe.num_experts,
-                                            "total_rel_diff": report["total_rel_diff"],
-                                            "activated_rel_diff": report["activated_rel_diff"]}, cfg))
+            cfg, _ = iso_parameter_config(base, rho, model_cfg.engram)
+            runs.append((f"rho-{rho:.2f}", fields(rho, cfg), cfg))
+        matched = activation_matched_moe(model_cfg)
+        if sweep.matched_baseline and 1.0 in sweep.rhos and matched.moe.top_k != base.moe.top_k:
+            runs.append((f"moe-top{matched.moe.top_k}", fields(1.0, matched), matched))
     else:
         engram = model_cfg.engram
         for factor in sweep.memory_factors:
@@ -107,24 +134,33 @@ def plot_sweep(results: list[dict[str, Any]], mode: str, out_file: Path) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    losses = [r["val_loss"] for r in results]
     if mode == "allocation":
-        rhos = [r["rho_effective"] for r in results]
-        ax.plot(rhos, losses, "o-", color="tab:blue")
-        for r in results:
+        top_k = results[0]["top_k"]
+        iso = [r for r in results if r["top_k"] == top_k]
+        ax.plot([r["rho_effective"] for r in iso], [r["val_loss"] for r in iso], "o-", color="tab:blue",
+                label=f"equal total parameters (top-{top_k})")
+        for r in iso:
             ax.annotate(f"{r['num_experts']} experts", (r["rho_effective"], r["val_loss"]), fontsize=7,
                         textcoords="offset points", xytext=(0, 6), ha="center")
+        for r in results:
+            if r["top_k"] != top_k:
+                ax.axhline(r["val_loss"], ls="--", color="tab:red", lw=1,
+                           label=f"pure MoE top-{r['top_k']}: activated params matched to Engram's")
         ax.set_xlabel("rho: share of the sparse parameters kept as routed experts (1 = pure MoE)")
-        ax.set_title("Validation loss at equal total parameters")
+        ax.set_title("Validation loss against the MoE / Engram split")
+        ax.legend(fontsize=8)
     else:
         tables = np.asarray([r["table_params"] for r in results], dtype=float)
-        ax.loglog(tables, losses, "o", color="tab:blue", label="runs")
+        ax.loglog(tables, [r["val_loss"] for r in results], "o", color="tab:blue", label="runs")
         fit = results[0]
         line = np.geomspace(tables.min(), tables.max(), 50)
         ax.loglog(line, fit["fit_a"] * line ** -fit["fit_b"], "--", color="tab:orange",
                   label=f"loss = {fit['fit_a']:.3g} x params^-{fit['fit_b']:.3g} (R² {fit['fit_r2']:.3f})")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%.2f"))  # losses span a few percent: plain numbers, not powers of ten
         ax.set_xlabel("Engram table parameters")
         ax.set_title("Memory scaling, backbone fixed")
         ax.legend()
@@ -146,6 +182,10 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> dict[str, A
         corpus = load_or_prepare(sweep.train.data, tokenizer=sweep.train.tokenizer,
                                  progress=sweep.train.progress and context.is_main)
     runs = sweep_runs(sweep, model_config_for(sweep.train, corpus))
+    if sweep.report_only:
+        missing = [name for name, _, _ in runs if not (out / name / "final" / "config.json").is_file()]
+        if missing:
+            raise ValueError(f"report only: run(s) {missing} not finished in {str(out)!r}")
     results = []
     for index, (name, fields, cfg) in enumerate(runs, 1):
         run_dir = out / name
