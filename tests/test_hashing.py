@@ -1,21 +1,25 @@
+from functools import lru_cache
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram import CompressedTokenizer, EngramConfig, NgramHasher, is_prime, next_prime
-from engram.hashing import table_sizes_for
+from engram import DEAD_TOKEN, CompressedTokenizer, EngramConfig, NgramHasher, is_prime, next_prime
+from engram.hashing import complete_fingerprint, table_sizes_for
 
 
+@lru_cache(maxsize=None)
 def reference_is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    f = 2
+    """Trial division by 2 and the odd numbers up to sqrt(n) (independent of engram's Miller-Rabin)."""
+    if n < 2 or n % 2 == 0:
+        return n == 2
+    f = 3
     while f * f <= n:
         if n % f == 0:
             return False
-        f += 1
+        f += 2
     return True
 
 
@@ -186,3 +190,41 @@ def test_pad_id_checked_against_tokenizer(small_tokenizer):
     cfg = EngramConfig(engram_vocab_size=[11, 11], layer_ids=[0], pad_id=500)
     with pytest.raises(ValueError, match=r"pad_id .* got 500"):
         NgramHasher(cfg, tokenizer=_small_ct(small_tokenizer))
+
+
+def test_fingerprint_names_the_variant(deepseek_ct):
+    demo = NgramHasher(EngramConfig(), tokenizer=deepseek_ct).fingerprint()
+    assert demo["variant"] == "demo"
+    saved_before_variants = {k: v for k, v in demo.items() if k != "variant"}
+    assert complete_fingerprint(saved_before_variants) == demo
+    v41 = EngramConfig(engram_vocab_size=[1009] * 3, max_ngram_size=4, n_head_per_ngram=2, n_embed_per_ngram=64,
+                       layer_ids=[1], variant="deepseek-v4.1")
+    assert NgramHasher(v41, tokenizer=deepseek_ct).fingerprint()["variant"] == "deepseek-v4.1"
+
+
+def test_compressed_vocab_size_is_checked(deepseek_ct):
+    with pytest.raises(ValueError, match="compressed_vocab_size is 99092 but tokenizer 'deepseek-v3' maps onto 98627"):
+        NgramHasher(EngramConfig(compressed_vocab_size=99_092), tokenizer=deepseek_ct)
+    assert len(NgramHasher(EngramConfig(compressed_vocab_size=98_627), tokenizer=deepseek_ct).tokenizer) == 98_627
+
+
+def test_dead_mask_and_history_checks(deepseek_ct):
+    hasher = NgramHasher(EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0]), tokenizer=deepseek_ct)
+    ids = torch.tensor([[5, 10**9, 7]])  # the id at a dead position is never read, nor checked
+    dead = torch.tensor([[False, True, False]])
+    rows = hasher.hash_all(ids, dead_mask=dead)[0]
+    pad_only = hasher.hash_all(torch.full((1, 1), hasher.cfg.pad_id))[0][0, 0]
+    assert torch.equal(rows[0, 1], pad_only)  # a dead position hashes as an all-pad n-gram
+    assert torch.equal(rows[0, 2], hasher.hash_all(torch.tensor([[7]]))[0][0, 0])  # 7 sees pad behind it
+    with pytest.raises(ValueError, match=r"token id 1000000000 \(flat index 1\)"):
+        hasher.hash_all(ids)
+    with pytest.raises(ValueError, match=r"dead_mask must be a bool tensor shaped like input_ids \[1, 3\], got "
+                                         r"torch.int64 \[1, 3\]"):
+        hasher.hash_all(ids, dead_mask=dead.long())
+    with pytest.raises(ValueError, match=r"dead_mask must be .* got torch.bool \[1, 2\]"):
+        hasher.hash_all(ids, dead_mask=dead[:, :2])
+    with pytest.raises(ValueError, match=r"token id -2 \(flat index 0\)"):  # only DEAD_TOKEN may be negative
+        hasher.hash_all(ids[:, :1], history=torch.tensor([[-2]]))
+    assert hasher.next_history(ids, dead_mask=dead).tolist() == [[DEAD_TOKEN, 7]]
+    assert hasher.next_history(ids[:, :1]).tolist() == [[hasher.cfg.pad_id, 5]]  # pad before the start
+    assert hasher.next_history(ids[:, 2:], history=torch.tensor([[DEAD_TOKEN]])).tolist() == [[DEAD_TOKEN, 7]]

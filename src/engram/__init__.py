@@ -1,19 +1,22 @@
 """engram: conditional memory for language models (DeepSeek's Engram), exact, fast and trainable."""
 
-from engram.config import EngramConfig
+from engram.config import VARIANTS, EngramConfig, EngramVariant
 from engram.embedding import MultiHeadEmbedding
 from engram.engram import BranchRMSNorm, Engram, ShortConv, convert_demo_state_dict
-from engram.hashing import NgramHasher, is_prime, next_prime
+from engram.hashing import DEAD_TOKEN, NgramHasher, is_prime, next_prime
 from engram.tokenizer import NAMED_TOKENIZERS, CompressedTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEAD_TOKEN",
     "NAMED_TOKENIZERS",
+    "VARIANTS",
     "BranchRMSNorm",
     "CompressedTokenizer",
     "Engram",
     "EngramConfig",
+    "EngramVariant",
     "MultiHeadEmbedding",
     "NgramHasher",
     "ShortConv",

@@ -1,12 +1,59 @@
-"""Configuration of the Engram memory, with the field names and defaults of DeepSeek's public demo."""
+"""Configuration of the Engram memory, with the field names and defaults of DeepSeek's public demo.
+
+Two variants share the hashing (tokenizer compression, multipliers, prime table sizes) and differ in the
+layer around it (:data:`VARIANTS`): ``"demo"``, the paper's public demo, and ``"deepseek-v4.1"``, the Engram
+of DeepSeek-V4.1 checkpoints (:meth:`EngramConfig.from_hf_config` reads their ``config.json``).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from engram.tokenizer import NAMED_TOKENIZERS
+
+FP8_SCALE_BLOCK = 32  # values per UE8M0 scale in an "fp8-e4m3-ue8m0" table row
+
+
+@dataclass(frozen=True)
+class EngramVariant:
+    """How one family of checkpoints builds the Engram layer around the shared hashing.
+
+    Attributes:
+        name: the key in :data:`VARIANTS` (and ``EngramConfig.variant``).
+        use_short_conv: the demo's ShortConv (RMSNorm, causal depthwise conv, SiLU) follows the gated value.
+        projection_bias: the key/value projection has a bias.
+        projection_layout: the row blocks of the one fused projection's output: ``"value,keys"`` (the
+            shared value, then one key per residual branch) or ``"keys,value"``.
+        rms_eps: eps of the gate's two RMSNorms; ``None`` is fp32 machine epsilon (``nn.RMSNorm``'s default).
+        masks_dead_tokens: dead positions (e.g. image placeholders) are hashed as pad by every look-back that
+            reaches them (see :meth:`engram.hashing.NgramHasher.hash_all`) and get gate 0.
+        residual_in_fp32: ``h + gate * value`` is computed in fp32 and cast back to the hidden dtype.
+        table_format: ``"float"`` (rows in a float dtype) or ``"fp8-e4m3-ue8m0"`` (per row ``head_dim`` FP8
+            E4M3 values and one UE8M0 scale byte per :data:`FP8_SCALE_BLOCK` values; value = fp8 * 2^(e - 127)).
+    """
+
+    name: str
+    use_short_conv: bool
+    projection_bias: bool
+    projection_layout: str
+    rms_eps: float | None
+    masks_dead_tokens: bool
+    residual_in_fp32: bool
+    table_format: str
+
+
+VARIANTS: dict[str, EngramVariant] = {
+    v.name: v
+    for v in [
+        EngramVariant("demo", use_short_conv=True, projection_bias=True, projection_layout="value,keys",
+                      rms_eps=None, masks_dead_tokens=False, residual_in_fp32=False, table_format="float"),
+        EngramVariant("deepseek-v4.1", use_short_conv=False, projection_bias=False, projection_layout="keys,value",
+                      rms_eps=1e-20, masks_dead_tokens=True, residual_in_fp32=True, table_format="fp8-e4m3-ue8m0"),
+    ]
+}
 
 
 @dataclass
@@ -32,6 +79,8 @@ class EngramConfig:
     pad_id: int = 2  # original token id used before the start of a sequence (compressed before use)
     seed: int = 0  # multiplier seed; layer l uses seed + 10007 * l
     kernel_size: int = 4  # ShortConv kernel; its dilation is max_ngram_size
+    variant: str = "demo"  # a key of VARIANTS: the layer around the hashing (part of the hashing fingerprint)
+    compressed_vocab_size: int | None = None  # canonical ids the tokenizer must map onto (checked by NgramHasher)
 
     def __post_init__(self) -> None:
         self.engram_vocab_size = [int(v) for v in self.engram_vocab_size]
@@ -68,6 +117,13 @@ class EngramConfig:
             raise ValueError(f"layer_ids must not repeat, got {self.layer_ids}")
         if self.kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.variant_spec.table_format == "fp8-e4m3-ue8m0" and self.head_dim % FP8_SCALE_BLOCK:
+            raise ValueError(f"variant {self.variant!r} stores rows in FP8 with one scale per {FP8_SCALE_BLOCK} "
+                             f"values: head_dim must be a multiple of {FP8_SCALE_BLOCK}, got {self.head_dim}")
+        if self.compressed_vocab_size is not None and self.compressed_vocab_size < 1:
+            raise ValueError(f"compressed_vocab_size must be >= 1 (or None), got {self.compressed_vocab_size}")
         known = NAMED_TOKENIZERS.get(self.tokenizer)
         # Tokenizers given by path are checked when the hasher loads them (see NgramHasher).
         upper = known.vocab_size if known else None
@@ -76,6 +132,11 @@ class EngramConfig:
                 f"pad_id must be a token id of tokenizer {self.tokenizer!r} (0..{upper - 1 if upper else 'size-1'}), "
                 f"got {self.pad_id}"
             )
+
+    @property
+    def variant_spec(self) -> EngramVariant:
+        """What :attr:`variant` means for the layer (ShortConv, projection, eps, dead tokens, table format)."""
+        return VARIANTS[self.variant]
 
     @property
     def num_orders(self) -> int:
@@ -109,6 +170,73 @@ class EngramConfig:
         if unknown:
             raise ValueError(f"unknown EngramConfig fields: {unknown}")
         return cls(**data)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], tokenizer: str = "deepseek-v4") -> "EngramConfig":
+        """The Engram of a DeepSeek-V4.1 ``config.json``: the whole dict, or its ``text_config``.
+
+        Reads ``engram_layer_ids`` (0-based), ``engram_max_ngram_size``, ``engram_n_heads`` (per order),
+        ``engram_vocab_size`` (the prime search start of every order, or a list of one per order),
+        ``engram_head_dim``, ``engram_pad_token_id`` (older configs: ``engram_pad_id``) and, when present,
+        ``engram_compressed_vocab_size`` (checked against the tokenizer when a hasher is built) and
+        ``engram_num_embeddings`` (each layer's rows, checked here against the sum of its prime table
+        sizes). Multipliers use seed 0, the demo's rule.
+
+        Args:
+            config: the parsed ``config.json``.
+            tokenizer: the tokenizer the checkpoint's ids come from (registered name or path).
+        Raises:
+            ValueError: a key missing or malformed, or ``engram_num_embeddings`` not the prime sums (naming both).
+
+        Example:
+            >>> text_config = {"engram_layer_ids": [1, 14], "engram_max_ngram_size": 4, "engram_n_heads": 8,
+            ...                "engram_vocab_size": 16_000_000, "engram_head_dim": 256, "engram_pad_token_id": 2,
+            ...                "engram_num_embeddings": [384006168, 384016682]}
+            >>> cfg = EngramConfig.from_hf_config({"text_config": text_config})
+            >>> cfg.variant, cfg.num_heads, cfg.head_dim
+            ('deepseek-v4.1', 24, 256)
+        """
+        text = config.get("text_config", config)
+        if not isinstance(text, Mapping):
+            raise ValueError(f"text_config must be a JSON object, got {type(text).__name__}")
+        pad_keys = [key for key in ("engram_pad_token_id", "engram_pad_id") if key in text]
+        required = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_vocab_size",
+                    "engram_head_dim")
+        missing = [key for key in required if key not in text] + ([] if pad_keys else ["engram_pad_token_id"])
+        if missing:
+            found = sorted(key for key in text if key.startswith("engram_"))
+            raise ValueError(f"config has no {', '.join(missing)} (its engram_* keys: {found})")
+        pads = {text[key] for key in pad_keys}
+        if len(pads) > 1:
+            raise ValueError(f"engram_pad_token_id={text['engram_pad_token_id']} and its older spelling "
+                             f"engram_pad_id={text['engram_pad_id']} disagree")
+        max_ngram_size, heads, head_dim = (int(text[key]) for key in
+                                           ("engram_max_ngram_size", "engram_n_heads", "engram_head_dim"))
+        vocab, compressed = text["engram_vocab_size"], text.get("engram_compressed_vocab_size")
+        if head_dim < 1:
+            raise ValueError(f"engram_head_dim must be >= 1, got {head_dim}")
+        cfg = cls(
+            tokenizer=tokenizer,
+            engram_vocab_size=list(vocab) if isinstance(vocab, (list, tuple)) else [vocab] * (max_ngram_size - 1),
+            max_ngram_size=max_ngram_size,
+            n_embed_per_ngram=heads * head_dim,
+            n_head_per_ngram=heads,
+            layer_ids=list(text["engram_layer_ids"]),
+            pad_id=int(pads.pop()),
+            seed=0,
+            variant="deepseek-v4.1",
+            compressed_vocab_size=None if compressed is None else int(compressed),
+        )
+        published = text.get("engram_num_embeddings")
+        if published is not None:
+            from engram.hashing import table_sizes_for  # engram.hashing imports this module
+
+            sizes = table_sizes_for(cfg)
+            computed = [sum(sum(order) for order in sizes[layer]) for layer in cfg.layer_ids]
+            if not isinstance(published, (list, tuple)) or [int(n) for n in published] != computed:
+                raise ValueError(f"engram_num_embeddings {published} disagrees with the sums of the prime table "
+                                 f"sizes {computed} of layers {cfg.layer_ids}")
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -5,6 +5,10 @@ For a layer ``l`` with odd multipliers ``m_0..m_{N-1}`` (N = max_ngram_size) and
 ``n = 2..N``, positions before the start reading the compressed pad id; head ``j`` of order ``n``
 reads row ``mix_n(t) mod p_{n,j}`` of its own table, ``p_{n,j}`` a distinct prime. Multipliers are
 below ``int64max // V'`` (V' the compressed vocabulary), so every product fits in int64.
+
+Dead positions (``dead_mask``, e.g. image placeholders in DeepSeek-V4.1): a look-back that reaches one stops,
+so that position and every older one read the pad id, and the model gives dead positions gate 0. Across
+chunks and decode steps the ``history`` carries dead-ness as :data:`DEAD_TOKEN` in place of an id.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig
-from engram.kernels.hash import ngram_hash
+from engram.kernels.hash import DEAD_TOKEN, ngram_hash
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
 _LAYER_SEED_STRIDE = 10007
@@ -88,6 +92,15 @@ def multipliers_for(cfg: EngramConfig, compressed_vocab_size: int) -> dict[int, 
     return result
 
 
+# Fingerprint fields added after tables were first saved, with the value every table saved before had.
+FINGERPRINT_DEFAULTS: dict[str, object] = {"variant": "demo"}
+
+
+def complete_fingerprint(saved: dict[str, object]) -> dict[str, object]:
+    """A saved :meth:`NgramHasher.fingerprint` with the fields it predates set to :data:`FINGERPRINT_DEFAULTS`."""
+    return {**FINGERPRINT_DEFAULTS, **saved}
+
+
 class NgramHasher:
     """Row ids of every Engram layer's tables for a batch of token ids.
 
@@ -110,6 +123,9 @@ class NgramHasher:
             raise ValueError(
                 f"pad_id must be a token id of the tokenizer (0..{self.tokenizer.original_vocab_size - 1}), got {cfg.pad_id}"
             )
+        if cfg.compressed_vocab_size is not None and len(self.tokenizer) != cfg.compressed_vocab_size:
+            raise ValueError(f"compressed_vocab_size is {cfg.compressed_vocab_size} but tokenizer {cfg.tokenizer!r} "
+                             f"maps onto {len(self.tokenizer)} canonical ids")
         self.pad_id = int(self.tokenizer.lookup[cfg.pad_id])
         self.multipliers = multipliers_for(cfg, len(self.tokenizer))
         self.table_sizes = table_sizes_for(cfg)
@@ -118,6 +134,7 @@ class NgramHasher:
     def fingerprint(self) -> dict[str, object]:
         """Everything that decides which rows a token reads; saved beside trained tables and checked on load."""
         return {
+            "variant": self.cfg.variant,
             "seed": self.cfg.seed,
             "layer_ids": list(self.cfg.layer_ids),
             "max_ngram_size": self.cfg.max_ngram_size,
@@ -142,54 +159,93 @@ class NgramHasher:
         if layer_id not in self.table_sizes:
             raise ValueError(f"layer_id {layer_id} is not an Engram layer; layer_ids are {self.cfg.layer_ids}")
 
-    def _checked_history(self, input_ids: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor | None:
-        """Check ``input_ids`` ``[B, T]`` and ``history`` ``[B, <= max_ngram_size - 1]``; history on the ids' device."""
+    def _prepared(self, input_ids: torch.Tensor, history: torch.Tensor | None, dead_mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checked ``input_ids`` ``[B, T]`` with :data:`DEAD_TOKEN` at dead positions, and ``history`` left-filled
+        with the original pad id to ``[B, max_ngram_size - 1]`` (``None`` stays ``None``), both int64 on the
+        ids' device."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if dead_mask is None:
+            self.tokenizer.check_ids(input_ids)
+            raw = input_ids.long()
+        else:
+            dead_mask = torch.as_tensor(dead_mask, device=input_ids.device)
+            if dead_mask.dtype != torch.bool or dead_mask.shape != input_ids.shape:
+                raise ValueError(f"dead_mask must be a bool tensor shaped like input_ids {list(input_ids.shape)}, "
+                                 f"got {dead_mask.dtype} {list(dead_mask.shape)}")
+            self.tokenizer.check_ids(input_ids.masked_fill(dead_mask, 0))
+            raw = input_ids.long().masked_fill(dead_mask, DEAD_TOKEN)
         if history is None:
-            return None
+            return raw, None
         history = torch.as_tensor(history, device=input_ids.device)
         batch = input_ids.shape[0]
         if history.dim() != 2 or history.shape[0] != batch or history.shape[1] > self.context:
             raise ValueError(
                 f"history must be [B={batch}, H<={self.context}] original ids, got shape {tuple(history.shape)}"
             )
-        return history
+        self.tokenizer.check_ids(history.masked_fill(history == DEAD_TOKEN, 0))
+        missing = self.context - history.shape[1]
+        if missing:
+            history = torch.cat([history.new_full((batch, missing), self.cfg.pad_id), history], dim=1)
+        return raw, history.long()
 
-    def hash(self, input_ids: torch.Tensor, layer_id: int, history: torch.Tensor | None = None) -> torch.Tensor:
+    def hash(self, input_ids: torch.Tensor, layer_id: int, history: torch.Tensor | None = None,
+             dead_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Row ids inside each head's table for one Engram layer.
 
         Args:
             input_ids: ``[B, T]`` original token ids (int, any device).
             layer_id: one of ``cfg.layer_ids``.
-            history: optional ``[B, H <= max_ngram_size - 1]`` original ids preceding ``input_ids``, so that
-                hashing a sequence in pieces equals hashing it whole (decoding with a KV cache).
+            history: optional ``[B, H <= max_ngram_size - 1]`` original ids preceding ``input_ids`` (oldest first,
+                :data:`DEAD_TOKEN` where dead), so that hashing a sequence in pieces equals hashing it whole
+                (decoding with a KV cache); :meth:`next_history` gives it.
+            dead_mask: optional ``[B, T]`` bool, ``True`` at dead positions (see :meth:`hash_all`).
         Returns:
             ``[B, T, (max_ngram_size - 1) * n_head_per_ngram]`` int64, column ``(n - 2) * K + j`` for head
             ``j`` of order ``n``, each value in ``[0, table_sizes[layer_id][n - 2][j])``.
         """
         self._check_layer(layer_id)
-        return self.hash_all(input_ids, history)[layer_id]
+        return self.hash_all(input_ids, history, dead_mask=dead_mask)[layer_id]
 
     def hash_all(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
-                 force: bool | None = None) -> dict[int, torch.Tensor]:
+                 force: bool | None = None, dead_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """:meth:`hash` for every Engram layer at once: ``{layer_id: [B, T, H]}``.
+
+        ``dead_mask`` ``[B, T]`` bool marks dead positions (e.g. image placeholders): a look-back that reaches
+        one stops there, so it and every older position read the pad id (a dead position's own rows are those
+        of an all-pad n-gram, and the model gives it gate 0: pass it the same mask). Ids at dead positions are
+        not read (nor checked). To continue in the next chunk or decode step, pass ``history=``
+        :meth:`next_history` of this call's arguments: it carries dead positions as :data:`DEAD_TOKEN`.
 
         On CUDA one Triton launch computes every layer, order and head; elsewhere the same algorithm runs as
         torch ops (``engram.kernels.hash``). ``force`` as in :func:`engram.kernels.dispatch.use_triton`.
         """
-        input_ids = torch.as_tensor(input_ids)
-        history = self._checked_history(input_ids, history)
-        for ids in (input_ids, history):
-            if ids is not None:
-                self.tokenizer.check_ids(ids)
-        if history is not None and history.shape[1] < self.context:
-            missing = self.context - history.shape[1]
-            history = torch.cat([history.new_full((history.shape[0], missing), self.cfg.pad_id), history], dim=1)
-        lookup, multipliers, primes = self._stacked_constants(input_ids.device)
-        rows = ngram_hash(input_ids.long(), lookup, multipliers, primes, self.pad_id,
-                          history.long() if history is not None else None, force)
+        raw, history = self._prepared(torch.as_tensor(input_ids), history, dead_mask)
+        lookup, multipliers, primes = self._stacked_constants(raw.device)
+        rows = ngram_hash(raw, lookup, multipliers, primes, self.pad_id, history, force)
         return dict(zip(self.cfg.layer_ids, rows.unbind(0)))
+
+    def next_history(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,
+                     dead_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``history`` for the tokens that follow ``input_ids``: ``[B, max_ngram_size - 1]`` int64.
+
+        The last ``max_ngram_size - 1`` original ids of ``history`` + ``input_ids`` (oldest first), with
+        :data:`DEAD_TOKEN` at dead positions and the original pad id before the start of the sequence. It is
+        also the in-place history of :func:`engram.kernels.hash.ngram_hash_decode`.
+
+        Example:
+            >>> # hasher as in the class example (max_ngram_size 3); position 2 is dead
+            >>> ids, dead = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[False, False, True, False]])
+            >>> history = hasher.next_history(ids[:, :3], dead_mask=dead[:, :3])
+            >>> rows = hasher.hash_all(ids[:, 3:], history=history, dead_mask=dead[:, 3:])
+            >>> history.tolist()
+            [[6, -1]]
+        """
+        raw, history = self._prepared(torch.as_tensor(input_ids), history, dead_mask)
+        if history is None:
+            history = raw.new_full((raw.shape[0], self.context), self.cfg.pad_id)
+        return torch.cat([history, raw], dim=1)[:, -self.context:].contiguous()
 
     def _stacked_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compression lookup ``[V]``, multipliers ``[L, N]`` and primes ``[L, N - 1, K]`` on ``device``."""

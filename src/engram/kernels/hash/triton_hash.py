@@ -3,7 +3,9 @@
 A program owns a block of rows (tokens of one sequence in prefill, sequences in decode). It gathers the
 compressed id of each row and of its ``N - 1`` predecessors once (a tuple of ``N`` row vectors, entry
 ``k`` the id ``k`` positions back), then per layer XORs the products into the mix of every order and
-writes the layer's ``[BLOCK, H]`` block of row ids with one contiguous store.
+writes the layer's ``[BLOCK, H]`` block of row ids with one contiguous store. A negative original id marks
+a dead position: the gather keeps a running "look-back reached a dead position" flag per row and reads the
+pad id from there on (see ``naive.py``).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def ngram_hash_kernel(
     b = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     row_mask = t < T
+    blocked = t < 0  # the look-back from t has reached a dead position (none yet)
     xs = ()
     for k in tl.static_range(N):
         pos = t - k
@@ -122,7 +125,9 @@ def ngram_hash_kernel(
             in_hist = row_mask & (pos < 0)
             raw = tl.where(in_hist, tl.load(hist_ptr + b * (N - 1) + (N - 1) + pos, mask=in_hist, other=0), raw)
             found = found | in_hist
-        xs = xs + (tl.where(found, tl.load(lookup_ptr + raw, mask=found, other=0), pad_id),)
+        blocked = blocked | (raw < 0)
+        live = found & ~blocked
+        xs = xs + (tl.where(live, tl.load(lookup_ptr + raw, mask=live, other=0), pad_id),)
     _hash_rows(xs, mult_ptr, primes_ptr, out_ptr, b * T + t, row_mask, tl.cast(B, tl.int64) * T, L, N, K, HP,
                FAST_MOD)
 
@@ -136,6 +141,7 @@ def ngram_hash_decode_kernel(
     primes_ptr,
     out_ptr,  # [L, B, H]
     B,
+    pad_id,
     L: tl.constexpr,
     N: tl.constexpr,
     K: tl.constexpr,
@@ -147,11 +153,13 @@ def ngram_hash_decode_kernel(
     row_mask = b < B
     hist_row = hist_ptr + b * (N - 1)
     new = tl.load(new_ptr + b, mask=row_mask, other=0)
-    xs = (tl.load(lookup_ptr + new, mask=row_mask, other=0),)
+    blocked = new < 0  # the look-back has reached a dead position
+    xs = (tl.where(blocked, pad_id, tl.load(lookup_ptr + new, mask=row_mask & ~blocked, other=0)),)
     raws = ()
     for k in tl.static_range(1, N):
         raw = tl.load(hist_row + (N - 1 - k), mask=row_mask, other=0)
-        xs = xs + (tl.load(lookup_ptr + raw, mask=row_mask, other=0),)
+        blocked = blocked | (raw < 0)
+        xs = xs + (tl.where(blocked, pad_id, tl.load(lookup_ptr + raw, mask=row_mask & ~blocked, other=0)),)
         raws = raws + (raw,)
     # Threads sharing a row overwrite slots that others read: every read of history completes first.
     tl.debug_barrier()
