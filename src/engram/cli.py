@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -180,16 +181,32 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose parser and runner live beside their package: command -> (module, add parser, run).
+_PACKAGE_COMMANDS = {
+    "tune": ("engram.memory.cli", "add_tune_parser", "run_tune"),
+    "memory": ("engram.memory.cli", "add_memory_parser", "run_memory"),
+    "serve": ("engram.serve.cli", "add_serve_parser", "run_serve"),
+    "inspect": ("engram.inspect.cli", "add_inspect_parser", "run_inspect"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Conditional memory for language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_generate):
         add(subparsers)
+    for module, add_name, _ in _PACKAGE_COMMANDS.values():
+        getattr(importlib.import_module(module), add_name)(subparsers)
     return parser
 
 
+def _run_package_command(args: argparse.Namespace) -> int:
+    module, _, run_name = _PACKAGE_COMMANDS[args.command]
+    return getattr(importlib.import_module(module), run_name)(args)
+
+
 _COMMANDS = {"demo": _run_demo, "data": _run_data, "train": _run_train, "sweep": _run_sweep,
-             "generate": _run_generate}
+             "generate": _run_generate, **dict.fromkeys(_PACKAGE_COMMANDS, _run_package_command)}
 
 
 def main(argv: list[str] | None = None) -> int:

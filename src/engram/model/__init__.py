@@ -5,6 +5,7 @@ from engram.model.config import EngramLMConfig, MoEConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, sinkhorn_knopp
 from engram.model.lm import Block, EngramLM, LMOutput
 from engram.model.moe import FeedForward, MoE
+from engram.model.overlay import RowOverlay, overlay_rows
 from engram.model.params import baseline_config, count_parameters, iso_parameter_config, param_report
 from engram.model.presets import PRESETS
 
@@ -21,10 +22,12 @@ __all__ = [
     "MoE",
     "MoEConfig",
     "RotaryEmbedding",
+    "RowOverlay",
     "StreamMerge",
     "baseline_config",
     "count_parameters",
     "iso_parameter_config",
+    "overlay_rows",
     "param_report",
     "sinkhorn_knopp",
 ]

@@ -9,13 +9,17 @@ Architecture (every choice in one place):
 - the hash ids of every Engram layer are computed once per forward from the input ids, and every layer's
   table read is issued right then (a prefetch: tables in host memory or on disk arrive while the blocks
   before the first Engram layer run); ``from_pretrained(engram_placement=...)`` picks where tables live;
+- ``row_overlays`` (one per batch row, :mod:`engram.model.overlay`) replace the head vectors of chosen rows
+  right after the read: a memory patch served per request without applying it to the shared tables;
 - every weight is set in :meth:`EngramLM.init_weights`: matrices, embeddings and tables N(0, init_std),
   norms 1, the ShortConv kernel 0 when ``engram_conv_zero_init``, mHC and MoE bias as their modules say.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from engram.model.attention import Attention, KVCache
 from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
 from engram.model.moe import FeedForward, MoE
+from engram.model.overlay import RowOverlay, check_row_overlays, overlay_rows
 from engram.model.params import count_parameters
 from engram.model.sampling import sample_next
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
@@ -176,7 +181,8 @@ class EngramLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
-                engram_history: torch.Tensor | None = None, logits_to_keep: int = 0) -> LMOutput:
+                engram_history: torch.Tensor | None = None, logits_to_keep: int = 0,
+                row_overlays: Sequence[RowOverlay | None] | None = None) -> LMOutput:
         """Logits for ``input_ids``.
 
         Args:
@@ -189,6 +195,9 @@ class EngramLM(nn.Module):
             engram_history: ``[B, <= max_ngram_size - 1]`` raw ids preceding ``input_ids`` (decoding).
             logits_to_keep: compute logits for the last this many positions only (0: all); a batched
                 prefill needs just the last (``[B, T, V]`` fp32 logits of 512 x 1024 tokens are 270 GB).
+            row_overlays: one entry per batch row: a :class:`~engram.model.overlay.RowOverlay` whose rows replace
+                the table rows that row reads (a memory patch served without applying it), or ``None`` for the
+                base tables.
         Returns:
             :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32; ``[B, logits_to_keep, V]`` when given).
         """
@@ -210,14 +219,23 @@ class EngramLM(nn.Module):
         else:
             positions = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
 
+        tables = {block.layer_idx: block.engram.multi_head_embedding for block in self.blocks
+                  if block.engram is not None}
+        if row_overlays is not None:
+            check_row_overlays(row_overlays, batch, {layer: table.head_dim for layer, table in tables.items()})
         memories = None
         if self.hasher is not None:
             hash_input = input_ids
             if attention_mask is not None:
                 hash_input = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
             hash_ids = self.hasher.hash_all(hash_input, history=engram_history)
-            memories = {block.layer_idx: block.engram.multi_head_embedding.fetch(hash_ids[block.layer_idx])
-                        for block in self.blocks if block.engram is not None}
+            memories = {layer: table.fetch(hash_ids[layer]) for layer, table in tables.items()}
+            if row_overlays is not None:
+                for layer, table in tables.items():
+                    if any(overlay is not None and layer in overlay.layers for overlay in row_overlays):
+                        memories[layer] = memories[layer].then(functools.partial(
+                            overlay_rows, flat_rows=table.flat_row_ids(hash_ids[layer]), overlays=row_overlays,
+                            layer_id=layer))
 
         hidden = self.embed(input_ids)  # [B, T, D]
         streams = expand_streams(hidden, self.cfg.hc_mult) if self.cfg.hc_mult > 1 else hidden.unsqueeze(2)
@@ -225,16 +243,13 @@ class EngramLM(nn.Module):
             streams = block(streams, positions, key_padding_mask, cache, memories)
         if cache is not None:
             cache.advance(length)
-        hidden = self.merge(streams) if self.merge is not None else streams.squeeze(2)
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if logits_to_keep:
             if labels is not None:
                 raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
-            hidden = hidden[:, -logits_to_keep:]
-        hidden = self.norm(hidden)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, head).float()
+            streams = streams[:, -logits_to_keep:]
+        logits = self.readout(streams)
 
         loss = None
         if labels is not None:
@@ -245,6 +260,13 @@ class EngramLM(nn.Module):
         aux_terms = [moe.aux_loss for moe in self.moe_layers if moe.aux_loss is not None]
         aux_loss = torch.stack(aux_terms).sum() if aux_terms and self.training else None
         return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def readout(self, streams: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[B, T, V]`` of residual streams ``[B, T, M, D]``: streams merged, final norm, LM head
+        (also how the logit lens reads the streams after any block)."""
+        hidden = self.merge(streams) if self.merge is not None else streams.squeeze(2)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(hidden), head).float()
 
     def save_pretrained(self, directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES,
                         table_parts: dict[int, list[list]] | None = None) -> Path:
@@ -280,13 +302,15 @@ class EngramLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, seed: int | None = None,
+                 row_overlays: Sequence[RowOverlay | None] | None = None) -> torch.Tensor:
         """Prompt followed by up to ``max_new_tokens`` new tokens, ``[B, T + new]`` (the HF convention).
 
         Decodes with a KV cache and incremental Engram hashing. ``temperature=0`` is greedy. Batched
         prompts of different lengths are left-padded with ``attention_mask`` marking real tokens. A
         sequence that produced ``eos_token_id`` keeps emitting it; generation stops when all have.
-        Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled.
+        Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled. ``row_overlays`` (one
+        per batch row, see :meth:`forward`) are read by every step.
         """
         self._check_ids(input_ids)
         if max_new_tokens < 0:
@@ -306,7 +330,7 @@ class EngramLM(nn.Module):
         cache = self.new_cache(batch, prompt_len + max_new_tokens)
         ids = input_ids
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        out = self(input_ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        out = self(input_ids, attention_mask=mask, cache=cache, logits_to_keep=1, row_overlays=row_overlays)
         for step in range(max_new_tokens):
             next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator,
                                    self.cfg.tokenizer_vocab_size)
@@ -319,6 +343,7 @@ class EngramLM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            out = self(next_ids[:, None], attention_mask=mask, cache=cache, engram_history=history)
+            out = self(next_ids[:, None], attention_mask=mask, cache=cache, engram_history=history,
+                       row_overlays=row_overlays)
         self.train(was_training)
         return ids

@@ -141,6 +141,12 @@ def _mapped_writable(ptr: int, nbytes: int) -> bool:
     return True
 
 
+def table_writable(table: Tensor) -> bool:
+    """Whether ``table``'s CPU memory may be written: ``False`` for a view of a read-only memory map (a ``disk``
+    table, a ``/dev/shm`` copy shared between processes), where a write would crash the process."""
+    return _mapped_writable(table.data_ptr(), table.numel() * table.element_size())
+
+
 def pin_in_place(table: Tensor) -> None:
     """Page-lock ``table``'s memory in place (``cudaHostRegister``), read-only when it is mapped read-only.
 

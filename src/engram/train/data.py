@@ -30,8 +30,9 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders
 
+from engram.fetch import staging_dir
 from engram.tokenizer import default_cache_dir, load_tokenizer, resolve_tokenizer_path
-from engram.train.sources import ResolvedSource, SourceFile, read_documents, resolve_sources, staging_dir
+from engram.train.sources import ResolvedSource, SourceFile, read_documents, resolve_sources
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -407,6 +408,16 @@ def open_corpus(path: str | os.PathLike[str]) -> Corpus:
     return Corpus(root, info)
 
 
+def _same_tokenizer(tokenizer: str, info: CorpusInfo) -> bool:
+    """Whether ``tokenizer`` (a name, ``bpe-N`` or a path) is the one ``info``'s corpus was prepared with: the
+    same name, or a file of the same content (e.g. a model folder's copy of the corpus's ``bpe-N`` tokenizer)."""
+    if tokenizer == info.tokenizer:
+        return True
+    if _BPE_SPEC.fullmatch(tokenizer):
+        return False
+    return hashlib.sha256(resolve_tokenizer_path(tokenizer).read_bytes()).hexdigest() == info.tokenizer_sha256
+
+
 def _is_prepared(entry: str) -> bool:
     return (Path(entry) / INDEX_FILE).is_file()
 
@@ -432,7 +443,8 @@ def load_or_prepare(data: str | os.PathLike[str] | list[str], cache_dir: str | o
 
     Raw sources are prepared into ``<cache_dir>/corpora/<key>`` (``key`` from :func:`corpus_cache_key`)
     and reused while nothing it depends on changes. ``tokenizer`` defaults to ``"deepseek-v3"`` for raw
-    sources; for a prepared folder, a given tokenizer must be the one it was prepared with.
+    sources; for a prepared folder, a given tokenizer must be the one it was prepared with (by name, or a
+    tokenizer file of the same content).
     """
     entries = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(d) for d in data]
     if not entries:
@@ -441,7 +453,7 @@ def load_or_prepare(data: str | os.PathLike[str] | list[str], cache_dir: str | o
         if len(entries) != 1:
             raise ValueError(f"a prepared corpus must be given alone, got {entries}")
         corpus = open_corpus(entries[0])
-        if tokenizer is not None and tokenizer != corpus.info.tokenizer:
+        if tokenizer is not None and not _same_tokenizer(tokenizer, corpus.info):
             raise ValueError(f"corpus {entries[0]!r} was prepared with tokenizer {corpus.info.tokenizer!r}, "
                              f"not {tokenizer!r}")
         return corpus

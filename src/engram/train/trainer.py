@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from engram.model import EngramLM, EngramLMConfig
-from engram.parallel import (all_reduce_sum, gather_full_model, init_distributed, load_table_moments, local_rows,
-                             shard_engram_tables, sharded_tables, sync_router_load, wrap_ddp, write_table_shards)
+from engram.model import EngramLM, EngramLMConfig, LMOutput
+from engram.parallel import (DistContext, all_reduce_sum, gather_full_model, init_distributed, load_table_moments,
+                             local_rows, shard_engram_tables, sharded_tables, sync_router_load, wrap_ddp,
+                             write_table_shards)
 from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, staging_folder
 from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
@@ -103,6 +105,38 @@ def model_config_for(cfg: TrainConfig, corpus: Corpus) -> EngramLMConfig:
     data = base.to_dict()
     data.update({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in fields.items()})
     return EngramLMConfig.from_dict(data)
+
+
+def lm_loss(forward: Callable[[torch.Tensor], LMOutput], inputs: torch.Tensor, targets: torch.Tensor,
+            autocast: bool, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token cross entropy of ``forward(inputs)`` against ``targets`` (both int64 ``[B, T]``) and the MoE
+    auxiliary loss; under bf16 autocast on CUDA when ``autocast``. ``reduction`` as in ``F.cross_entropy``
+    (``"none"``: ``[B * T]``)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = forward(inputs)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    return loss, out.aux_loss
+
+
+@torch.no_grad()
+def evaluate_loss(forward: Callable[[torch.Tensor], LMOutput], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  token_bytes: torch.Tensor, device: torch.device, autocast: bool,
+                  dist_ctx: DistContext = DistContext()) -> dict[str, float]:
+    """Loss (nats per token) and bits per byte of ``forward`` over ``batches`` (:func:`validation_batches`).
+
+    ``token_bytes``: int64 ``[V]`` UTF-8 bytes per token id on ``device`` (:func:`token_byte_lengths`). Under
+    torchrun each rank scores its rows of every batch and the sums are reduced over the ranks.
+    """
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    for inputs, targets in batches:
+        rows = local_rows(inputs.shape[0], dist_ctx)
+        inputs, targets = inputs[rows].to(device), targets[rows].to(device)
+        losses, _ = lm_loss(forward, inputs, targets, autocast, reduction="none")
+        total_nats += float(losses.sum())
+        total_tokens += targets.numel()
+        total_bytes += int(token_bytes[targets].sum())
+    total_nats, total_tokens, total_bytes = all_reduce_sum([total_nats, total_tokens, total_bytes], dist_ctx, device)
+    return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / math.log(2) / max(total_bytes, 1)}
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -219,27 +253,14 @@ class Trainer:
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.forward(inputs)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction=reduction)
-        return loss, out.aux_loss
+        return lm_loss(self.forward, inputs, targets, self.autocast, reduction)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats per token) and bits per byte over the fixed validation windows."""
         self.model.eval()
-        total_nats, total_tokens, total_bytes = 0.0, 0, 0
-        for inputs, targets in self.val_batches:
-            rows = local_rows(inputs.shape[0], self.dist)
-            inputs, targets = inputs[rows].to(self.device), targets[rows].to(self.device)
-            losses, _ = self._loss(inputs, targets, reduction="none")
-            total_nats += float(losses.sum())
-            total_tokens += targets.numel()
-            total_bytes += int(self.token_bytes[targets].sum())
-        total_nats, total_tokens, total_bytes = all_reduce_sum([total_nats, total_tokens, total_bytes], self.dist,
-                                                               self.device)
+        metrics = evaluate_loss(self.forward, self.val_batches, self.token_bytes, self.device, self.autocast, self.dist)
         self.model.train()
-        return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / math.log(2) / max(total_bytes, 1)}
+        return metrics
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg

@@ -1,0 +1,36 @@
+"""See what the memory does: gate heatmaps, Engram ablation, logit lens and table statistics.
+
+Each tool reads a trained checkpoint, returns dataclasses and writes its pictures and a JSON summary into
+an output folder; :mod:`engram.inspect.cli` is their command line (``engram inspect ...``). The model is
+read through forward hooks (:mod:`engram.inspect.hooks`), never changed.
+"""
+
+from engram.inspect.ablate import AblationReport, CategoryLoss, TokenLoss, run_ablate
+from engram.inspect.gates import GatesReport, TextGates, run_gates, text_gates
+from engram.inspect.hooks import recorded_gates, recorded_residuals, replaced_engram_output, zeroed_engram
+from engram.inspect.logit_lens import LensCurve, LogitLensReport, logit_lens, run_logit_lens
+from engram.inspect.table_stats import HeadStats, LayerStats, TableReport, run_table_stats, table_statistics
+
+__all__ = [
+    "AblationReport",
+    "CategoryLoss",
+    "GatesReport",
+    "HeadStats",
+    "LayerStats",
+    "LensCurve",
+    "LogitLensReport",
+    "TableReport",
+    "TextGates",
+    "TokenLoss",
+    "logit_lens",
+    "recorded_gates",
+    "recorded_residuals",
+    "replaced_engram_output",
+    "run_ablate",
+    "run_gates",
+    "run_logit_lens",
+    "run_table_stats",
+    "table_statistics",
+    "text_gates",
+    "zeroed_engram",
+]

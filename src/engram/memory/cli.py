@@ -1,0 +1,213 @@
+"""`engram tune` and `engram memory ...`: memory-only fine-tuning, and patches and table rows from the shell.
+
+Commands that change a model write a new ``save_pretrained`` folder (``--out``) unless told ``--in-place``, and
+save the inverse patch that undoes them beside it. Bad input raises ``ValueError`` naming the bad value (the
+``engram`` entry point turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from engram.memory.edit import DEFAULT_CORPUS_TOKENS, DEFAULT_TOP_NGRAMS, WRITE_MODES, LookupResult, lookup, write_ngram
+from engram.memory.patch import MemoryPatch, apply_patch, diff, load_patch, merge, revert, save_patch
+from engram.model import EngramLM
+from engram.parallel import resolve_device
+from engram.train.tune import DEFAULT_LR, DEFAULT_STEPS, tune_memory
+
+COLLISIONS_SHOWN = 3  # per head, in the lookup table
+
+
+def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``engram tune``: train a saved model's Engram tables on new text into a patch."""
+    parser = subparsers.add_parser(
+        "tune", help="memory-only fine-tuning: train the Engram tables of a saved model into a patch",
+        description="Freeze the backbone, train the Engram tables (optionally also the Engram gate projections) on "
+                    "--data, and write the rows that changed as a patch over the base model.")
+    parser.add_argument("--checkpoint", required=True, help="the base model: a save_pretrained folder (e.g. RUN/final)")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="presets, raw files/folders or a prepared corpus (tokenised with the base's tokenizer)")
+    parser.add_argument("--out", required=True, help="the patch file to write (e.g. NAME.patch)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of the tables")
+    parser.add_argument("--train-gates", action="store_true",
+                        help="also train the Engram value/key projections and gate norms (the patch must be applied, "
+                             "not served as an overlay)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--eval-data", nargs="+", default=None,
+                        help="a second data spec (e.g. general text) whose validation loss is reported before/after")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    tune_memory(args.checkpoint, args.data, args.out, steps=args.steps, lr=args.lr, train_gates=args.train_gates,
+                batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device,
+                progress=not args.no_progress, eval_data=args.eval_data, eval_batches=args.eval_batches)
+    return 0
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="a new folder for the changed model")
+    target.add_argument("--in-place", action="store_true", help="overwrite the --checkpoint folder")
+    parser.add_argument("--inverse", default=None,
+                        help="where the patch that undoes this is written (default, in the target folder: "
+                             "NAME.inverse.patch after apply NAME.patch, NAME.redo.patch after revert "
+                             "NAME.inverse.patch)")
+
+
+def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``engram memory lookup|write|apply|revert|merge|diff|show``."""
+    parser = subparsers.add_parser("memory", help="look up, write, apply, revert, merge and diff memory patches")
+    actions = parser.add_subparsers(dest="memory_command", required=True)
+
+    look = actions.add_parser("lookup", help="the rows a text reads per position, order and head, their collisions "
+                                             "with frequent n-grams of a corpus, and the gate values")
+    look.add_argument("text")
+    look.add_argument("--checkpoint", required=True)
+    look.add_argument("--corpus", nargs="+", default=None, help="data spec whose frequent n-grams are checked for "
+                                                                "collisions (presets, files, a prepared corpus)")
+    look.add_argument("--top-ngrams", type=int, default=DEFAULT_TOP_NGRAMS, help="most frequent n-grams per order")
+    look.add_argument("--corpus-tokens", type=int, default=DEFAULT_CORPUS_TOKENS, help="corpus tokens counted")
+    look.add_argument("--device", default="auto")
+    look.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    write = actions.add_parser("write", help="a patch that sets or blends the rows of one n-gram")
+    write.add_argument("ngram", help="2 to max_ngram_size tokens, written as mid-text (leading space: ' zebra code')")
+    write.add_argument("--checkpoint", required=True)
+    value = write.add_mutually_exclusive_group(required=True)
+    value.add_argument("--value", type=float, help="every element of the rows (0 erases)")
+    value.add_argument("--value-from", help="another n-gram of as many tokens whose rows are copied")
+    write.add_argument("--mode", choices=WRITE_MODES, default="set")
+    write.add_argument("--alpha", type=float, default=0.5, help="blend weight of the new value")
+    write.add_argument("--layer", type=int, default=None, help="one Engram layer (default: all)")
+    write.add_argument("--out", required=True, help="the patch file to write")
+
+    apply = actions.add_parser("apply", help="write a patch into a model")
+    apply.add_argument("patch")
+    apply.add_argument("--checkpoint", required=True, help="the patch's base model folder")
+    _add_target(apply)
+
+    undo = actions.add_parser("revert", help="undo an apply with the inverse patch it wrote")
+    undo.add_argument("patch", help="the inverse patch")
+    undo.add_argument("--checkpoint", required=True, help="the patched model folder")
+    _add_target(undo)
+
+    join = actions.add_parser("merge", help="merge two patches of one base (the second wins on shared rows)")
+    join.add_argument("first")
+    join.add_argument("second")
+    join.add_argument("--out", required=True)
+
+    compare = actions.add_parser("diff", help="the patch that turns one model folder into another")
+    compare.add_argument("base")
+    compare.add_argument("other")
+    compare.add_argument("--out", required=True)
+
+    info = actions.add_parser("show", help="what a patch holds")
+    info.add_argument("patch")
+    info.add_argument("--json", action="store_true")
+
+
+def _target(checkpoint: str, out: str | None, in_place: bool) -> Path:
+    """The folder a changed model is written to: ``out`` (new or empty), or the checkpoint with ``--in-place``."""
+    source = Path(checkpoint)
+    if in_place:
+        return source
+    target = Path(out)
+    if target.resolve() == source.resolve():
+        raise ValueError(f"--out {out!r} is the checkpoint folder itself; pass --in-place to overwrite it")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"--out {out!r} exists and is not an empty folder; choose a new one")
+    return target
+
+
+def _change_model(args: argparse.Namespace, console: Console) -> None:
+    """``apply`` and ``revert``: load, change, save into the target, write the inverse."""
+    target = _target(args.checkpoint, args.out, args.in_place)
+    model = EngramLM.from_pretrained(args.checkpoint)
+    patch = load_patch(args.patch, model)
+    inverse = apply_patch(model, patch) if args.memory_command == "apply" else revert(model, patch)
+    model.save_pretrained(target)
+    stem = Path(args.patch).stem
+    default = (f"{stem}.inverse.patch" if args.memory_command == "apply"
+               else f"{stem.removesuffix('.inverse')}.redo.patch")
+    inverse_path = Path(args.inverse) if args.inverse else target / default
+    save_patch(inverse, inverse_path)
+    console.print(f"{args.memory_command}: {patch.num_rows:,} rows" + (f", {len(patch.dense)} dense tensors"
+                  if patch.dense else "") + f" written; model saved to {target}; inverse patch {inverse_path}")
+
+
+def _summary(patch: MemoryPatch, path: str) -> dict:
+    return {"path": path, "bytes": Path(path).stat().st_size, "base_fingerprint": patch.base_fingerprint,
+            "rows": {str(layer_id): rows.shape[0] for layer_id, (rows, _) in patch.layers.items()},
+            "dense": {name: list(tensor.shape) for name, tensor in patch.dense.items()}, "metadata": patch.metadata}
+
+
+def _print_lookup(result: LookupResult, console: Console) -> None:
+    """One table per Engram layer: a row per position with its gates, rows per order and collisions."""
+    for index, first in enumerate(result.positions[0].layers):
+        orders = sorted({head.order for head in first.heads})
+        table = Table(title=f"Engram layer {first.layer}: rows read"
+                      + (f", collisions among the {result.top_ngrams} most frequent n-grams per order of "
+                         f"{result.corpus_tokens:,} corpus tokens" if result.corpus_tokens else ""))
+        for column in ("pos", "token", "gate per branch", *(f"{order}-gram rows" for order in orders), "collisions"):
+            table.add_column(column)
+        for position in result.positions:
+            layer = position.layers[index]
+            rows = [" ".join(str(head.row) for head in layer.heads if head.order == order) for order in orders]
+            collisions = [f"{head.order}g/h{head.head}: " + ", ".join(f"{c.ngram!r}x{c.count}"
+                                                                      for c in head.collisions[:COLLISIONS_SHOWN])
+                          for head in layer.heads if head.collisions]
+            cells = (str(position.position), repr(position.token), " ".join(f"{g:.2f}" for g in layer.gates), *rows,
+                     "\n".join(collisions))
+            table.add_row(*(Text(cell) for cell in cells))  # Text: token strings are not rich markup
+        console.print(table)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    console = Console()
+    command = args.memory_command
+    if command == "lookup":
+        model = EngramLM.from_pretrained(args.checkpoint).to(resolve_device(args.device))
+        result = lookup(model, args.text, corpus=args.corpus, top_ngrams=args.top_ngrams,
+                        corpus_tokens=args.corpus_tokens)
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            _print_lookup(result, console)
+    elif command == "write":
+        model = EngramLM.from_pretrained(args.checkpoint)
+        value = args.value if args.value_from is None else args.value_from
+        patch = write_ngram(model, args.ngram, value, layer=args.layer, mode=args.mode, alpha=args.alpha)
+        save_patch(patch, args.out)
+        rows = ", ".join(f"layer {layer_id}: {rows.tolist()}" for layer_id, (rows, _) in patch.layers.items())
+        console.print(f"patch of {args.ngram!r} ({rows}) written to {args.out}")
+    elif command in ("apply", "revert"):
+        _change_model(args, console)
+    elif command == "merge":
+        patch = merge(load_patch(args.first), load_patch(args.second))
+        save_patch(patch, args.out)
+        console.print(f"merged patch of {patch.num_rows:,} rows written to {args.out}")
+    elif command == "diff":
+        patch = diff(args.base, args.other)
+        save_patch(patch, args.out)
+        console.print(f"{patch.num_rows:,} rows" + (f" and {len(patch.dense)} dense tensors" if patch.dense else "")
+                      + f" differ: patch written to {args.out}")
+    else:
+        summary = _summary(load_patch(args.patch), args.patch)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            for key, item in summary.items():
+                console.print(f"[bold]{key}[/bold]: {item}")
+    return 0

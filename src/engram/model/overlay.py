@@ -1,0 +1,123 @@
+"""Per-request memories over shared tables: a :class:`RowOverlay` replaces some table rows for one batch row.
+
+A memory patch (``engram.memory``) changes a few thousand rows of tables of millions. Serving many of them
+from one model by copying tables would cost a table per memory; an overlay costs only its rows. The model
+reads its base rows as usual, then :func:`overlay_rows` swaps in, for batch row ``b``, every head vector whose
+flat row id is in ``overlays[b]``: an exact copy, so a row read through an overlay is bit-identical to the
+same row read from a table the patch was applied to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Pads every batch row's sorted ids to one width; no flat row id of a real table reaches it.
+_PAD_ROW = torch.iinfo(torch.int64).max
+
+
+@dataclass(frozen=True)
+class RowOverlay:
+    """One memory's replacement rows over a model's base tables (copy-on-write: the base table is never copied).
+
+    Attributes:
+        layers: ``{layer_id: (rows, values)}``: ``rows`` int64 ``[N]`` sorted unique flat row ids of that
+            layer's table (the rows of ``MultiHeadEmbedding.weight``, head offsets included), ``values``
+            ``[N, head_dim]`` in the table's dtype.
+
+    Example:
+        >>> overlay = RowOverlay({1: (torch.tensor([3, 40]), torch.zeros(2, 16))})
+        >>> overlay.num_rows
+        2
+    """
+
+    layers: dict[int, tuple[Tensor, Tensor]]
+
+    def __post_init__(self) -> None:
+        for layer_id, (rows, values) in self.layers.items():
+            if rows.dtype != torch.int64 or rows.dim() != 1:
+                raise ValueError(f"overlay layer {layer_id}: rows must be int64 [N], got {rows.dtype} "
+                                 f"{tuple(rows.shape)}")
+            if values.dim() != 2 or values.shape[0] != rows.shape[0]:
+                raise ValueError(f"overlay layer {layer_id}: values must be [N={rows.shape[0]}, head_dim], got "
+                                 f"{tuple(values.shape)}")
+            if rows.device != values.device:
+                raise ValueError(f"overlay layer {layer_id}: rows on {rows.device}, values on {values.device}")
+            # Checked where it costs no device synchronisation; a CUDA overlay comes from a checked CPU one (.to).
+            if not rows.is_cuda and rows.numel() and (bool(rows[0] < 0) or not bool((rows[1:] > rows[:-1]).all())):
+                raise ValueError(f"overlay layer {layer_id}: rows must be non-negative, sorted and unique")
+
+    def to(self, device: torch.device | str) -> RowOverlay:
+        """The same overlay with every tensor on ``device`` (do it once, not per forward)."""
+        return RowOverlay({layer_id: (rows.to(device), values.to(device))
+                           for layer_id, (rows, values) in self.layers.items()})
+
+    @property
+    def num_rows(self) -> int:
+        """Rows over all layers."""
+        return sum(rows.shape[0] for rows, _ in self.layers.values())
+
+
+def check_row_overlays(overlays: Sequence[RowOverlay | None], batch_size: int, head_dims: Mapping[int, int]) -> None:
+    """Raise ``ValueError`` unless there is one entry per batch row and every overlay names Engram layers of the
+    model (``head_dims``: ``{layer_id: head_dim}``) with rows of their width."""
+    if len(overlays) != batch_size:
+        raise ValueError(f"row_overlays has {len(overlays)} entries for a batch of {batch_size} rows: give one per "
+                         "batch row (None for the base memory)")
+    for index, overlay in enumerate(overlays):
+        if overlay is None:
+            continue
+        if not isinstance(overlay, RowOverlay):
+            raise ValueError(f"row_overlays[{index}] must be a RowOverlay or None, got {type(overlay).__name__}")
+        for layer_id, (_, values) in overlay.layers.items():
+            if layer_id not in head_dims:
+                raise ValueError(f"row_overlays[{index}] has rows for layer {layer_id}, which is not an Engram layer "
+                                 f"of this model (Engram layers: {sorted(head_dims)})")
+            if values.shape[1] != head_dims[layer_id]:
+                raise ValueError(f"row_overlays[{index}] layer {layer_id}: rows of width {values.shape[1]}, the "
+                                 f"table's are {head_dims[layer_id]}")
+
+
+def overlay_rows(memory: Tensor, flat_rows: Tensor, overlays: Sequence[RowOverlay | None], layer_id: int) -> Tensor:
+    """``memory`` with, in batch row ``b``, every head vector read from a row of ``overlays[b]`` replaced.
+
+    Args:
+        memory: ``[B, T, H * head_dim]`` the head vectors read from the base table (``MultiHeadEmbedding.fetch``).
+        flat_rows: ``[B, T, H]`` int64 the flat row ids they were read from (``flat_row_ids``).
+        overlays: one entry per batch row; ``None``, or an overlay without rows for ``layer_id``, keeps the base.
+        layer_id: the Engram layer of ``memory``.
+    Returns:
+        ``[B, T, H * head_dim]`` in ``memory``'s dtype; the replaced vectors are exact copies of the overlay's
+        values (cast to ``memory``'s dtype, as writing them into the table would). Plain torch, no host
+        synchronisation: each batch row's sorted ids are padded to one width and searched at once.
+
+    Example:
+        >>> memory = torch.zeros(2, 1, 2 * 3)                      # B=2, T=1, H=2 heads of width 3
+        >>> rows = torch.tensor([[[4, 9]], [[4, 9]]])
+        >>> overlay = RowOverlay({0: (torch.tensor([9]), torch.ones(1, 3))})
+        >>> overlay_rows(memory, rows, [overlay, None], layer_id=0)[:, 0].tolist()
+        [[0.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    """
+    batch, length, heads = flat_rows.shape
+    entries = [overlay.layers.get(layer_id) if overlay is not None else None for overlay in overlays]
+    width = max((rows.shape[0] for rows, _ in filter(None, entries)), default=0)
+    if width == 0:
+        return memory
+    head_dim = memory.shape[-1] // heads
+    device = memory.device
+    ids = torch.full((batch, width), _PAD_ROW, dtype=torch.int64, device=device)  # [B, W] ascending per row
+    values = torch.zeros(batch, width, head_dim, dtype=memory.dtype, device=device)  # [B, W, head_dim]
+    for b, entry in enumerate(entries):
+        if entry is not None:
+            rows, row_values = entry
+            ids[b, :rows.shape[0]] = rows.to(device, non_blocking=True)
+            values[b, :rows.shape[0]] = row_values.to(device, memory.dtype, non_blocking=True)
+    query = flat_rows.reshape(batch, length * heads)  # [B, T * H]
+    position = torch.searchsorted(ids, query).clamp_(max=width - 1)
+    hit = ids.gather(1, position) == query  # [B, T * H]
+    replacement = values.gather(1, position.unsqueeze(-1).expand(-1, -1, head_dim))  # [B, T * H, head_dim]
+    base = memory.reshape(batch, length * heads, head_dim)
+    return torch.where(hit.unsqueeze(-1), replacement, base).reshape(memory.shape)

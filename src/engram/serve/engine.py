@@ -1,0 +1,444 @@
+"""The server's inference engine: one model shared by every tenant, one worker thread, batched decoding.
+
+Requests wait in a queue. The worker takes the first one, waits ``batch_window_s`` for more (up to
+``max_batch``), left-pads the prompts into one batch and runs ONE prefill and one decode loop over it with a
+KV cache, as :meth:`EngramLM.generate` does (``attention_mask`` for the padding, ``engram_history`` for the
+incremental hashing). Each row passes its tenant's :class:`RowOverlay` to ``forward(row_overlays=...)``, so
+tenants share a batch and each row still reads its own tenant's memory. Rows have their own ``max_tokens``,
+temperature, top-p, seed and stop strings and finish independently; the batch ends when its last row does,
+then the next batch starts (static batching: a request arriving meanwhile waits for it).
+
+Every row reports through a callback: one :class:`GenerationEvent` per new piece of text, the last one with a
+``finish_reason``. A failing batch sends ``finish_reason="error"`` to its rows; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from engram.memory.patch import load_patch
+from engram.model import EngramLM
+from engram.model.overlay import RowOverlay
+from engram.model.sampling import sample_next
+from engram.parallel import resolve_device
+from engram.serve.metrics import Metrics
+from engram.tokenizer import load_tokenizer
+from engram.train.data import bos_id
+
+logger = logging.getLogger("engram.serve")
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion to run; build it with :meth:`Engine.prepare`, which checks every field."""
+
+    prompt_ids: tuple[int, ...]  # BOS first
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # the text ends before the first of these; it is not returned
+    seed: int | None = None  # a seeded request samples the same text whatever shares its batch
+    overlay: RowOverlay | None = field(default=None, repr=False)  # the tenant's memory; None: the base
+    tenant: str = ""  # for metrics
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """New text of one request; the last event has ``finish_reason`` and the token counts."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (stop string or end of document), "length", "cancelled", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_size: int = 0  # rows of the batch the request ran in
+    error: str | None = None  # with finish_reason "error"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as :meth:`Engine.complete` returns it."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int
+    error: str | None = None
+
+
+class EngineBusy(RuntimeError):
+    """The queue is full: try again later."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down or its worker is gone."""
+
+
+class Job:
+    """A submitted request: :meth:`cancel` stops it at the next decode step (its row then idles)."""
+
+    def __init__(self, request: GenerationRequest, on_event: Callable[[GenerationEvent], None]):
+        self.request = request
+        self.submitted = time.perf_counter()
+        self._on_event = on_event
+        self._cancelled = threading.Event()
+        self.finished = False
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: GenerationEvent) -> None:
+        """Hand ``event`` to the callback; a failing callback (a closed event loop) cancels the job."""
+        if event.finish_reason is not None:
+            self.finished = True
+        try:
+            self._on_event(event)
+        except Exception:  # noqa: BLE001 - the consumer is gone; the other rows must go on
+            logger.exception("a request's event callback failed; the request is cancelled")
+            self.cancel()
+
+
+class TextStream:
+    """Token ids -> text deltas of one row: holds back a tail that may start a stop string or end mid-character.
+
+    The concatenated deltas always equal the final text (the decoded completion, cut before a stop string).
+
+    Example:
+        >>> stream = TextStream(load_tokenizer("deepseek-v3"), stop=("\n\n",))  # doctest: +SKIP
+        >>> [stream.push(token_id) for token_id in (67, 291, 271)]  # "a", " b", "\n\n"  # doctest: +SKIP
+        [('a', False), (' b', False), ('', True)]
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the text already handed out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (new text safe to send, whether a stop string was reached)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            search_from = max(0, self.sent - max(len(s) for s in self.stop))
+            hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                return self._take(text, min(hits)), True
+        # an incomplete UTF-8 sequence decodes to U+FFFD until the next token completes it: hold it back
+        safe = len(text.rstrip("\ufffd"))
+        held = max((size for stop in self.stop for size in range(1, min(len(stop) - 1, safe) + 1)
+                    if text[safe - size:safe] == stop[:size]), default=0)  # a tail that may grow into a stop
+        return self._take(text, max(safe - held, self.sent)), False
+
+    def flush(self) -> str:
+        """Whatever was held back (the row ended without a stop string)."""
+        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        piece = text[self.sent:end]
+        self.sent += len(piece)
+        return piece
+
+
+@dataclass
+class _Row:
+    """One request's state inside a running batch."""
+
+    job: Job
+    text: TextStream
+    generator: torch.Generator | None
+    tokens: int = 0
+    done: bool = False
+
+
+class Engine:
+    """A model, its tokenizer and the worker thread that batches requests (see the module docstring).
+
+    Example:
+        >>> with Engine.from_checkpoint("runs/tiny/final") as engine:  # doctest: +SKIP
+        ...     engine.complete(engine.prepare("The capital of France is", max_tokens=8, temperature=0)).text
+    """
+
+    def __init__(self, model: EngramLM, tokenizer: Tokenizer, model_name: str = "engram", max_batch: int = 16,
+                 batch_window_s: float = 0.005, max_tokens_limit: int = 512, max_queue: int = 1024,
+                 metrics: Metrics | None = None):
+        if max_batch < 1 or max_queue < 1 or max_tokens_limit < 1 or batch_window_s < 0:
+            raise ValueError(f"max_batch, max_queue and max_tokens_limit must be >= 1 and batch_window_s >= 0, got "
+                             f"{max_batch}, {max_queue}, {max_tokens_limit} and {batch_window_s}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.max_queue = max_queue
+        self.context_length = model.cfg.max_position_embeddings
+        self.max_tokens_limit = min(max_tokens_limit, self.context_length - 1)
+        self.metrics = metrics or Metrics()
+        self.bos_id = bos_id(tokenizer)
+        self.device = model.embed.weight.device
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._closing = False
+        self._worker: threading.Thread | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike[str], device: str = "auto", model_name: str | None = None,
+                        **options) -> "Engine":
+        """Load a ``save_pretrained`` folder on ``device`` with its tokenizer; ``options`` go to :class:`Engine`."""
+        model = EngramLM.from_pretrained(checkpoint).to(resolve_device(device))
+        return cls(model, load_tokenizer(model.cfg.tokenizer), model_name or Path(checkpoint).resolve().name,
+                   **options)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt text -> ids, BOS first (documents start with BOS in training)."""
+        return [self.bos_id] + self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def prepare(self, prompt: str, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                stop: str | Sequence[str] | None = None, seed: int | None = None,
+                overlay: RowOverlay | None = None, tenant: str = "") -> GenerationRequest:
+        """A checked :class:`GenerationRequest`; ``ValueError`` naming the bad value (and lengths) otherwise."""
+        if not 1 <= max_tokens <= self.max_tokens_limit:
+            raise ValueError(f"max_tokens must be in [1, {self.max_tokens_limit}] on this server, got {max_tokens}")
+        if not 0 <= temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, "
+                             f"got {stop!r}")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        ids = self.encode(prompt)
+        if len(ids) + max_tokens > self.context_length:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} "
+                             f"tokens exceeds the model's context of {self.context_length} tokens")
+        return GenerationRequest(tuple(ids), max_tokens, float(temperature), float(top_p), stops, seed, overlay,
+                                 tenant)
+
+    def load_overlay(self, path: str | os.PathLike[str]) -> RowOverlay:
+        """A memory patch file as an overlay on this engine's device.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: the patch is refused: truncated or corrupt, made for another base model, or gate-tuned
+                (it replaces dense tensors, which an overlay cannot).
+        """
+        return load_patch(path, model=self.model).overlay().to(self.device)
+
+    @property
+    def alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> "Engine":
+        """Start the worker thread (once)."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="engram-engine", daemon=True)
+            self._worker.start()
+        return self
+
+    def close(self) -> None:
+        """Finish the running batch, fail the queued requests, stop the worker."""
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[GenerationEvent], None]) -> Job:
+        """Queue ``request``; ``on_event`` is called from the worker thread. ``EngineBusy`` when the queue is full."""
+        return self.submit_many([request], [on_event])[0]
+
+    def submit_many(self, requests: Sequence[GenerationRequest],
+                    on_events: Sequence[Callable[[GenerationEvent], None]]) -> list[Job]:
+        """Queue several requests at once: with nothing else waiting, up to ``max_batch`` of them share a batch."""
+        jobs = [Job(request, on_event) for request, on_event in zip(requests, on_events, strict=True)]
+        with self._wakeup:
+            if self._closing or not self.alive:
+                raise EngineClosed("the engine is not running")
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise EngineBusy(f"the server's queue is full ({self.max_queue} requests); retry later")
+            self._pending.extend(jobs)
+            self.metrics.set("engram_queue_depth", len(self._pending))
+            self._wakeup.notify()
+        return jobs
+
+    def complete(self, request: GenerationRequest) -> Completion:
+        """Run ``request`` and wait for it (from any thread but the worker)."""
+        return self.complete_many([request])[0]
+
+    def complete_many(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Run requests submitted together (one batch when they fit ``max_batch`` and nothing else waits) and wait
+        for all of them."""
+        inboxes: list[queue.SimpleQueue[GenerationEvent]] = [queue.SimpleQueue() for _ in requests]
+        self.submit_many(requests, [inbox.put for inbox in inboxes])
+        completions = []
+        for inbox in inboxes:
+            pieces = []
+            while (event := inbox.get()).finish_reason is None:
+                pieces.append(event.text)
+            pieces.append(event.text)
+            completions.append(Completion("".join(pieces), event.finish_reason, event.prompt_tokens,
+                                          event.completion_tokens, event.batch_size, event.error))
+        return completions
+
+    def _next_batch(self) -> list[Job] | None:
+        """Block until a request waits, then collect more for up to ``batch_window_s``; None when closing.
+        Requests cancelled while they waited get their last event here and are left out (the list may be empty)."""
+        with self._wakeup:
+            while not self._pending and not self._closing:
+                self._wakeup.wait()
+            if self._closing:
+                return None
+            deadline = time.perf_counter() + self.batch_window_s
+            while len(self._pending) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
+                self._wakeup.wait(left)
+            count = min(self.max_batch, len(self._pending))
+            jobs = [self._pending.popleft() for _ in range(count)]
+            self.metrics.set("engram_queue_depth", len(self._pending))
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                job.emit(GenerationEvent("", "cancelled", len(job.request.prompt_ids)))
+            else:
+                live.append(job)
+        return live
+
+    def _work(self) -> None:
+        while (jobs := self._next_batch()) is not None:
+            if not jobs:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._run_batch(jobs)
+            except Exception as err:  # noqa: BLE001 - one failing batch must not stop the server
+                logger.exception("batch of %d requests failed", len(jobs))
+                self.metrics.inc("engram_engine_errors_total")
+                for job in jobs:
+                    if not job.finished:
+                        job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), batch_size=len(jobs),
+                                                 error=f"{type(err).__name__}: {err}"))
+            if self._closing:
+                break
+        with self._wakeup:
+            leftover, self._pending = list(self._pending), collections.deque()
+        for job in leftover:
+            job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), error="the server is shutting down"))
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One batched prefill and decode loop over ``jobs`` (the core of :meth:`EngramLM.generate`, per row)."""
+        started = time.perf_counter()
+        model, cfg, batch = self.model, self.model.cfg, len(jobs)
+        self.metrics.inc("engram_batches_total")
+        self.metrics.observe("engram_batch_size", batch)
+        rows = []
+        for job in jobs:
+            self.metrics.observe("engram_queue_wait_seconds", started - job.submitted)
+            seed = job.request.seed
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            rows.append(_Row(job, TextStream(self.tokenizer, job.request.stop), generator))
+        prompt_len = max(len(job.request.prompt_ids) for job in jobs)
+        ids = torch.zeros(batch, prompt_len, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, job in enumerate(jobs):
+            prompt = job.request.prompt_ids
+            ids[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=self.device)
+            mask[row, prompt_len - len(prompt):] = 1
+        overlays = [job.request.overlay for job in jobs]
+        row_overlays = overlays if any(overlay is not None for overlay in overlays) else None
+        context = model.hasher.context if model.hasher is not None else 0
+        hash_source = ids.masked_fill(mask == 0, cfg.engram.pad_id) if cfg.engram is not None else ids
+        max_new = max(job.request.max_tokens for job in jobs)
+        cache = model.new_cache(batch, prompt_len + max_new)
+        out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, row_overlays=row_overlays)
+        while True:  # every row ends by its max_tokens, within the cache (which refuses to overflow)
+            next_ids = self._sample(out.logits[:, -1], rows)
+            for row, token_id in zip(rows, next_ids.tolist()):
+                if not row.done:
+                    self._advance(row, token_id, batch)
+            if all(row.done for row in rows):
+                return
+            history = hash_source[:, hash_source.shape[1] - context:] if context else None
+            hash_source = torch.cat([hash_source, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
+            out = model(next_ids[:, None], attention_mask=mask, cache=cache, engram_history=history,
+                        row_overlays=row_overlays)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """``[B, V]`` -> ``[B]`` next ids: one :func:`sample_next` per group of rows sampling alike (a seeded
+        row alone, with its generator); finished rows get 0 (their outputs are ignored)."""
+        next_ids = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        groups: dict[tuple[float, float, int], list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.done:
+                continue
+            request = row.job.request
+            if request.temperature == 0:
+                key = (0.0, 1.0, -1)
+            else:
+                key = (request.temperature, request.top_p, index if row.generator is not None else -1)
+            groups.setdefault(key, []).append(index)
+        for (temperature, top_p, _), indices in groups.items():
+            first = rows[indices[0]]
+            picked = torch.tensor(indices, device=logits.device)
+            next_ids[picked] = sample_next(logits[picked], temperature, top_p=top_p if top_p < 1 else None,
+                                           generator=first.generator, vocab_limit=self.model.cfg.tokenizer_vocab_size)
+        return next_ids
+
+    def _advance(self, row: _Row, token_id: int, batch: int) -> None:
+        """Take ``token_id`` into ``row``: emit its text, finish it on a stop, the end of the document or
+        ``max_tokens``, or when its job was cancelled."""
+        job, request = row.job, row.job.request
+        if job.cancelled:
+            row.done = True
+            job.emit(self._final(row, "", "cancelled", batch))
+            return
+        if row.tokens == 0:
+            self.metrics.observe("engram_time_to_first_token_seconds", time.perf_counter() - job.submitted)
+        row.tokens += 1
+        if token_id == self.bos_id:  # a new document begins: this one is over
+            reason, text = "stop", row.text.flush()
+        else:
+            text, stopped = row.text.push(token_id)
+            reason = "stop" if stopped else "length" if row.tokens == request.max_tokens else None
+            if reason == "length":
+                text += row.text.flush()
+        if reason is None:
+            if text:
+                job.emit(GenerationEvent(text))
+            return
+        row.done = True
+        job.emit(self._final(row, text, reason, batch))
+
+    def _final(self, row: _Row, text: str, reason: str, batch: int) -> GenerationEvent:
+        request = row.job.request
+        self.metrics.inc("engram_prompt_tokens_total", len(request.prompt_ids), tenant=request.tenant)
+        self.metrics.inc("engram_completion_tokens_total", row.tokens, tenant=request.tenant)
+        return GenerationEvent(text, reason, len(request.prompt_ids), row.tokens, batch)

@@ -1,0 +1,153 @@
+"""Memory-only fine-tuning: train a saved model's Engram tables on new text, backbone frozen, into a patch.
+
+Every parameter is frozen except the Engram tables (and, with ``train_gates``, each Engram module's value/key
+projection and gate norms). Tables train with sparse gradients and ``SparseAdam``, so a row no batch reads stays
+bit-identical; the model runs in eval mode, so no other state (MoE load statistics) moves either. The result is
+the :func:`engram.memory.diff` of the tuned model against the base: a :class:`~engram.memory.MemoryPatch` of the
+rows that changed, saved beside its base's fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from engram.memory.patch import MemoryPatch, diff, engram_tables, save_patch
+from engram.model import EngramLM
+from engram.parallel import resolve_device
+from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
+from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
+from engram.train.trainer import evaluate_loss, lm_loss
+
+DEFAULT_STEPS = 200
+DEFAULT_LR = 3e-2  # of the tables; the gate projections train at lr / table_lr_mult (the paper's ratio)
+
+
+def freeze_for_memory_tuning(model: EngramLM, train_gates: bool = False) -> list[str]:
+    """Freeze every parameter of ``model`` except its Engram tables (and, with ``train_gates``, each Engram
+    module's ``value_key_proj``, ``key_norm`` and ``query_norm``); returns the names left trainable."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        if block.engram is None:
+            continue
+        block.engram.multi_head_embedding.requires_grad_(True)
+        if train_gates:
+            for module in (block.engram.value_key_proj, block.engram.key_norm, block.engram.query_norm):
+                module.requires_grad_(True)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def _eval_sets(corpora: dict[str, Corpus], batch_size: int, seq_len: int, eval_batches: int,
+               console: Console) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Validation windows of each corpus whose validation split holds one window at least."""
+    sets = {}
+    for name, corpus in corpora.items():
+        tokens = corpus.tokens("val")
+        if len(tokens) < seq_len + 1:
+            console.print(f"{name}: validation split of {len(tokens)} tokens is shorter than one window of "
+                          f"{seq_len + 1}; its loss is not measured")
+            continue
+        sets[name] = validation_batches(tokens, batch_size, seq_len, eval_batches)
+    return sets
+
+
+def _spec(data: str | os.PathLike[str] | list[str]) -> list[str]:
+    """A data spec as the list of strings ``load_or_prepare`` takes (and a patch's metadata records)."""
+    return [str(data)] if isinstance(data, (str, os.PathLike)) else [str(entry) for entry in data]
+
+
+def tune_memory(base_dir: str | os.PathLike[str], data: str | os.PathLike[str] | list[str],
+                out_patch: str | os.PathLike[str], steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+                train_gates: bool = False, batch_size: int = 16, seq_len: int = 128, seed: int = 0,
+                device: str = "auto", progress: bool = True,
+                eval_data: str | os.PathLike[str] | list[str] | None = None, eval_batches: int = 8) -> MemoryPatch:
+    """Tune the Engram tables of the model saved in ``base_dir`` on ``data``; save and return the patch.
+
+    Args:
+        base_dir: a ``save_pretrained`` folder (e.g. a run's ``final/``); it is only read.
+        data: what ``engram train --data`` takes (presets, text files or folders, or a prepared corpus),
+            tokenised with the base model's tokenizer (a prepared corpus must have been prepared with it).
+        out_patch: where the patch is written (see :mod:`engram.memory.patch`).
+        steps: optimiser steps, each on ``batch_size`` windows of ``seq_len`` tokens drawn from the train split.
+        lr: peak learning rate of the tables (SparseAdam; linear warm-up over a tenth of the steps, then cosine).
+        train_gates: also train each Engram module's value/key projection and gate norms (AdamW at
+            ``lr / table_lr_mult``); the patch then carries those tensors and cannot be served as an overlay.
+        seed: the batch order (batch ``s`` is a function of ``seed`` and ``s``).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
+        progress: show a progress bar while tuning (the summary is printed either way).
+        eval_data: a second data spec (e.g. general text) whose validation loss is measured before and after,
+            beside ``data``'s own; losses land in ``patch.metadata["val_loss"]``.
+        eval_batches: validation batches per data set.
+    Returns:
+        The patch: rows that differ from the base, the base's fingerprint, and metadata (settings, losses).
+
+    Example:
+        >>> patch = tune_memory("runs/tiny/final", ["notes.txt"], "notes.patch", steps=100)  # doctest: +SKIP
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
+                        ("eval_batches", eval_batches)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    console = Console()
+    resolved = resolve_device(device)
+    base = EngramLM.from_pretrained(base_dir)
+    engram_tables(base)  # refuses a model without Engram
+    if seq_len > base.cfg.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{base.cfg.max_position_embeddings}")
+    model = EngramLM.from_pretrained(base_dir)
+    trainable = freeze_for_memory_tuning(model, train_gates)
+    enable_sparse_tables(model)
+    model.to(resolved).eval()
+    data, eval_data = _spec(data), (None if eval_data is None else _spec(eval_data))
+    corpora = {"domain": load_or_prepare(data, tokenizer=model.cfg.tokenizer, progress=progress)}
+    if eval_data is not None:
+        corpora["general"] = load_or_prepare(eval_data, tokenizer=model.cfg.tokenizer, progress=progress)
+    eval_sets = _eval_sets(corpora, batch_size, seq_len, eval_batches, console)
+    token_bytes = torch.from_numpy(token_byte_lengths(model.cfg.tokenizer)).to(resolved)
+    autocast = resolved.type == "cuda"
+    before = {name: evaluate_loss(model, windows, token_bytes, resolved, autocast)["val_loss"]
+              for name, windows in eval_sets.items()}
+
+    mult = OptimConfig.table_lr_mult
+    optimizer = EngramOptimizer(model, OptimConfig(lr=lr / mult, table_lr_mult=mult, weight_decay=0.0,
+                                                   warmup_steps=max(1, steps // 10)))
+    train_batches = TokenBatches(corpora["domain"].tokens("train"), batch_size, seq_len, seed)
+    bar = Progress(TextColumn("[bold]tuning memory"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
+                   disable=not progress)
+    loss_value = float("nan")
+    with bar:
+        task = bar.add_task("tune", total=steps, loss="-")
+        for step in range(steps):
+            optimizer.set_lr(step, steps)
+            inputs, targets = train_batches.batch(step)
+            loss, _ = lm_loss(model, inputs.to(resolved), targets.to(resolved), autocast)
+            loss.backward()
+            optimizer.clip_grad_norm()
+            optimizer.step()
+            optimizer.zero_grad()
+            loss_value = float(loss.detach())
+            bar.update(task, advance=1, loss=f"{loss_value:.3f}")
+    after = {name: evaluate_loss(model, windows, token_bytes, resolved, autocast)["val_loss"]
+             for name, windows in eval_sets.items()}
+
+    changed = diff(base, model)
+    metadata: dict[str, Any] = {
+        "kind": "tune", "data": data, "eval_data": eval_data, "steps": steps, "lr": lr, "train_gates": train_gates,
+        "trained": trainable, "batch_size": batch_size, "seq_len": seq_len, "seed": seed, "final_loss": loss_value,
+        "val_loss": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
+    }
+    patch = MemoryPatch(changed.layers, changed.base_fingerprint, changed.dense, metadata)
+    save_patch(patch, out_patch)
+    console.print(f"{patch.num_rows:,} rows changed in {len(patch.layers)} layer(s)"
+                  + (f", {len(patch.dense)} dense tensors" if patch.dense else "") + f": patch written to {out_patch}")
+    for name in eval_sets:
+        console.print(f"{name} validation loss: {before[name]:.4f} -> {after[name]:.4f}")
+    return patch
