@@ -15,6 +15,7 @@ Every row reports through a callback: one :class:`GenerationEvent` per new piece
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import queue
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from engram.memory.patch import load_patch
+from engram.memory.patch import load_patch, model_fingerprint
 from engram.model import EngramLM
 from engram.model.overlay import RowOverlay
 from engram.model.sampling import sample_next
@@ -241,7 +242,13 @@ class Engine:
             ValueError: the patch is refused: truncated or corrupt, made for another base model, or gate-tuned
                 (it replaces dense tensors, which an overlay cannot).
         """
-        return load_patch(path, model=self.model).overlay().to(self.device)
+        return load_patch(path, model=self.model, fingerprint=self.base_fingerprint).overlay().to(self.device)
+
+    @functools.cached_property
+    def base_fingerprint(self) -> str:
+        """The served model's :func:`~engram.memory.patch.model_fingerprint`, hashed once: tenants' overlays
+        never change the base model, and hashing every weight per patch load would take seconds on a big one."""
+        return model_fingerprint(self.model)
 
     @property
     def alive(self) -> bool:
