@@ -3,7 +3,7 @@
 from engram.model.attention import Attention, KVCache, RotaryEmbedding
 from engram.model.config import EngramLMConfig, MoEConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, sinkhorn_knopp
-from engram.model.lm import Block, EngramLM, LMOutput
+from engram.model.lm import Block, Decoding, EngramLM, LMOutput
 from engram.model.moe import FeedForward, MoE
 from engram.model.overlay import RowOverlay, overlay_rows
 from engram.model.params import baseline_config, count_parameters, iso_parameter_config, param_report
@@ -13,6 +13,7 @@ __all__ = [
     "PRESETS",
     "Attention",
     "Block",
+    "Decoding",
     "EngramLM",
     "EngramLMConfig",
     "FeedForward",

@@ -322,28 +322,58 @@ class EngramLM(nn.Module):
         was_training = self.training
         self.eval()
         device = input_ids.device
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        context = self.hasher.context if self.hasher is not None else 0
-        pad = self.cfg.engram.pad_id if self.cfg.engram is not None else 0
-        hash_source = input_ids.masked_fill(mask == 0, pad)  # raw ids as Engram sees them
-        cache = self.new_cache(batch, prompt_len + max_new_tokens)
+        decoding = Decoding(self, input_ids, max_new_tokens, attention_mask, row_overlays)
         ids = input_ids
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        out = self(input_ids, attention_mask=mask, cache=cache, logits_to_keep=1, row_overlays=row_overlays)
         for step in range(max_new_tokens):
-            next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator,
+            next_ids = sample_next(decoding.logits, temperature, top_k, top_p, generator,
                                    self.cfg.tokenizer_vocab_size)
             if eos_token_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
                 finished |= next_ids == eos_token_id
-            history = hash_source[:, hash_source.shape[1] - context:] if context else None
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            hash_source = torch.cat([hash_source, next_ids[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            out = self(next_ids[:, None], attention_mask=mask, cache=cache, engram_history=history,
-                       row_overlays=row_overlays)
+            decoding.step(next_ids)
         self.train(was_training)
         return ids
+
+
+class Decoding:
+    """One batched decode of ``model`` with a KV cache: the prompt is prefilled when built, then :meth:`step`
+    feeds one new token per row. Keeps what incremental decoding needs besides the cache: the attention mask
+    over every token so far and the raw ids Engram hashes (padding as its pad id), whose last ones are each
+    step's ``engram_history``. Used by :meth:`EngramLM.generate` and by the server's batched decode loop.
+
+    Args:
+        input_ids: ``[B, T]`` prompts, left-padded where ``attention_mask`` ``[B, T]`` is 0.
+        max_new_tokens: steps the cache must hold room for.
+        row_overlays: one per row (see :meth:`EngramLM.forward`), read by every step.
+
+    Attributes:
+        logits: ``[B, V]`` fp32 logits of the next token of every row (after the prefill or the last step).
+    """
+
+    def __init__(self, model: EngramLM, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None,
+                 row_overlays: Sequence[RowOverlay | None] | None = None):
+        self.model = model
+        self.row_overlays = row_overlays
+        self.mask = (torch.ones_like(input_ids) if attention_mask is None
+                     else attention_mask.to(input_ids.device).long())
+        pad = model.cfg.engram.pad_id if model.cfg.engram is not None else 0
+        self.hash_source = input_ids.masked_fill(self.mask == 0, pad)  # raw ids as Engram sees them
+        self.context = model.hasher.context if model.hasher is not None else 0
+        self.cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        self.logits = model(input_ids, attention_mask=self.mask, cache=self.cache, logits_to_keep=1,
+                            row_overlays=row_overlays).logits[:, -1]
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``next_ids`` ``[B]`` (one token per row); returns (and keeps) the next ``[B, V]`` logits."""
+        history = self.hash_source[:, self.hash_source.shape[1] - self.context:] if self.context else None
+        self.hash_source = torch.cat([self.hash_source, next_ids[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(next_ids[:, None])], dim=1)
+        self.logits = self.model(next_ids[:, None], attention_mask=self.mask, cache=self.cache,
+                                 engram_history=history, row_overlays=self.row_overlays).logits[:, -1]
+        return self.logits

@@ -2,8 +2,8 @@
 
 Requests wait in a queue. The worker takes the first one, waits ``batch_window_s`` for more (up to
 ``max_batch``), left-pads the prompts into one batch and runs ONE prefill and one decode loop over it with a
-KV cache, as :meth:`EngramLM.generate` does (``attention_mask`` for the padding, ``engram_history`` for the
-incremental hashing). Each row passes its tenant's :class:`RowOverlay` to ``forward(row_overlays=...)``, so
+KV cache through :class:`~engram.model.Decoding`, as :meth:`EngramLM.generate` does (``attention_mask`` for the
+padding, ``engram_history`` for the incremental hashing). Each row passes its tenant's :class:`RowOverlay` to ``forward(row_overlays=...)``, so
 tenants share a batch and each row still reads its own tenant's memory. Rows have their own ``max_tokens``,
 temperature, top-p, seed and stop strings and finish independently; the batch ends when its last row does,
 then the next batch starts (static batching: a request arriving meanwhile waits for it).
@@ -29,7 +29,7 @@ import torch
 from tokenizers import Tokenizer
 
 from engram.memory.patch import load_patch, model_fingerprint
-from engram.model import EngramLM
+from engram.model import Decoding, EngramLM
 from engram.model.overlay import RowOverlay
 from engram.model.sampling import sample_next
 from engram.parallel import resolve_device
@@ -360,9 +360,9 @@ class Engine:
             job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), error="the server is shutting down"))
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        """One batched prefill and decode loop over ``jobs`` (the core of :meth:`EngramLM.generate`, per row)."""
+        """One batched prefill and decode loop over ``jobs`` (a :class:`Decoding`, sampled and stopped per row)."""
         started = time.perf_counter()
-        model, cfg, batch = self.model, self.model.cfg, len(jobs)
+        batch = len(jobs)
         self.metrics.inc("engram_batches_total")
         self.metrics.observe("engram_batch_size", batch)
         rows = []
@@ -380,23 +380,16 @@ class Engine:
             mask[row, prompt_len - len(prompt):] = 1
         overlays = [job.request.overlay for job in jobs]
         row_overlays = overlays if any(overlay is not None for overlay in overlays) else None
-        context = model.hasher.context if model.hasher is not None else 0
-        hash_source = ids.masked_fill(mask == 0, cfg.engram.pad_id) if cfg.engram is not None else ids
         max_new = max(job.request.max_tokens for job in jobs)
-        cache = model.new_cache(batch, prompt_len + max_new)
-        out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, row_overlays=row_overlays)
+        decoding = Decoding(self.model, ids, max_new, mask, row_overlays)
         while True:  # every row ends by its max_tokens, within the cache (which refuses to overflow)
-            next_ids = self._sample(out.logits[:, -1], rows)
+            next_ids = self._sample(decoding.logits, rows)
             for row, token_id in zip(rows, next_ids.tolist()):
                 if not row.done:
                     self._advance(row, token_id, batch)
             if all(row.done for row in rows):
                 return
-            history = hash_source[:, hash_source.shape[1] - context:] if context else None
-            hash_source = torch.cat([hash_source, next_ids[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
-            out = model(next_ids[:, None], attention_mask=mask, cache=cache, engram_history=history,
-                        row_overlays=row_overlays)
+            decoding.step(next_ids)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """``[B, V]`` -> ``[B]`` next ids: one :func:`sample_next` per group of rows sampling alike (a seeded
