@@ -9,6 +9,7 @@ rows that changed, saved beside its base's fingerprint.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -101,7 +102,7 @@ def tune_memory(base_dir: str | os.PathLike[str], data: str | os.PathLike[str] |
     if seq_len > base.cfg.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                          f"{base.cfg.max_position_embeddings}")
-    model = EngramLM.from_pretrained(base_dir)
+    model = copy.deepcopy(base)  # the copy trains; ``base`` stays to diff against
     trainable = freeze_for_memory_tuning(model, train_gates)
     enable_sparse_tables(model)
     model.to(resolved).eval()
