@@ -5,7 +5,7 @@ from engram.model.config import EngramLMConfig, MoEConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, sinkhorn_knopp
 from engram.model.lm import Block, Decoding, EngramLM, LMOutput
 from engram.model.moe import FeedForward, MoE
-from engram.model.overlay import RowOverlay, overlay_rows
+from engram.model.overlay import RowOverlay, StackedOverlays, overlay_rows
 from engram.model.params import baseline_config, count_parameters, iso_parameter_config, param_report
 from engram.model.presets import PRESETS
 
@@ -24,6 +24,7 @@ __all__ = [
     "MoEConfig",
     "RotaryEmbedding",
     "RowOverlay",
+    "StackedOverlays",
     "StreamMerge",
     "baseline_config",
     "count_parameters",

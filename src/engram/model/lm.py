@@ -33,7 +33,7 @@ from engram.model.attention import Attention, KVCache
 from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
 from engram.model.moe import FeedForward, MoE
-from engram.model.overlay import RowOverlay, check_row_overlays, overlay_rows
+from engram.model.overlay import RowOverlay, StackedOverlays, replace_rows, stack_overlays
 from engram.model.params import count_parameters
 from engram.model.sampling import sample_next
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
@@ -182,7 +182,7 @@ class EngramLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 engram_history: torch.Tensor | None = None, logits_to_keep: int = 0,
-                row_overlays: Sequence[RowOverlay | None] | None = None) -> LMOutput:
+                row_overlays: Sequence[RowOverlay | None] | StackedOverlays | None = None) -> LMOutput:
         """Logits for ``input_ids``.
 
         Args:
@@ -197,7 +197,8 @@ class EngramLM(nn.Module):
                 prefill needs just the last (``[B, T, V]`` fp32 logits of 512 x 1024 tokens are 270 GB).
             row_overlays: one entry per batch row: a :class:`~engram.model.overlay.RowOverlay` whose rows replace
                 the table rows that row reads (a memory patch served without applying it), or ``None`` for the
-                base tables.
+                base tables; or those overlays already stacked by :meth:`stack_overlays` (what a decode passes
+                at every step).
         Returns:
             :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32; ``[B, logits_to_keep, V]`` when given).
         """
@@ -221,8 +222,10 @@ class EngramLM(nn.Module):
 
         tables = {block.layer_idx: block.engram.multi_head_embedding for block in self.blocks
                   if block.engram is not None}
-        if row_overlays is not None:
-            check_row_overlays(row_overlays, batch, {layer: table.head_dim for layer, table in tables.items()})
+        if row_overlays is not None and not isinstance(row_overlays, StackedOverlays):
+            row_overlays = self.stack_overlays(row_overlays, batch, input_ids.device)
+        if row_overlays is not None and row_overlays.batch_size != batch:
+            raise ValueError(f"row_overlays were stacked for {row_overlays.batch_size} rows, the batch has {batch}")
         memories = None
         if self.hasher is not None:
             hash_input = input_ids
@@ -230,12 +233,9 @@ class EngramLM(nn.Module):
                 hash_input = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
             hash_ids = self.hasher.hash_all(hash_input, history=engram_history)
             memories = {layer: table.fetch(hash_ids[layer]) for layer, table in tables.items()}
-            if row_overlays is not None:
-                for layer, table in tables.items():
-                    if any(overlay is not None and layer in overlay.layers for overlay in row_overlays):
-                        memories[layer] = memories[layer].then(functools.partial(
-                            overlay_rows, flat_rows=table.flat_row_ids(hash_ids[layer]), overlays=row_overlays,
-                            layer_id=layer))
+            for layer, stacked in (row_overlays.layers.items() if row_overlays is not None else ()):
+                memories[layer] = memories[layer].then(functools.partial(
+                    replace_rows, flat_rows=tables[layer].flat_row_ids(hash_ids[layer]), stacked=stacked))
 
         hidden = self.embed(input_ids)  # [B, T, D]
         streams = expand_streams(hidden, self.cfg.hc_mult) if self.cfg.hc_mult > 1 else hidden.unsqueeze(2)
@@ -260,6 +260,15 @@ class EngramLM(nn.Module):
         aux_terms = [moe.aux_loss for moe in self.moe_layers if moe.aux_loss is not None]
         aux_loss = torch.stack(aux_terms).sum() if aux_terms and self.training else None
         return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    def stack_overlays(self, overlays: Sequence[RowOverlay | None], batch_size: int,
+                       device: torch.device | str) -> StackedOverlays:
+        """``overlays`` (one per batch row, see :meth:`forward`) checked against this model's Engram layers and a
+        batch of ``batch_size``, stacked on ``device`` once for every forward of a decode (as :class:`Decoding`
+        does)."""
+        head_dims = {block.layer_idx: block.engram.multi_head_embedding.head_dim for block in self.blocks
+                     if block.engram is not None}
+        return stack_overlays(overlays, batch_size, head_dims, device)
 
     def readout(self, streams: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[B, T, V]`` of residual streams ``[B, T, M, D]``: streams merged, final norm, LM head
@@ -349,7 +358,7 @@ class Decoding:
     Args:
         input_ids: ``[B, T]`` prompts, left-padded where ``attention_mask`` ``[B, T]`` is 0.
         max_new_tokens: steps the cache must hold room for.
-        row_overlays: one per row (see :meth:`EngramLM.forward`), read by every step.
+        row_overlays: one per row (see :meth:`EngramLM.forward`), stacked once and read by every step.
 
     Attributes:
         logits: ``[B, V]`` fp32 logits of the next token of every row (after the prefill or the last step).
@@ -359,7 +368,8 @@ class Decoding:
                  attention_mask: torch.Tensor | None = None,
                  row_overlays: Sequence[RowOverlay | None] | None = None):
         self.model = model
-        self.row_overlays = row_overlays
+        self.row_overlays = (None if row_overlays is None
+                             else model.stack_overlays(row_overlays, input_ids.shape[0], input_ids.device))
         self.mask = (torch.ones_like(input_ids) if attention_mask is None
                      else attention_mask.to(input_ids.device).long())
         pad = model.cfg.engram.pad_id if model.cfg.engram is not None else 0

@@ -81,6 +81,70 @@ def check_row_overlays(overlays: Sequence[RowOverlay | None], batch_size: int, h
                                  f"table's are {head_dims[layer_id]}")
 
 
+@dataclass(frozen=True)
+class StackedOverlays:
+    """The overlays of one batch, stacked once per Engram layer for :func:`replace_rows` (a decode reuses them
+    at every step instead of re-stacking every overlay's rows per forward).
+
+    Attributes:
+        batch_size: the batch rows the overlays belong to.
+        layers: ``{layer_id: (ids, values)}`` for the layers some overlay has rows for: ``ids`` int64 ``[B, W]``
+            each batch row's sorted ids padded to the widest, ``values`` ``[B, W, head_dim]``.
+    """
+
+    batch_size: int
+    layers: dict[int, tuple[Tensor, Tensor]]
+
+
+def stacked_rows(overlays: Sequence[RowOverlay | None], layer_id: int,
+                 device: torch.device | str) -> tuple[Tensor, Tensor] | None:
+    """``(ids [B, W], values [B, W, head_dim])`` of ``layer_id``'s rows in ``overlays`` (one per batch row) on
+    ``device``, or ``None`` when none has rows there. Values keep the widest of the overlays' dtypes (an exact
+    conversion), so that casting them to the table's dtype afterwards is what casting each directly would be."""
+    entries = [overlay.layers.get(layer_id) if overlay is not None else None for overlay in overlays]
+    present = [entry for entry in entries if entry is not None]
+    width = max((rows.shape[0] for rows, _ in present), default=0)
+    if width == 0:
+        return None
+    dtype = present[0][1].dtype
+    for _, row_values in present[1:]:
+        dtype = torch.promote_types(dtype, row_values.dtype)
+    head_dim = present[0][1].shape[1]
+    ids = torch.full((len(entries), width), _PAD_ROW, dtype=torch.int64, device=device)  # ascending per row
+    values = torch.zeros(len(entries), width, head_dim, dtype=dtype, device=device)
+    for b, entry in enumerate(entries):
+        if entry is not None:
+            rows, row_values = entry
+            ids[b, :rows.shape[0]] = rows.to(device, non_blocking=True)
+            values[b, :rows.shape[0]] = row_values.to(device, dtype, non_blocking=True)
+    return ids, values
+
+
+def stack_overlays(overlays: Sequence[RowOverlay | None], batch_size: int, head_dims: Mapping[int, int],
+                   device: torch.device | str) -> StackedOverlays:
+    """Check ``overlays`` (one per batch row, see :func:`check_row_overlays`) and stack them for every layer of
+    ``head_dims`` (``{layer_id: head_dim}``) on ``device``."""
+    check_row_overlays(overlays, batch_size, head_dims)
+    layers = {layer_id: stacked for layer_id in head_dims
+              if (stacked := stacked_rows(overlays, layer_id, device)) is not None}
+    return StackedOverlays(batch_size, layers)
+
+
+def replace_rows(memory: Tensor, flat_rows: Tensor, stacked: tuple[Tensor, Tensor]) -> Tensor:
+    """``memory`` ``[B, T, H * head_dim]`` with every head vector whose flat row id (``flat_rows`` ``[B, T, H]``)
+    is among its batch row's ``stacked`` ids (:func:`stacked_rows`) replaced by that id's values, cast to
+    ``memory``'s dtype. Plain torch, no host synchronisation: every row's ids are searched at once."""
+    ids, values = stacked
+    batch, length, heads = flat_rows.shape
+    head_dim = memory.shape[-1] // heads
+    query = flat_rows.reshape(batch, length * heads)  # [B, T * H]
+    position = torch.searchsorted(ids, query).clamp_(max=ids.shape[1] - 1)
+    hit = ids.gather(1, position) == query  # [B, T * H]
+    replacement = values.gather(1, position.unsqueeze(-1).expand(-1, -1, head_dim)).to(memory.dtype)
+    base = memory.reshape(batch, length * heads, head_dim)
+    return torch.where(hit.unsqueeze(-1), replacement, base).reshape(memory.shape)
+
+
 def overlay_rows(memory: Tensor, flat_rows: Tensor, overlays: Sequence[RowOverlay | None], layer_id: int) -> Tensor:
     """``memory`` with, in batch row ``b``, every head vector read from a row of ``overlays[b]`` replaced.
 
@@ -91,8 +155,8 @@ def overlay_rows(memory: Tensor, flat_rows: Tensor, overlays: Sequence[RowOverla
         layer_id: the Engram layer of ``memory``.
     Returns:
         ``[B, T, H * head_dim]`` in ``memory``'s dtype; the replaced vectors are exact copies of the overlay's
-        values (cast to ``memory``'s dtype, as writing them into the table would). Plain torch, no host
-        synchronisation: each batch row's sorted ids are padded to one width and searched at once.
+        values (cast to ``memory``'s dtype, as writing them into the table would). ``memory`` itself when no
+        overlay has rows for ``layer_id``.
 
     Example:
         >>> memory = torch.zeros(2, 1, 2 * 3)                      # B=2, T=1, H=2 heads of width 3
@@ -101,23 +165,5 @@ def overlay_rows(memory: Tensor, flat_rows: Tensor, overlays: Sequence[RowOverla
         >>> overlay_rows(memory, rows, [overlay, None], layer_id=0)[:, 0].tolist()
         [[0.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
     """
-    batch, length, heads = flat_rows.shape
-    entries = [overlay.layers.get(layer_id) if overlay is not None else None for overlay in overlays]
-    width = max((rows.shape[0] for rows, _ in filter(None, entries)), default=0)
-    if width == 0:
-        return memory
-    head_dim = memory.shape[-1] // heads
-    device = memory.device
-    ids = torch.full((batch, width), _PAD_ROW, dtype=torch.int64, device=device)  # [B, W] ascending per row
-    values = torch.zeros(batch, width, head_dim, dtype=memory.dtype, device=device)  # [B, W, head_dim]
-    for b, entry in enumerate(entries):
-        if entry is not None:
-            rows, row_values = entry
-            ids[b, :rows.shape[0]] = rows.to(device, non_blocking=True)
-            values[b, :rows.shape[0]] = row_values.to(device, memory.dtype, non_blocking=True)
-    query = flat_rows.reshape(batch, length * heads)  # [B, T * H]
-    position = torch.searchsorted(ids, query).clamp_(max=width - 1)
-    hit = ids.gather(1, position) == query  # [B, T * H]
-    replacement = values.gather(1, position.unsqueeze(-1).expand(-1, -1, head_dim))  # [B, T * H, head_dim]
-    base = memory.reshape(batch, length * heads, head_dim)
-    return torch.where(hit.unsqueeze(-1), replacement, base).reshape(memory.shape)
+    stacked = stacked_rows(overlays, layer_id, memory.device)
+    return memory if stacked is None else replace_rows(memory, flat_rows, stacked)
