@@ -86,7 +86,7 @@ def main() -> None:
     t_numpy = best_of(lambda: numpy_demo_style(hasher, raw))
     rows.append((f"hash_all, demo config, {args.batch}x{args.length} tokens, torch CPU ({torch.get_num_threads()} threads)",
                  f"{tokens / t_torch / 1e6:.2f} M tokens/s", "identical ids"))
-    rows.append((f"same, NumPy in the demo's style", f"{tokens / t_numpy / 1e6:.2f} M tokens/s", ""))
+    rows.append(("same, NumPy in the demo's style", f"{tokens / t_numpy / 1e6:.2f} M tokens/s", ""))
 
     header = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"torch {torch.__version__}, numpy {np.__version__}\n"

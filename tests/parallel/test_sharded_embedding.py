@@ -99,6 +99,15 @@ def scenario_world2(rank: int, world: int) -> dict:
     results["lm_placements"] = [b.engram.multi_head_embedding.placement for b in model.blocks if b.engram]
     with torch.no_grad():
         results["lm_logits"] = model(lm_input_ids(rank)).logits
+
+    torch.manual_seed(rank)  # the ranks draw different rows
+    meta = EngramLM(small_lm_config(), table_device="meta").eval()
+    results["meta_tables_sharded"] = shard_engram_tables(meta, device="cpu")
+    results["meta_left"] = [name for name, p in meta.named_parameters() if p.is_meta]
+    results["meta_shards"] = [b.engram.multi_head_embedding.weight.detach().clone() for b in meta.blocks if b.engram]
+    results["meta_tables"] = [b.engram.multi_head_embedding.table() for b in meta.blocks if b.engram]
+    with torch.no_grad():
+        results["meta_logits"] = meta(lm_input_ids(rank)).logits
     return results
 
 
@@ -203,6 +212,23 @@ def test_world2_matches_single_process_table_and_lm(tmp_path):
                 torch.testing.assert_close(r["lm_logits"], model(lm_input_ids(rank)).logits, rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
+    check_meta_built(results, [b.engram.multi_head_embedding.num_rows for b in model.blocks if b.engram])
+
+
+def check_meta_built(results: list[dict], sizes: list[int]) -> None:
+    """A model built with table_device="meta" and sharded: each rank drew its own rows, nothing left on meta."""
+    for r in results:
+        assert r["meta_tables_sharded"] == 2
+        assert r["meta_left"] == []
+        assert torch.isfinite(r["meta_logits"]).all()
+    for layer, rows in enumerate(sizes):
+        shards = [r["meta_shards"][layer] for r in results]
+        assert [s.shape[0] for s in shards] == [-(-rows // 2), rows - -(-rows // 2)]
+        assert not torch.equal(shards[0][:5], shards[1][:5])  # each rank drew its own rows
+        whole = torch.cat(shards)
+        for r in results:  # the exchange assembles the same table on both ranks
+            torch.testing.assert_close(r["meta_tables"][layer], whole, rtol=0, atol=0)
+        assert 0.8 < float(whole.std()) < 1.2  # N(0, init_std = 1)
 
 
 def test_world3_uneven_shards_and_an_empty_batch(tmp_path):

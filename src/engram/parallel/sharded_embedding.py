@@ -209,8 +209,18 @@ class ShardedMultiHeadEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: MultiHeadEmbedding, group: ProcessGroup | None = None,
-                       dedup: bool = True) -> ShardedMultiHeadEmbedding:
-        """This rank's rows of ``embedding``'s table (a copy, on its device and in its dtype); same ``sparse``."""
+                       dedup: bool = True, device: torch.device | str | None = None) -> ShardedMultiHeadEmbedding:
+        """This rank's rows of ``embedding``'s table (a copy, on its device and in its dtype); same ``sparse``.
+
+        A table allocated on the meta device (``EngramLM(cfg, table_device="meta")``) has no rows to copy: this
+        rank's rows are then allocated on ``device`` and drawn N(0, init_std) from this rank's RNG, so no process
+        ever holds the whole table (the shards then differ from a single-process table of the same seed).
+        """
+        if embedding.weight.is_meta:
+            fresh = cls(embedding.table_sizes, embedding.head_dim, group=group, sparse=embedding.sparse,
+                        init_std=embedding.init_std, dedup=dedup, device=device)
+            fresh.offsets = fresh.offsets.to(fresh.weight.device)
+            return fresh
         source = embedding.table()
         sharded = cls(embedding.table_sizes, embedding.head_dim, group=group, sparse=embedding.sparse,
                       init_std=embedding.init_std, dedup=dedup, device="meta")
@@ -254,12 +264,15 @@ class ShardedMultiHeadEmbedding(nn.Module):
 TABLE_MODULES = (MultiHeadEmbedding, ShardedMultiHeadEmbedding)
 
 
-def shard_engram_tables(model: nn.Module, group: ProcessGroup | None = None, dedup: bool = True) -> int:
+def shard_engram_tables(model: nn.Module, group: ProcessGroup | None = None, dedup: bool = True,
+                        device: torch.device | str | None = None) -> int:
     """Replace every :class:`MultiHeadEmbedding` under ``model`` by its :class:`ShardedMultiHeadEmbedding`; returns
     how many.
 
     Each keeps its attribute name, so parameter names stay ``...multi_head_embedding.weight``. Build the model
     identically (same seed) on every rank first: the shards together then hold exactly the single-process tables.
+    A model built with ``table_device="meta"`` gets fresh rows on ``device`` instead, drawn per rank
+    (:meth:`ShardedMultiHeadEmbedding.from_embedding`): tables larger than one process could hold.
     """
     found = [(name, module) for name, module in model.named_modules() if isinstance(module, MultiHeadEmbedding)]
     for name, embedding in found:
@@ -267,5 +280,5 @@ def shard_engram_tables(model: nn.Module, group: ProcessGroup | None = None, ded
             raise TypeError("model is itself a MultiHeadEmbedding: use ShardedMultiHeadEmbedding.from_embedding")
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr,
-                ShardedMultiHeadEmbedding.from_embedding(embedding, group=group, dedup=dedup))
+                ShardedMultiHeadEmbedding.from_embedding(embedding, group=group, dedup=dedup, device=device))
     return len(found)
