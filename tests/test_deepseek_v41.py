@@ -25,14 +25,15 @@ ORIGINAL_VOCAB, COMPRESSED_VOCAB, PAD = 129_280, 99_092, 2
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton: the GPU, else its interpreter
 
 
-def reference_primes() -> dict[int, list[int]]:
-    """``{layer: [prime per (order, head)]}``, orders 2..4, heads 0..7, in that (column) order."""
+def reference_primes(vocab: int = 16_000_000) -> dict[int, list[int]]:
+    """``{layer: [prime per (order, head)]}``, orders 2..4, heads 0..7, in that (column) order; each order's
+    search starts at ``vocab - 1`` (V4.1's engram_vocab_size; the synthetic checkpoints use a small one)."""
     used: set[int] = set()
     out: dict[int, list[int]] = {}
     for layer in (1, 14):
         out[layer] = []
         for _order in (2, 3, 4):
-            candidate = 16_000_000 - 1
+            candidate = vocab - 1
             for _head in range(8):
                 candidate += 1
                 while not reference_is_prime(candidate) or candidate in used:
@@ -48,9 +49,10 @@ def reference_multipliers(layer: int) -> list[int]:
     return [int(d) * 2 + 1 for d in draws]
 
 
-def reference_rows(lookup: np.ndarray, ids: list[int], dead: list[bool], layer: int) -> list[list[int]]:
+def reference_rows(lookup: np.ndarray, ids: list[int], dead: list[bool], layer: int, vocab: int = 16_000_000
+                   ) -> list[list[int]]:
     """``[T][24]`` row ids of one whole sequence (no history), straight from the statement above."""
-    primes, mults, pad = reference_primes()[layer], reference_multipliers(layer), int(lookup[PAD])
+    primes, mults, pad = reference_primes(vocab)[layer], reference_multipliers(layer), int(lookup[PAD])
     rows = []
     for t in range(len(ids)):
         columns = []
@@ -67,11 +69,16 @@ def reference_rows(lookup: np.ndarray, ids: list[int], dead: list[bool], layer: 
     return rows
 
 
+def stand_in_tokenizer() -> CompressedTokenizer:
+    """A map of 129,280 ids onto 99,092 canonical ids, every one of them used (the V4 tokenizer's sizes)."""
+    lookup = np.random.default_rng(41).integers(0, COMPRESSED_VOCAB, size=ORIGINAL_VOCAB)
+    lookup[:COMPRESSED_VOCAB] = np.random.default_rng(42).permutation(COMPRESSED_VOCAB)
+    return CompressedTokenizer(lookup)
+
+
 @pytest.fixture(scope="module")
 def v41_hasher() -> NgramHasher:
-    lookup = np.random.default_rng(41).integers(0, COMPRESSED_VOCAB, size=ORIGINAL_VOCAB)
-    lookup[:COMPRESSED_VOCAB] = np.random.default_rng(42).permutation(COMPRESSED_VOCAB)  # every canonical id used
-    return NgramHasher(EngramConfig.from_hf_config({"text_config": TEXT_CONFIG}), tokenizer=CompressedTokenizer(lookup))
+    return NgramHasher(EngramConfig.from_hf_config({"text_config": TEXT_CONFIG}), tokenizer=stand_in_tokenizer())
 
 
 def random_sequences(seed: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +93,10 @@ def random_sequences(seed: int, batch: int, length: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(ids), torch.from_numpy(dead)
 
 
-def expected(hasher: NgramHasher, ids: torch.Tensor, dead: torch.Tensor, layer: int) -> torch.Tensor:
-    return torch.tensor([reference_rows(hasher.tokenizer.lookup, row.tolist(), mask.tolist(), layer)
+def expected(hasher: NgramHasher, ids: torch.Tensor, dead: torch.Tensor, layer: int, vocab: int = 16_000_000
+             ) -> torch.Tensor:
+    """``[B, T, 24]`` row ids of :func:`reference_rows` for every sequence."""
+    return torch.tensor([reference_rows(hasher.tokenizer.lookup, row.tolist(), mask.tolist(), layer, vocab)
                          for row, mask in zip(ids, dead)])
 
 

@@ -1,6 +1,7 @@
 """engram: conditional memory for language models (DeepSeek's Engram), exact, fast and trainable."""
 
 from engram.config import VARIANTS, EngramConfig, EngramVariant
+from engram.deepseek_v41 import DeepSeekV41Engram, load_deepseek_v41_engram
 from engram.embedding import MultiHeadEmbedding
 from engram.engram import BranchRMSNorm, Engram, ShortConv, convert_demo_state_dict
 from engram.hashing import DEAD_TOKEN, NgramHasher, is_prime, next_prime
@@ -14,6 +15,7 @@ __all__ = [
     "VARIANTS",
     "BranchRMSNorm",
     "CompressedTokenizer",
+    "DeepSeekV41Engram",
     "Engram",
     "EngramConfig",
     "EngramVariant",
@@ -23,5 +25,6 @@ __all__ = [
     "__version__",
     "convert_demo_state_dict",
     "is_prime",
+    "load_deepseek_v41_engram",
     "next_prime",
 ]

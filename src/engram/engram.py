@@ -7,8 +7,13 @@ Per token t and residual branch m of M (brief §2.5-2.6):
     alpha_m  = sigmoid(sign(g_m) * sqrt(max(|g_m|, 1e-6)))                      [B, T, M]
     value_m  = alpha_m * v                                                      [B, T, M, D]
     output   = value + SiLU(causal depthwise conv(RMSNorm_m(value)))           [B, T, M, D]
-The caller adds ``output`` to the hidden state before the block's attention. The gate's norms and dot
-product run in fp32 whatever the autocast dtype.
+The caller adds ``output`` to the hidden state before the block's attention (:meth:`Engram.add_to`). The gate's
+norms and dot product run in fp32 whatever the autocast dtype.
+
+``cfg.variant_spec`` switches the layer around this (:data:`engram.config.VARIANTS`). DeepSeek-V4.1
+(``"deepseek-v4.1"``) has no ShortConv (output = value_m), a bias-free projection laid out keys then value,
+RMSNorm eps 1e-20, FP8 table rows, gate 0 at dead positions (``dead_mask``), and ``h + value_m`` computed in
+fp32 and cast back to the hidden dtype.
 """
 
 from __future__ import annotations
@@ -78,7 +83,10 @@ class ShortConv(nn.Module):
 
 
 class Engram(nn.Module):
-    """Conditional memory for one block: returns the delta to add to the hidden state.
+    """Conditional memory for one block: returns the delta to add to the hidden state (:meth:`add_to` adds it).
+
+    The variant (``cfg.variant_spec``) decides the layer: the demo's ShortConv or none, the projection's bias
+    and output layout, the gate's RMSNorm eps, float or FP8 table rows, dead-token gating, the fp32 residual.
 
     Args:
         cfg: the Engram configuration (tables, hashing, kernel size).
@@ -114,15 +122,19 @@ class Engram(nn.Module):
         self.hidden_size = hidden_size
         self.hc_mult = hc_mult
         self.hasher = hasher if hasher is not None else NgramHasher(cfg)
+        spec = cfg.variant_spec
         self.multi_head_embedding = MultiHeadEmbedding(
             self.hasher.flat_table_sizes(layer_id), cfg.head_dim, sparse=sparse, init_std=table_init_std,
-            device=table_device)
-        # Rows [0, D) are W_V (shared by branches), rows [(m + 1) D, (m + 2) D) are W_K^(m).
-        self.value_key_proj = nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size)
-        self.key_norm = BranchRMSNorm(hc_mult, hidden_size)
-        self.query_norm = BranchRMSNorm(hc_mult, hidden_size)
-        self.short_conv = ShortConv(hidden_size, hc_mult, cfg.kernel_size, dilation=cfg.max_ngram_size,
-                                    zero_init=conv_zero_init)
+            device=table_device, row_format="fp8" if spec.table_format == "fp8-e4m3-ue8m0" else "float")
+        # "value,keys" (demo): rows [0, D) are W_V (shared by branches), rows [(m + 1) D, (m + 2) D) are W_K^(m).
+        # "keys,value" (V4.1's wkv): rows [m D, (m + 1) D) are W_K^(m), rows [M D, (M + 1) D) are W_V.
+        self.value_key_proj = nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size, bias=spec.projection_bias)
+        self.key_norm = BranchRMSNorm(hc_mult, hidden_size, eps=spec.rms_eps)
+        self.query_norm = BranchRMSNorm(hc_mult, hidden_size, eps=spec.rms_eps)
+        self.short_conv = None
+        if spec.use_short_conv:
+            self.short_conv = ShortConv(hidden_size, hc_mult, cfg.kernel_size, dilation=cfg.max_ngram_size,
+                                        zero_init=conv_zero_init)
 
     def memory(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """``[B, T, heads]`` row ids -> ``[B, T, (max_ngram_size - 1) * n_embed_per_ngram]`` memory vectors."""
@@ -131,7 +143,8 @@ class Engram(nn.Module):
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None,
                 hash_ids: torch.Tensor | None = None, return_gates: bool = False,
                 conv_states: dict[int, torch.Tensor] | None = None, token_mask: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                memory: torch.Tensor | None = None, dead_mask: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Memory delta for ``hidden_states``.
 
         Args:
@@ -141,13 +154,19 @@ class Engram(nn.Module):
             return_gates: also return the gate values ``alpha`` ``[B, T, M]`` (fp32).
             conv_states: decoding state shared by the layers of a model: the ShortConv inputs of earlier
                 positions are read from ``conv_states[layer_id]`` (absent: start of the sequence) and the
-                new ones written back, so that decoding piece by piece equals one full forward.
+                new ones written back, so that decoding piece by piece equals one full forward. Unused (and
+                left unchanged) by a variant without ShortConv.
             token_mask: ``[B, T]`` False at (left) padding positions, which the ShortConv then ignores.
             memory: ``[B, T, heads * head_dim]`` the rows of ``hash_ids`` already read (a prefetch, see
                 :meth:`MultiHeadEmbedding.fetch`); read here when omitted.
+            dead_mask: ``[B, T]`` bool, True at dead positions (variants with ``masks_dead_tokens`` only):
+                their gate is 0, so they add nothing. It also goes to the hasher when ``input_ids`` are
+                hashed here; precomputed ``hash_ids`` or ``memory`` must have been hashed with it.
         Returns:
-            the delta, same shape as ``hidden_states``; with ``return_gates``, ``(delta, gates)``.
+            the delta, same shape as ``hidden_states`` (fp32 for a variant with ``residual_in_fp32``); with
+            ``return_gates``, ``(delta, gates)``.
         """
+        spec = self.cfg.variant_spec
         squeeze = hidden_states.dim() == 3
         if squeeze:
             if self.hc_mult != 1:
@@ -157,11 +176,17 @@ class Engram(nn.Module):
         if hidden_states.dim() != 4 or hidden_states.shape[2:] != (self.hc_mult, self.hidden_size):
             raise ValueError(f"hidden_states must be [B, T, {self.hc_mult}, {self.hidden_size}], "
                              f"got shape {tuple(hidden_states.shape)}")
+        if dead_mask is not None:
+            if not spec.masks_dead_tokens:
+                raise ValueError(f"variant {self.cfg.variant!r} has no dead tokens: dead_mask must be None")
+            if dead_mask.dtype != torch.bool or dead_mask.shape != hidden_states.shape[:2]:
+                raise ValueError(f"dead_mask must be a bool [B, T] = {list(hidden_states.shape[:2])} tensor, "
+                                 f"got {dead_mask.dtype} {list(dead_mask.shape)}")
         if memory is None:
             if hash_ids is None:
                 if input_ids is None:
                     raise ValueError("Engram.forward needs input_ids, hash_ids or memory")
-                hash_ids = self.hasher.hash(input_ids, self.layer_id)
+                hash_ids = self.hasher.hash(input_ids, self.layer_id, dead_mask=dead_mask)
             if hash_ids.shape[:2] != hidden_states.shape[:2]:
                 raise ValueError(f"hash_ids {tuple(hash_ids.shape)} and hidden_states "
                                  f"{tuple(hidden_states.shape)} disagree on [B, T]")
@@ -170,21 +195,51 @@ class Engram(nn.Module):
             raise ValueError(f"memory {tuple(memory.shape)} and hidden_states {tuple(hidden_states.shape)} "
                              "disagree on [B, T]")
 
-        dim = self.hidden_size
+        dim, branches = self.hidden_size, self.hc_mult
         # A table kept outside the module (host, disk) keeps its file's dtype: cast like the parameter would be.
         projected = self.value_key_proj(memory.to(self.value_key_proj.weight.dtype))  # [B, T, (1 + M) * D]
-        value = projected[..., :dim]  # [B, T, D]
-        keys = projected[..., dim:].unflatten(-1, (self.hc_mult, dim))  # [B, T, M, D]
+        if spec.projection_layout == "value,keys":
+            value, keys = projected[..., :dim], projected[..., dim:]
+        else:
+            keys, value = projected[..., :branches * dim], projected[..., branches * dim:]
+        keys = keys.unflatten(-1, (branches, dim))  # [B, T, M, D]
+        if spec.residual_in_fp32:
+            value = value.float()  # so that gate * value, like the residual add, is computed in fp32
         gated, gates = fused_gate(keys, hidden_states, value, self.key_norm.weight, self.query_norm.weight,
                                   self.key_norm.eps, self.query_norm.eps)  # [B, T, M, D], [B, T, M]
-        past = conv_states.get(self.layer_id) if conv_states is not None else None
-        conv, past = self.short_conv(gated, past, token_mask)
-        if conv_states is not None:
-            conv_states[self.layer_id] = past
-        delta = gated + conv
+        if dead_mask is not None:
+            gates = gates.masked_fill(dead_mask[..., None], 0.0)
+            gated = gated.masked_fill(dead_mask[..., None, None], 0.0)
+        delta = gated
+        if self.short_conv is not None:
+            past = conv_states.get(self.layer_id) if conv_states is not None else None
+            conv, past = self.short_conv(gated, past, token_mask)
+            if conv_states is not None:
+                conv_states[self.layer_id] = past
+            delta = gated + conv
         if squeeze:
             delta = delta.squeeze(2)
         return (delta, gates) if return_gates else delta
+
+    def residual(self, hidden_states: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The hidden state after this layer: ``hidden_states + delta`` (both ``[B, T, M, D]`` or ``[B, T, D]``).
+
+        With ``residual_in_fp32`` (DeepSeek-V4.1) the sum is computed in fp32 and cast back to the hidden dtype.
+        """
+        if self.cfg.variant_spec.residual_in_fp32:
+            return (hidden_states.float() + delta.float()).to(hidden_states.dtype)
+        return hidden_states + delta
+
+    def add_to(self, hidden_states: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        """``residual(hidden_states, self(hidden_states, **forward_kwargs))``: the updated hidden state.
+
+        Takes :meth:`forward`'s keyword arguments except ``return_gates`` (call :meth:`forward` with it, then
+        :meth:`residual`). The module is called, so forward hooks see (and may replace) the delta.
+        """
+        if forward_kwargs.get("return_gates"):
+            raise ValueError("Engram.add_to returns the hidden state only: call forward(return_gates=True), "
+                             "then residual()")
+        return self.residual(hidden_states, self(hidden_states, **forward_kwargs))
 
 
 def convert_demo_state_dict(state: Mapping[str, torch.Tensor], hc_mult: int) -> dict[str, torch.Tensor]:

@@ -114,6 +114,29 @@ def test_strided_inputs_and_custom_eps(device):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_eps_1e20_on_tiny_inputs(device):
+    """DeepSeek-V4.1's RMSNorm eps, 1e-20, reaches the kernel as it reaches the naive twin: keys and hidden states
+    scaled by 1e-6 still normalise to unit RMS in both paths (fp32's machine epsilon would swamp them), so the
+    gates equal those of the unscaled inputs; the gradients agree too."""
+    inputs = random_inputs(2, 5, 4, 40, torch.float32, seed=8, device=device)
+    tiny = [t.detach().clone() for t in inputs]
+    tiny[0][:, 1:3] *= 1e-6
+    tiny[1][:, 2:4] *= 1e-6
+    tiny = [t.requires_grad_() for t in tiny]
+    gen = torch.Generator().manual_seed(9)
+    grad_gated, grad_gates = torch.randn(tiny[0].shape, generator=gen), torch.randn(tiny[0].shape[:-1], generator=gen)
+    outputs = []
+    for force in (True, False):
+        gated, gates = fused_gate(*tiny, key_eps=1e-20, query_eps=1e-20, force=force)
+        loss = (gated * grad_gated.to(device)).sum() + (gates * grad_gates.to(device)).sum()
+        outputs.append((gated, gates, *torch.autograd.grad(loss, tiny)))
+    for actual, expected in zip(*outputs):
+        torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+    unscaled = fused_gate(*inputs, key_eps=1e-20, query_eps=1e-20, force=True)[1]
+    torch.testing.assert_close(outputs[0][1], unscaled, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(fused_gate(*tiny, force=True)[1], unscaled, atol=1e-2)  # eps=None: fp32's epsilon
+
+
 @pytest.fixture(scope="module")
 def hasher(deepseek_ct):
     return NgramHasher(CFG, tokenizer=deepseek_ct)

@@ -9,6 +9,7 @@ import torch
 
 from engram.memory import (MemoryPatch, apply_patch, check_patch, diff, engram_tables, load_patch, merge,
                            model_fingerprint, revert, save_patch)
+from engram.embedding import quantize_tables
 from engram.model import EngramLM
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
@@ -279,3 +280,17 @@ def test_host_tables_are_patched_in_place_and_read_only_ones_refused(saved, tmp_
         with pytest.raises(ValueError, match=match):
             apply_patch(placed, patch)
         assert model_fingerprint(placed) == fingerprint
+
+
+def test_fp8_tables_refuse_patches():
+    cfg = small_config(hc_mult=1, use_moe=False)
+    cfg.engram.n_embed_per_ngram, cfg.engram.n_head_per_ngram = 64, 2  # head_dim 32: FP8 rows
+    torch.manual_seed(0)
+    model = EngramLM(cfg).eval()
+    quantize_tables(model)
+    untouched = state(model)
+    patch = MemoryPatch({layer: (torch.tensor([0, 5]), torch.zeros(2, table.head_dim))
+                         for layer, table in engram_tables(model).items()}, model_fingerprint(model))
+    with pytest.raises(ValueError, match="FP8 tables are read-only.*patching Engram layer"):
+        apply_patch(model, patch)
+    assert_same_state(state(model), untouched)

@@ -173,5 +173,9 @@ def test_config_round_trip_and_errors():
         small_config(ffn_kinds=["dense", "sparse", "moe"])
     with pytest.raises(ValueError, match=r"name blocks past n_layers=2: \[2\]"):
         small_config(n_layers=2, ffn_kinds=["dense", "moe"])
+    v41 = small_config().to_dict()
+    v41["engram"].update(variant="deepseek-v4.1", n_embed_per_ngram=64, n_head_per_ngram=2)
+    with pytest.raises(ValueError, match="engram.variant 'deepseek-v4.1'.*load_deepseek_v41_engram"):
+        EngramLMConfig.from_dict(v41)
     with pytest.raises(ValueError, match="moe.top_k must be <= num_experts=5, got 6"):
         small_config(moe=dict(num_experts=5, top_k=6))

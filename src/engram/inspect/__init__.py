@@ -9,7 +9,8 @@ from engram.inspect.ablate import AblationReport, CategoryLoss, TokenLoss, run_a
 from engram.inspect.gates import GatesReport, TextGates, run_gates, text_gates
 from engram.inspect.hooks import recorded_gates, recorded_residuals, replaced_engram_output, zeroed_engram
 from engram.inspect.logit_lens import LensCurve, LogitLensReport, logit_lens, run_logit_lens
-from engram.inspect.table_stats import HeadStats, LayerStats, TableReport, run_table_stats, table_statistics
+from engram.inspect.table_stats import (HeadStats, LayerStats, TableReport, hashing_statistics,
+                                        run_deepseek_v41_table_stats, run_table_stats, table_statistics)
 
 __all__ = [
     "AblationReport",
@@ -22,11 +23,13 @@ __all__ = [
     "TableReport",
     "TextGates",
     "TokenLoss",
+    "hashing_statistics",
     "logit_lens",
     "recorded_gates",
     "recorded_residuals",
     "replaced_engram_output",
     "run_ablate",
+    "run_deepseek_v41_table_stats",
     "run_gates",
     "run_logit_lens",
     "run_table_stats",

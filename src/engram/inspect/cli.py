@@ -19,8 +19,15 @@ def _positive(value: str) -> int:
     return number
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a save_pretrained folder (a run's final/) or a run folder")
+def _add_common(parser: argparse.ArgumentParser, deepseek_v41: bool = False) -> None:
+    """``--checkpoint`` (or, with ``deepseek_v41``, ``--deepseek-v41`` instead), ``--out`` and ``--device``."""
+    source = parser.add_mutually_exclusive_group(required=True) if deepseek_v41 else parser
+    source.add_argument("--checkpoint", required=not deepseek_v41,
+                        help="a save_pretrained folder (a run's final/) or a run folder")
+    if deepseek_v41:
+        source.add_argument("--deepseek-v41", metavar="DIR",
+                            help="a DeepSeek-V4.1 checkpoint folder: only its config.json is read (the hashing needs "
+                                 "no weights); --data is required and tokenised with the V4 tokenizer")
     parser.add_argument("--out", required=True, help="folder to write the results into (created when missing)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:0', ...")
 
@@ -41,7 +48,8 @@ def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     gates = tools.add_parser("gates", help="per-token heatmap of every Engram gate (HTML page + PNG)",
                              description="Run texts through the model and show the gate of every token, Engram "
                                          "layer and residual branch: gates.html (self-contained), gates.png, "
-                                         "gates.json.")
+                                         "gates.json. (Not for a DeepSeek-V4.1 checkpoint: its gates need the "
+                                         "backbone's hidden states, which this package does not compute.)")
     _add_common(gates)
     gates.add_argument("--text", action="append", required=True,
                        help="text to run (repeat for several; each gets its own section)")
@@ -71,7 +79,7 @@ def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                              description="Hash a corpus sample as the model does: row occupancy, per-head collision "
                                          "rate among the most frequent n-grams, and the Zipf curve of row accesses "
                                          "with the share a hot-row cache of k rows covers: table.json, table.png.")
-    _add_common(table)
+    _add_common(table, deepseek_v41=True)
     table.add_argument("--data", nargs="+", default=None, help=_DATA_HELP)
     table.add_argument("--split", choices=("train", "val"), default="train")
     table.add_argument("--tokens", type=_positive, default=1_000_000, help="tokens of the split to hash")
@@ -108,10 +116,14 @@ def run_inspect(args: argparse.Namespace) -> int:
             print(f"{curve.name}: KL to final by depth " + " ".join(f"{value:.3f}" for value in curve.kl))
         files, note = [report.png, report.summary], None
     elif command == "table":
-        from engram.inspect.table_stats import run_table_stats
+        from engram.inspect.table_stats import run_deepseek_v41_table_stats, run_table_stats
 
-        report = run_table_stats(args.checkpoint, args.out, args.data, args.device, args.tokens, args.top_ngrams,
-                                 args.split)
+        if args.deepseek_v41 is not None:
+            report = run_deepseek_v41_table_stats(args.deepseek_v41, args.out, args.data, args.tokens, args.top_ngrams,
+                                                  args.split)
+        else:
+            report = run_table_stats(args.checkpoint, args.out, args.data, args.device, args.tokens, args.top_ngrams,
+                                     args.split)
         for layer in report.layers:
             print(f"block {layer.layer_id}: {layer.rows_read:,} of {layer.rows:,} rows read "
                   f"({layer.occupancy:.1%}) over {report.tokens:,} tokens")

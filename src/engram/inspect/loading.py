@@ -58,14 +58,20 @@ def resolve_data(checkpoint: str | os.PathLike[str], data: list[str] | None) -> 
 
 
 def model_corpus(model: EngramLM, data: list[str]) -> Corpus:
-    """``data`` (presets, raw files or folders, or one prepared corpus) tokenised with the model's tokenizer.
+    """``data`` (presets, raw files or folders, or one prepared corpus) tokenised with the model's tokenizer."""
+    return tokenizer_corpus(model.cfg.tokenizer, data)
 
-    Raw sources are prepared (and cached) with the checkpoint's tokenizer; a prepared corpus must have been
-    made with the same tokenizer file.
+
+def tokenizer_corpus(tokenizer: str, data: list[str]) -> Corpus:
+    """``data`` (presets, raw files or folders, or one prepared corpus) tokenised with ``tokenizer`` (a registered
+    name or a path).
+
+    Raw sources are prepared (and cached) with that tokenizer; a prepared corpus must have been made with the
+    same tokenizer file.
     """
-    tokenizer_path = resolve_tokenizer_path(model.cfg.tokenizer)
+    tokenizer_path = resolve_tokenizer_path(tokenizer)
     prepared = any((Path(entry) / INDEX_FILE).is_file() for entry in data)
-    corpus = load_or_prepare(data, tokenizer=None if prepared else model.cfg.tokenizer, progress=False)
+    corpus = load_or_prepare(data, tokenizer=None if prepared else tokenizer, progress=False)
     digest = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
     if corpus.info.tokenizer_sha256 != digest:
         raise ValueError(f"data {data} was tokenised with {corpus.info.tokenizer!r}, not with the checkpoint's "

@@ -11,7 +11,8 @@ Over a sample of a corpus split, hashed exactly as the model hashes it (row ids 
   read rows cover, for several k: the hit rate of a hot-row cache of k rows (``engram_cache_rows``, one
   cache per layer's table) that holds the right rows.
 
-Writes ``table.json`` and ``table.png`` into ``out``.
+Writes ``table.json`` and ``table.png`` into ``out``. Only the hashing is involved, so a DeepSeek-V4.1
+checkpoint needs nothing but its ``config.json`` (:func:`run_deepseek_v41_table_stats`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ import numpy as np
 import torch
 
 from engram.atomic import atomic_write_text
+from engram.deepseek_v41 import TOKENIZER, read_engram_config
+from engram.embedding import head_offsets
+from engram.hashing import NgramHasher
 from engram.inspect.hooks import engram_blocks
-from engram.inspect.loading import check_positive, checkpoint_folder, model_corpus, open_inspection
+from engram.inspect.loading import (check_positive, checkpoint_folder, model_corpus, open_inspection, output_folder,
+                                    tokenizer_corpus)
 from engram.inspect.ngrams import frequent_ngrams
 from engram.inspect.plotting import Figure, choose_fonts, figure_style, save_figure
 from engram.model import EngramLM
+from engram.train.data import Corpus
 
 JSON_FILE = "table.json"
 PNG_FILE = "table.png"
@@ -107,18 +113,21 @@ class TableReport:
     png: Path
 
 
+def _offsets(hasher: NgramHasher, layer_id: int) -> np.ndarray:
+    """int64 ``[H]``: where each head's rows start in the layer's flat table."""
+    return head_offsets(hasher.flat_table_sizes(layer_id)).numpy()
+
+
 @torch.no_grad()
-def row_access_counts(model: EngramLM, ids: np.ndarray) -> dict[int, np.ndarray]:
+def row_access_counts(hasher: NgramHasher, ids: np.ndarray) -> dict[int, np.ndarray]:
     """``{layer_id: int64 [rows]}``: how often each row of the layer's flat table is read for ``ids`` ``[S]``.
 
     ``ids`` is hashed as one sequence (in chunks, each with the ids before it as history), every head of a
     position reading one row.
     """
-    hasher = model.hasher
-    counts = {block.layer_idx: np.zeros(block.engram.multi_head_embedding.num_rows, dtype=np.int64)
-              for block in engram_blocks(model)}
-    offsets = {block.layer_idx: block.engram.multi_head_embedding.offsets.cpu().numpy()
-               for block in engram_blocks(model)}
+    layers = sorted(hasher.cfg.layer_ids)  # in block order
+    counts = {layer: np.zeros(sum(hasher.flat_table_sizes(layer)), dtype=np.int64) for layer in layers}
+    offsets = {layer: _offsets(hasher, layer) for layer in layers}
     for start in range(0, len(ids), _HASH_CHUNK):
         chunk = torch.from_numpy(ids[start:start + _HASH_CHUNK].astype(np.int64))[None]
         history = torch.from_numpy(ids[max(0, start - hasher.context):start].astype(np.int64))[None]
@@ -130,19 +139,22 @@ def row_access_counts(model: EngramLM, ids: np.ndarray) -> dict[int, np.ndarray]
 
 
 @torch.no_grad()
-def head_collisions(model: EngramLM, ids: np.ndarray, top_ngrams: int, bos: int | None) -> list[HeadStats]:
+def head_collisions(hasher: NgramHasher, ids: np.ndarray, top_ngrams: int, bos: int | None) -> list[HeadStats]:
     """Collision counts of every head among the ``top_ngrams`` most frequent n-grams of its order in ``ids``.
 
     ``rows_read`` is left 0 (see :func:`run_table_stats`).
     """
-    hasher = model.hasher
     lookup = hasher.tokenizer.lookup
-    compressed = lookup[ids]
+    # Compressed ids renumbered over those that occur, in order (so n-grams sort as before): n-gram keys in the
+    # base of the whole compressed vocabulary overflow int64 for V4.1's 4-grams (99,092^4).
+    present, compressed = np.unique(lookup[ids], return_inverse=True)
+    bos_key = None
+    if bos is not None and int(lookup[bos]) in present:
+        bos_key = int(np.searchsorted(present, lookup[bos]))
     heads_per_order = hasher.cfg.n_head_per_ngram
     stats = []
     for order in range(2, hasher.cfg.max_ngram_size + 1):
-        frequent = frequent_ngrams(compressed, order, top_ngrams, len(hasher.tokenizer),
-                                   exclude=int(lookup[bos]) if bos is not None else None)
+        frequent = frequent_ngrams(compressed.reshape(-1), order, top_ngrams, len(present), exclude=bos_key)
         # one raw occurrence of each: its last position hashes the whole n-gram (no padding involved)
         raw = ids[frequent.last_positions[:, None] - order + 1 + np.arange(order)]  # [N, order]
         rows = hasher.hash_all(torch.from_numpy(raw.astype(np.int64))) if len(raw) else {}
@@ -162,10 +174,18 @@ def head_collisions(model: EngramLM, ids: np.ndarray, top_ngrams: int, bos: int 
 def table_statistics(model: EngramLM, ids: np.ndarray, top_ngrams: int, bos: int | None
                 ) -> tuple[list[HeadStats], list[LayerStats]]:
     """Head and layer statistics of ``ids`` (int ``[S]``, a corpus sample) under ``model``'s hashing."""
-    counts = row_access_counts(model, ids)
-    heads = head_collisions(model, ids, top_ngrams, bos)
+    engram_blocks(model)  # refuses a model without Engram
+    return hashing_statistics(model.hasher, ids, top_ngrams, bos)
+
+
+def hashing_statistics(hasher: NgramHasher, ids: np.ndarray, top_ngrams: int, bos: int | None
+                       ) -> tuple[list[HeadStats], list[LayerStats]]:
+    """:func:`table_statistics` of every layer ``hasher`` hashes for (no model needed: a table of layer ``L`` has
+    ``sum(hasher.flat_table_sizes(L))`` rows, head after head)."""
+    counts = row_access_counts(hasher, ids)
+    heads = head_collisions(hasher, ids, top_ngrams, bos)
     for head in heads:
-        offset = int(model.blocks[head.layer_id].engram.multi_head_embedding.offsets[head.head])
+        offset = int(_offsets(hasher, head.layer_id)[head.head])
         head.rows_read = int(np.count_nonzero(counts[head.layer_id][offset:offset + head.table_size]))
     layers = [LayerStats(layer, len(layer_counts), int(layer_counts.sum()),
                          -np.sort(-layer_counts[layer_counts > 0]))
@@ -222,11 +242,31 @@ def run_table_stats(checkpoint: str | os.PathLike[str], out: str | os.PathLike[s
     check_positive(tokens=tokens, top_ngrams=top_ngrams)
     folder, data, model = open_inspection(checkpoint, out, data, device)
     corpus = model_corpus(model, data)
+    return _write_report(model.hasher, corpus, data, split, tokens, top_ngrams, folder,
+                         str(checkpoint_folder(checkpoint)))
+
+
+def run_deepseek_v41_table_stats(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], data: list[str],
+                                 tokens: int = 1_000_000, top_ngrams: int = 1000, split: str = "train",
+                                 tokenizer: str = TOKENIZER) -> TableReport:
+    """:func:`run_table_stats` for a DeepSeek-V4.1 checkpoint folder: only its ``config.json`` is read (the hashing
+    needs no weights), and ``data`` is tokenised with the V4 tokenizer (``tokenizer``)."""
+    check_positive(tokens=tokens, top_ngrams=top_ngrams)
+    if not data:
+        raise ValueError("a DeepSeek-V4.1 checkpoint names no training data: pass --data")
+    hasher = NgramHasher(read_engram_config(checkpoint, tokenizer))
+    folder = output_folder(out)
+    return _write_report(hasher, tokenizer_corpus(tokenizer, data), list(data), split, tokens, top_ngrams, folder,
+                         str(checkpoint))
+
+
+def _write_report(hasher: NgramHasher, corpus: Corpus, data: list[str], split: str, tokens: int, top_ngrams: int,
+                  folder: Path, name: str) -> TableReport:
+    """Statistics of the first ``tokens`` tokens of ``split`` of ``corpus`` under ``hasher``: the JSON and the plot."""
     ids = np.asarray(corpus.tokens(split)[:tokens], dtype=np.int64)
     if len(ids) == 0:
         raise ValueError(f"split {split!r} of {data} holds no tokens")
-    heads, layers = table_statistics(model, ids, top_ngrams, corpus.info.bos_id)
-    name = str(checkpoint_folder(checkpoint))
+    heads, layers = hashing_statistics(hasher, ids, top_ngrams, corpus.info.bos_id)
     note = plot_table_stats(heads, layers, folder / PNG_FILE,
                             f"Engram tables of {name}: {len(ids):,} tokens of the {split} split")
     summary = {

@@ -8,12 +8,12 @@
 """
 
 from engram.memory.edit import (Collision, FrequentNgrams, HeadRead, LayerRead, LookupResult, PositionRead,
-                                frequent_ngrams, lookup, ngram_rows, write_ngram)
+                                frequent_ngrams, lookup, lookup_deepseek_v41, ngram_rows, write_ngram)
 from engram.memory.patch import (MemoryPatch, apply_patch, check_patch, diff, engram_tables, load_patch, merge,
                                  model_fingerprint, revert, save_patch)
 
 __all__ = [
     "Collision", "FrequentNgrams", "HeadRead", "LayerRead", "LookupResult", "MemoryPatch", "PositionRead",
-    "apply_patch", "check_patch", "diff", "engram_tables", "frequent_ngrams", "load_patch", "lookup", "merge",
-    "model_fingerprint", "ngram_rows", "revert", "save_patch", "write_ngram",
+    "apply_patch", "check_patch", "diff", "engram_tables", "frequent_ngrams", "load_patch", "lookup",
+    "lookup_deepseek_v41", "merge", "model_fingerprint", "ngram_rows", "revert", "save_patch", "write_ngram",
 ]

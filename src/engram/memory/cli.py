@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from engram.memory.edit import DEFAULT_CORPUS_TOKENS, DEFAULT_TOP_NGRAMS, WRITE_MODES, LookupResult, lookup, write_ngram
+from engram.deepseek_v41 import load_deepseek_v41_engram
+from engram.memory.edit import (DEFAULT_CORPUS_TOKENS, DEFAULT_TOP_NGRAMS, WRITE_MODES, LookupResult, lookup,
+                                lookup_deepseek_v41, write_ngram)
 from engram.memory.patch import MemoryPatch, apply_patch, diff, load_patch, merge, revert, save_patch
 from engram.model import EngramLM
 from engram.parallel import resolve_device
@@ -72,9 +74,23 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="memory_command", required=True)
 
     look = actions.add_parser("lookup", help="the rows a text reads per position, order and head, their collisions "
-                                             "with frequent n-grams of a corpus, and the gate values")
+                                             "with frequent n-grams of a corpus, and the gate values",
+                              description="The rows a text reads per position, order and head, their collisions with "
+                                          "frequent n-grams of a corpus, and the gate values. With --deepseek-v41 "
+                                          "there are no gates: they need the backbone's hidden states, which an "
+                                          "Engram-only load of the checkpoint does not compute; each row's L2 norm "
+                                          "is shown instead.")
     look.add_argument("text")
-    look.add_argument("--checkpoint", required=True)
+    source = look.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a save_pretrained folder")
+    source.add_argument("--deepseek-v41", metavar="DIR",
+                        help="a DeepSeek-V4.1 checkpoint folder: config.json and its safetensors (only the Engram "
+                             "tensors are read; the V4 tokenizer is fetched on first use)")
+    look.add_argument("--layer", type=int, action="append", default=None,
+                      help="with --deepseek-v41: an Engram layer to load (repeat; default: all). A V4.1 table is "
+                           "~101 GB, loaded on --device ('auto' is the CPU with --deepseek-v41)")
+    look.add_argument("--dead-token-id", type=int, action="append", default=[],
+                      help="with --deepseek-v41: a token id that is dead (e.g. an image placeholder; repeat)")
     look.add_argument("--corpus", nargs="+", default=None, help="data spec whose frequent n-grams are checked for "
                                                                 "collisions (presets, files, a prepared corpus)")
     look.add_argument("--top-ngrams", type=int, default=DEFAULT_TOP_NGRAMS, help="most frequent n-grams per order")
@@ -154,22 +170,28 @@ def _summary(patch: MemoryPatch, path: str) -> dict:
 
 
 def _print_lookup(result: LookupResult, console: Console) -> None:
-    """One table per Engram layer: a row per position with its gates, rows per order and collisions."""
+    """One table per Engram layer: a row per position with its gates (when known), rows per order (with their L2
+    norms, when known) and collisions."""
     for index, first in enumerate(result.positions[0].layers):
         orders = sorted({head.order for head in first.heads})
-        table = Table(title=f"Engram layer {first.layer}: rows read"
+        has_gates, has_norms = bool(first.gates), first.heads[0].row_norm is not None
+        table = Table(title=f"Engram layer {first.layer}: rows read" + (" (row:L2 norm)" if has_norms else "")
                       + (f", collisions among the {result.top_ngrams} most frequent n-grams per order of "
-                         f"{result.corpus_tokens:,} corpus tokens" if result.corpus_tokens else ""))
-        for column in ("pos", "token", "gate per branch", *(f"{order}-gram rows" for order in orders), "collisions"):
+                         f"{result.corpus_tokens:,} corpus tokens" if result.corpus_tokens else ""),
+                      caption=None if has_gates else "no gates: they need the backbone's hidden states")
+        columns = ("pos", "token", *(("gate per branch",) if has_gates else ()),
+                   *(f"{order}-gram rows" for order in orders), "collisions")
+        for column in columns:
             table.add_column(column)
         for position in result.positions:
             layer = position.layers[index]
-            rows = [" ".join(str(head.row) for head in layer.heads if head.order == order) for order in orders]
+            rows = [" ".join(str(head.row) + (f":{head.row_norm:.3g}" if has_norms else "")
+                             for head in layer.heads if head.order == order) for order in orders]
             collisions = [f"{head.order}g/h{head.head}: " + ", ".join(f"{c.ngram!r}x{c.count}"
                                                                       for c in head.collisions[:COLLISIONS_SHOWN])
                           for head in layer.heads if head.collisions]
-            cells = (str(position.position), repr(position.token), " ".join(f"{g:.2f}" for g in layer.gates), *rows,
-                     "\n".join(collisions))
+            gates = (" ".join(f"{g:.2f}" for g in layer.gates),) if has_gates else ()
+            cells = (str(position.position), repr(position.token), *gates, *rows, "\n".join(collisions))
             table.add_row(*(Text(cell) for cell in cells))  # Text: token strings are not rich markup
         console.print(table)
 
@@ -178,9 +200,19 @@ def run_memory(args: argparse.Namespace) -> int:
     console = Console()
     command = args.memory_command
     if command == "lookup":
-        model = EngramLM.from_pretrained(args.checkpoint).to(resolve_device(args.device))
-        result = lookup(model, args.text, corpus=args.corpus, top_ngrams=args.top_ngrams,
-                        corpus_tokens=args.corpus_tokens)
+        if args.deepseek_v41 is not None:
+            # "auto" is the CPU here: a V4.1 table is ~101 GB, and lookups need no GPU
+            device = resolve_device("cpu" if args.device == "auto" else args.device)
+            engram = load_deepseek_v41_engram(args.deepseek_v41, args.layer, device=device,
+                                              dead_token_ids=args.dead_token_id)
+            result = lookup_deepseek_v41(engram, args.text, corpus=args.corpus, top_ngrams=args.top_ngrams,
+                                         corpus_tokens=args.corpus_tokens)
+        else:
+            if args.layer or args.dead_token_id:
+                raise ValueError("--layer and --dead-token-id go with --deepseek-v41, not --checkpoint")
+            model = EngramLM.from_pretrained(args.checkpoint).to(resolve_device(args.device))
+            result = lookup(model, args.text, corpus=args.corpus, top_ngrams=args.top_ngrams,
+                            corpus_tokens=args.corpus_tokens)
         if args.json:
             print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         else:

@@ -3,7 +3,9 @@
 
 Rows are shared: head ``j`` of order ``n`` reads row ``hash_j(n-gram) mod p_j``, so distinct n-grams collide.
 :func:`lookup` shows, for each position of a text, the flat row every head reads, which frequent n-grams of a
-corpus land on the same rows (what an edit of that row also changes), and how open each Engram gate was there.
+corpus land on the same rows (what an edit of that row also changes), and how open each Engram gate was there;
+:func:`lookup_deepseek_v41` does the same for the Engram layers of a DeepSeek-V4.1 checkpoint, without gates (they
+need the backbone's hidden states) but with each row's L2 norm.
 :func:`write_ngram` builds the patch that sets or blends the rows of one n-gram (every head of its order).
 """
 
@@ -20,6 +22,9 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import Tensor
 
+from engram.deepseek_v41 import DeepSeekV41Engram
+from engram.embedding import MultiHeadEmbedding
+from engram.hashing import NgramHasher
 from engram.inspect.hooks import recorded_gates
 from engram.memory.patch import MemoryPatch, engram_tables, model_fingerprint
 from engram.model import EngramLM
@@ -46,6 +51,7 @@ class HeadRead:
     head: int  # head within its order
     row: int  # flat row id of the layer's table (head offsets included)
     collisions: tuple[Collision, ...]  # most frequent first
+    row_norm: float | None = None  # L2 norm of the row's values (DeepSeek-V4.1 lookups; None for EngramLM)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class LayerRead:
     """What one Engram layer reads at one position."""
 
     layer: int
-    gates: tuple[float, ...]  # alpha per residual branch, in (0, 1)
+    gates: tuple[float, ...]  # alpha per residual branch, in (0, 1); empty when unknown (DeepSeek-V4.1)
     heads: tuple[HeadRead, ...]  # order 2 heads first
 
 
@@ -107,27 +113,33 @@ class FrequentNgrams:
                      if not np.array_equal(self.keys[order][i], own_key))
 
 
-def _order_rows(model: EngramLM, ids: Tensor, order: int) -> dict[int, Tensor]:
+def _order_rows(hasher: NgramHasher, tables: dict[int, MultiHeadEmbedding], ids: Tensor, order: int
+                ) -> dict[int, Tensor]:
     """Flat rows read by the heads of ``order`` at the last position of each ``[K, T]`` id sequence (``T >=
     order``): ``{layer_id: int64 [K, heads per order]}``."""
-    heads = model.cfg.engram.n_head_per_ngram
+    heads = hasher.cfg.n_head_per_ngram
     columns = slice((order - 2) * heads, (order - 1) * heads)
-    hashed = model.hasher.hash_all(ids)
+    hashed = hasher.hash_all(ids)
     return {layer_id: table.flat_row_ids(hashed[layer_id].to(table.offsets.device))[:, -1, columns].cpu()
-            for layer_id, table in engram_tables(model).items()}
+            for layer_id, table in tables.items()}
 
 
 def frequent_ngrams(model: EngramLM, tokens: np.ndarray, top: int = DEFAULT_TOP_NGRAMS) -> FrequentNgrams:
     """Count the n-grams of every hashed order in ``tokens`` (original ids ``[N]``) by their compressed ids and
     keep the ``top`` most frequent of each (ties: first seen first), with the rows they read."""
+    return _frequent_ngrams(model.hasher, engram_tables(model), tokens, top)
+
+
+def _frequent_ngrams(hasher: NgramHasher, tables: dict[int, MultiHeadEmbedding], tokens: np.ndarray,
+                     top: int) -> FrequentNgrams:
+    """:func:`frequent_ngrams` for the layers of ``tables`` hashed by ``hasher``."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
-    engram_tables(model)  # refuses a model without Engram
     originals = np.asarray(tokens, dtype=np.int64)
-    compressed = model.hasher.tokenizer(originals)
-    tokenizer = model.hasher.tokenizer.tokenizer
+    compressed = hasher.tokenizer(originals)
+    tokenizer = hasher.tokenizer.tokenizer
     keys, texts, counts, rows = {}, {}, {}, {}
-    for order in range(2, model.cfg.engram.max_ngram_size + 1):
+    for order in range(2, hasher.cfg.max_ngram_size + 1):
         if len(compressed) < order:
             continue
         distinct, first, count = np.unique(sliding_window_view(compressed, order), axis=0, return_index=True,
@@ -136,10 +148,60 @@ def frequent_ngrams(model: EngramLM, tokens: np.ndarray, top: int = DEFAULT_TOP_
         examples = sliding_window_view(originals, order)[first[kept]]  # [K, order] original ids
         keys[order], counts[order] = distinct[kept], count[kept]
         texts[order] = [tokenizer.decode(example.tolist(), skip_special_tokens=False) for example in examples]
-        hashed = _order_rows(model, torch.from_numpy(np.ascontiguousarray(examples)), order)
+        hashed = _order_rows(hasher, tables, torch.from_numpy(np.ascontiguousarray(examples)), order)
         for layer_id, layer_rows in hashed.items():
             rows.setdefault(layer_id, {})[order] = layer_rows.numpy()
     return FrequentNgrams(keys, texts, counts, rows)
+
+
+def _collision_index(hasher: NgramHasher, tables: dict[int, MultiHeadEmbedding], tokenizer: str,
+                     corpus: Corpus | str | os.PathLike[str] | list[str] | None, top_ngrams: int,
+                     corpus_tokens: int) -> tuple[FrequentNgrams | None, int]:
+    """The frequent n-grams of the first ``corpus_tokens`` tokens of ``corpus`` (prepared with ``tokenizer``) and
+    how many tokens were counted; ``(None, 0)`` without a corpus."""
+    if corpus is None:
+        return None, 0
+    if not isinstance(corpus, Corpus):
+        corpus = load_or_prepare(corpus, tokenizer=tokenizer, progress=False)
+    tokens = np.asarray(corpus.tokens("train")[:corpus_tokens])
+    return _frequent_ngrams(hasher, tables, tokens, top_ngrams), len(tokens)
+
+
+def _position_reads(hasher: NgramHasher, ids: list[int], rows: dict[int, np.ndarray], index: FrequentNgrams | None,
+                    gates: dict[int, np.ndarray] | None = None, norms: dict[int, np.ndarray] | None = None
+                    ) -> tuple[PositionRead, ...]:
+    """One :class:`PositionRead` per id of ``ids`` (one sequence, from its start).
+
+    Args:
+        rows: ``{layer_id: int64 [T, H]}`` flat rows read.
+        index: frequent n-grams whose collisions are listed, or None.
+        gates: ``{layer_id: [T, M]}`` gate per branch, or None (unknown).
+        norms: ``{layer_id: [T, H]}`` L2 norm of every row read, or None.
+    """
+    cfg = hasher.cfg
+    tokenizer = hasher.tokenizer.tokenizer
+    context = cfg.max_ngram_size - 1
+    padded = np.asarray([cfg.pad_id] * context + ids, dtype=np.int64)  # what the hash reads before the start
+    padded_keys = hasher.tokenizer(padded)
+    positions = []
+    for t, token_id in enumerate(ids):
+        windows = {order: padded[t + context + 1 - order:t + context + 1] for order in range(2, cfg.max_ngram_size + 1)}
+        layers = []
+        for layer_id, layer_rows in rows.items():
+            heads = []
+            for column, row in enumerate(layer_rows[t].tolist()):
+                order, head = 2 + column // cfg.n_head_per_ngram, column % cfg.n_head_per_ngram
+                own_key = padded_keys[t + context + 1 - order:t + context + 1]
+                collisions = index.collisions(layer_id, order, head, row, own_key) if index is not None else ()
+                norm = None if norms is None else float(norms[layer_id][t, column])
+                heads.append(HeadRead(order, head, row, collisions, norm))
+            layer_gates = () if gates is None else tuple(gates[layer_id][t].tolist())
+            layers.append(LayerRead(layer_id, layer_gates, tuple(heads)))
+        positions.append(PositionRead(
+            t, token_id, tokenizer.decode([token_id], skip_special_tokens=False),
+            {order: tokenizer.decode(window.tolist(), skip_special_tokens=False) for order, window in windows.items()},
+            tuple(layers)))
+    return tuple(positions)
 
 
 def _text_ids(model: EngramLM, text: str) -> list[int]:
@@ -167,7 +229,7 @@ def lookup(model: EngramLM, text: str, corpus: Corpus | str | os.PathLike[str] |
         >>> result.positions[-1].layers[0].heads[0].row                              # doctest: +SKIP
         41877
     """
-    engram_tables(model)
+    tables = engram_tables(model)
     if corpus_tokens < 1:
         raise ValueError(f"corpus_tokens must be >= 1, got {corpus_tokens}")
     tokenizer = model.hasher.tokenizer.tokenizer
@@ -175,12 +237,7 @@ def lookup(model: EngramLM, text: str, corpus: Corpus | str | os.PathLike[str] |
     if len(ids) > model.cfg.max_position_embeddings:
         raise ValueError(f"text of {len(ids)} tokens is longer than max_position_embeddings="
                          f"{model.cfg.max_position_embeddings}")
-    index, counted = None, 0
-    if corpus is not None:
-        if not isinstance(corpus, Corpus):
-            corpus = load_or_prepare(corpus, tokenizer=model.cfg.tokenizer, progress=False)
-        tokens = np.asarray(corpus.tokens("train")[:corpus_tokens])
-        index, counted = frequent_ngrams(model, tokens, top_ngrams), len(tokens)
+    index, counted = _collision_index(model.hasher, tables, model.cfg.tokenizer, corpus, top_ngrams, corpus_tokens)
 
     was_training = model.training
     model.eval()
@@ -189,30 +246,42 @@ def lookup(model: EngramLM, text: str, corpus: Corpus | str | os.PathLike[str] |
         model(input_ids, logits_to_keep=1)
     model.train(was_training)
 
-    cfg = model.cfg.engram
-    context = cfg.max_ngram_size - 1
-    padded = np.asarray([cfg.pad_id] * context + ids, dtype=np.int64)  # what the hash reads before the start
-    padded_keys = model.hasher.tokenizer(padded)
     hashed = model.hasher.hash_all(input_ids.cpu())
-    tables = engram_tables(model)
-    positions = []
-    for t, token_id in enumerate(ids):
-        windows = {order: padded[t + context + 1 - order:t + context + 1] for order in range(2, cfg.max_ngram_size + 1)}
-        layers = []
-        for layer_id, table in tables.items():
-            flat = table.flat_row_ids(hashed[layer_id].to(table.offsets.device))[0, t].tolist()  # [H]
-            heads = []
-            for column, row in enumerate(flat):
-                order, head = 2 + column // cfg.n_head_per_ngram, column % cfg.n_head_per_ngram
-                own_key = padded_keys[t + context + 1 - order:t + context + 1]
-                collisions = index.collisions(layer_id, order, head, row, own_key) if index is not None else ()
-                heads.append(HeadRead(order, head, row, collisions))
-            layers.append(LayerRead(layer_id, tuple(gates[layer_id][-1][0, t].tolist()), tuple(heads)))
-        positions.append(PositionRead(
-            t, token_id, tokenizer.decode([token_id], skip_special_tokens=False),
-            {order: tokenizer.decode(window.tolist(), skip_special_tokens=False) for order, window in windows.items()},
-            tuple(layers)))
-    return LookupResult(text, tuple(positions), counted, top_ngrams if index is not None else 0)
+    rows = {layer_id: table.flat_row_ids(hashed[layer_id].to(table.offsets.device))[0].cpu().numpy()
+            for layer_id, table in tables.items()}
+    positions = _position_reads(model.hasher, ids, rows, index,
+                                gates={layer_id: recorded[-1][0].numpy() for layer_id, recorded in gates.items()})
+    return LookupResult(text, positions, counted, top_ngrams if index is not None else 0)
+
+
+@torch.no_grad()
+def lookup_deepseek_v41(engram: DeepSeekV41Engram, text: str,
+                        corpus: Corpus | str | os.PathLike[str] | list[str] | None = None,
+                        top_ngrams: int = DEFAULT_TOP_NGRAMS, corpus_tokens: int = DEFAULT_CORPUS_TOKENS
+                        ) -> LookupResult:
+    """:func:`lookup` for the Engram layers of a DeepSeek-V4.1 checkpoint (:func:`engram.deepseek_v41.
+    load_deepseek_v41_engram`): per position and loaded layer, the flat row of every head and the L2 norm of its
+    dequantised values. Gates are left empty: they need the backbone's hidden states, which an Engram-only
+    checkpoint does not give. Tokens of the loaded ``dead_token_ids`` are dead (hashed as pad, see
+    :meth:`NgramHasher.hash_all`). ``corpus`` is tokenised with the V4.1 tokenizer (``engram.cfg.tokenizer``).
+
+    Example:
+        >>> engram = load_deepseek_v41_engram("DeepSeek-V4.1-Flash", layers=[14])    # doctest: +SKIP
+        >>> result = lookup_deepseek_v41(engram, "the zebra code is")                # doctest: +SKIP
+        >>> head = result.positions[-1].layers[0].heads[0]; head.row, head.row_norm  # doctest: +SKIP
+    """
+    if corpus_tokens < 1:
+        raise ValueError(f"corpus_tokens must be >= 1, got {corpus_tokens}")
+    tables = {layer_id: engram[layer_id].multi_head_embedding for layer_id in engram.layer_ids}
+    tokenizer = engram.hasher.tokenizer.tokenizer
+    ids = [bos_id(tokenizer), *tokenizer.encode(text, add_special_tokens=False).ids]
+    index, counted = _collision_index(engram.hasher, tables, engram.cfg.tokenizer, corpus, top_ngrams, corpus_tokens)
+    reads = engram.lookup(torch.tensor([ids]))
+    positions = _position_reads(engram.hasher, ids, {layer_id: read.row_ids[0].cpu().numpy()
+                                                     for layer_id, read in reads.items()}, index,
+                                norms={layer_id: read.values[0].norm(dim=-1).cpu().numpy()
+                                       for layer_id, read in reads.items()})
+    return LookupResult(text, positions, counted, top_ngrams if index is not None else 0)
 
 
 def _ngram_ids(model: EngramLM, ngram: str | Sequence[int]) -> list[int]:
@@ -232,7 +301,8 @@ def ngram_rows(model: EngramLM, ngram: str | Sequence[int]) -> dict[int, Tensor]
     """
     engram_tables(model)
     ids = _ngram_ids(model, ngram)
-    return {layer_id: rows[0] for layer_id, rows in _order_rows(model, torch.tensor([ids]), len(ids)).items()}
+    rows = _order_rows(model.hasher, engram_tables(model), torch.tensor([ids]), len(ids))
+    return {layer_id: layer_rows[0] for layer_id, layer_rows in rows.items()}
 
 
 def write_ngram(model: EngramLM, ngram: str | Sequence[int], value: Tensor | float | str, layer: int | None = None,

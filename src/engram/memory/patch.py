@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from engram.atomic import atomic_path
-from engram.embedding import MultiHeadEmbedding
+from engram.embedding import MultiHeadEmbedding, require_float_rows
 from engram.model import EngramLM, RowOverlay
 from engram.storage import table_writable
 from engram.tokenizer import resolve_tokenizer_path
@@ -283,7 +283,9 @@ def load_patch(path: str | os.PathLike[str], model: EngramLM | None = None, *,
 
 def _writable_table(table: MultiHeadEmbedding, layer_id: int) -> Tensor:
     """The ``[R, head_dim]`` tensor to write layer ``layer_id``'s rows into: the parameter, or a host store's
-    table; a store that keeps copies of rows (an HBM cache) or maps its file read-only is refused."""
+    table; a store that keeps copies of rows (an HBM cache) or maps its file read-only is refused, and so are
+    packed FP8 rows (read-only)."""
+    require_float_rows(table, f"patching Engram layer {layer_id}")
     if table.store is None:
         return table.weight.data
     if table.store.placement == "cache":

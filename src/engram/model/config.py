@@ -96,6 +96,10 @@ class EngramLMConfig:
         if "moe" in self.ffn_kinds and self.moe is None:
             raise ValueError(f"ffn_kinds {self.ffn_kinds} has MoE layers but moe is None")
         if self.engram is not None:
+            if self.engram.variant != "demo":
+                raise ValueError(f"engram.variant {self.engram.variant!r}: EngramLM builds the demo variant's layers; "
+                                 "DeepSeek-V4.1's Engram layers load with engram.load_deepseek_v41_engram (its "
+                                 "backbone is not part of this package)")
             if self.engram.tokenizer != self.tokenizer:
                 raise ValueError(f"engram.tokenizer {self.engram.tokenizer!r} must be the model's tokenizer "
                                  f"{self.tokenizer!r}")

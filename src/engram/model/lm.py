@@ -79,8 +79,8 @@ class Block(nn.Module):
         if self.engram is not None:
             token_mask = key_padding_mask[:, -streams.shape[1]:] if key_padding_mask is not None else None
             conv_states = cache.conv_states if cache is not None else None
-            streams = streams + self.engram(streams, memory=memories[self.layer_idx].wait(),
-                                            conv_states=conv_states, token_mask=token_mask)
+            streams = self.engram.add_to(streams, memory=memories[self.layer_idx].wait(),
+                                         conv_states=conv_states, token_mask=token_mask)
 
         def attention(u: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(u), positions, key_padding_mask, cache, self.layer_idx)
@@ -286,7 +286,8 @@ class EngramLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], engram_placement: str = "device",
-                        engram_cache_rows: int = 0, **placement_options) -> "EngramLM":
+                        engram_cache_rows: int = 0, engram_table_format: str | None = None,
+                        **placement_options) -> "EngramLM":
         """Load a :meth:`save_pretrained` folder; refuses weights whose Engram hashing differs.
 
         Args:
@@ -296,13 +297,20 @@ class EngramLM(nn.Module):
                 than RAM. Outputs are identical for every placement.
             engram_cache_rows: with ``host`` or ``disk``, keep this many hot rows in the device's memory
                 (frequency-based admission); 0 for no cache.
+            engram_table_format: the tables' rows: ``None`` as saved (``config.json``'s ``engram_table_format``,
+                ``"float"`` for older folders); ``"fp8"`` quantises a float folder's tables to packed FP8 rows
+                while loading them (``engram.fp8``: E4M3 with a power-of-two scale per 32 values, 264 bytes for a
+                256-wide row against 512 in bf16; read-only: for serving), with placement ``device`` or ``host``.
+                An FP8 folder loads as FP8 in every placement (``"float"`` is refused).
             placement_options: see :func:`engram.storage.open_table_store` (``host_method``, ``workers``,
                 ``share_memory``, ``host_memory_budget``, ``verify``).
 
         Example:
             >>> model = EngramLM.from_pretrained("ckpt", engram_placement="host").to("cuda")  # doctest: +SKIP
+            >>> fp8 = EngramLM.from_pretrained("ckpt", engram_table_format="fp8")  # doctest: +SKIP
         """
-        return load_pretrained(cls, directory, engram_placement, engram_cache_rows, **placement_options)
+        return load_pretrained(cls, directory, engram_placement, engram_cache_rows, engram_table_format,
+                               **placement_options)
 
     def param_report(self, seq_len: int | None = None) -> dict[str, int]:
         """Parameter counts of this model (see :func:`engram.model.params.param_report`)."""

@@ -3,6 +3,10 @@ one table file per Engram layer (``engram-layer-{L}.safetensors``, :mod:`engram.
 safetensors file with per-chunk checksums that loads into any placement — device, host, disk — as is).
 Folders written before table files existed (tables inside ``model.safetensors``) still load.
 
+Tables keep the row format they have in memory: float, or packed FP8 (``engram.fp8``, uint8 table files that
+say so); ``config.json`` names it under ``engram_table_format`` (absent: float), and ``from_pretrained`` can
+quantise a float folder's tables to FP8 while loading them.
+
 Every weights file carries the Engram hashing fingerprint (seed, layer ids, table sizes, multipliers,
 tokenizer sha256, compression rules version) in its safetensors metadata. Loading recomputes the
 fingerprint from the config and the installed tokenizer and refuses any difference: tables read through
@@ -23,9 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engram.atomic import atomic_path, atomic_write_text
+from engram.embedding import MultiHeadEmbedding, quantize_tables
+from engram.fp8 import ROW_FORMATS, quantize_table
 from engram.hashing import complete_fingerprint
 from engram.model.config import EngramLMConfig
-from engram.storage import PLACEMENTS, load_table, open_table_store, read_header, write_table
+from engram.storage import PLACEMENTS, TableHeader, load_table, map_table, open_table_store, read_header, write_table
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
 
 if TYPE_CHECKING:
@@ -39,6 +45,7 @@ FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 5 * 1024**3
 _FINGERPRINT_KEY = "engram_fingerprint"
 _TABLES_KEY = "engram_tables"
+_TABLE_FORMAT_KEY = "engram_table_format"
 
 
 def table_file_name(layer_id: int, rows: tuple[int, int] | None = None) -> str:
@@ -56,6 +63,16 @@ def _weights_metadata(model: "EngramLM") -> dict[str, str]:
 def table_metadata(model: "EngramLM", layer_id: int) -> dict[str, str]:
     """The safetensors metadata of a table file of ``model``'s Engram layer ``layer_id``."""
     return {**_weights_metadata(model), "layer_id": str(layer_id)}
+
+
+def table_format(model: "EngramLM") -> str:
+    """The row format of ``model``'s Engram tables, ``"float"`` or ``"fp8"`` (``"float"`` without Engram)."""
+    # Tables sharded for distributed training are trained, hence float (older ones have no row_format).
+    formats = {getattr(block.engram.multi_head_embedding, "row_format", "float") for block in model.blocks
+               if block.engram is not None}
+    if len(formats) > 1:
+        raise ValueError(f"the model's Engram tables mix row formats {sorted(formats)}; save them in one format")
+    return formats.pop() if formats else "float"
 
 
 def _table_key(block_index: int) -> str:
@@ -121,7 +138,7 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
             model_config["engram"]["tokenizer"] = TOKENIZER_NAME
     config = {"format_version": FORMAT_VERSION, "model": model_config,
               _FINGERPRINT_KEY: json.loads(metadata[_FINGERPRINT_KEY]),
-              _TABLES_KEY: {str(layer): name for layer, name in tables.items()}}
+              _TABLES_KEY: {str(layer): name for layer, name in tables.items()}, _TABLE_FORMAT_KEY: table_format(model)}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     table_names = {part[0] for entry in tables.values() for part in (entry if isinstance(entry, list) else [[entry]])}
     keep = set(names) | table_names | ({INDEX_NAME} if len(shards) > 1 else set())
@@ -189,17 +206,37 @@ def _load_table_parts(directory: Path, parts: list[list[Any]], fingerprint: Any,
     return table
 
 
+def _in_format(table: torch.Tensor, embedding: MultiHeadEmbedding) -> torch.Tensor:
+    """A table already in memory, quantised to packed FP8 rows (chunk by chunk) if ``embedding`` reads those."""
+    if embedding.row_format == "fp8" and table.dtype.is_floating_point:
+        return quantize_table(table)
+    return table
+
+
+def _load_device_table(header: TableHeader, embedding: MultiHeadEmbedding, verify: bool) -> torch.Tensor:
+    """The table file of ``header`` in memory, in ``embedding``'s row format."""
+    if embedding.row_format == "fp8" and header.row_format == "float":
+        with map_table(header.path, verify=verify) as mapped:  # quantised from the page cache: no float copy
+            return quantize_table(mapped.tensor)
+    return load_table(header.path, verify=verify)
+
+
 def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], engram_placement: str = "device",
-                    engram_cache_rows: int = 0, **placement_options: Any) -> "EngramLM":
+                    engram_cache_rows: int = 0, engram_table_format: str | None = None,
+                    **placement_options: Any) -> "EngramLM":
     """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch.
 
-    Engram tables go where ``engram_placement`` says (see :meth:`EngramLM.from_pretrained`).
+    Engram tables go where ``engram_placement`` says, in ``engram_table_format`` (see
+    :meth:`EngramLM.from_pretrained`).
     """
     if engram_placement not in PLACEMENTS:
         raise ValueError(f"engram_placement must be one of {PLACEMENTS}, got {engram_placement!r}")
     if engram_cache_rows and engram_placement == "device":
         raise ValueError(f"engram_cache_rows={engram_cache_rows} needs engram_placement 'host' or 'disk' "
                          "(a device table is all in device memory already)")
+    if engram_table_format is not None and engram_table_format not in ROW_FORMATS:
+        raise ValueError(f"engram_table_format must be one of {ROW_FORMATS} (or None: as saved), got "
+                         f"{engram_table_format!r}")
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -207,16 +244,27 @@ def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], en
     data = json.loads(config_path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}")
+    saved_format = data.get(_TABLE_FORMAT_KEY, "float")
+    if saved_format == "fp8" and engram_table_format == "float":
+        raise ValueError(f"{directory} holds FP8 Engram tables; they load as they are (engram_table_format 'fp8' or "
+                         "None), not converted to float")
+    if saved_format == "float" and engram_table_format == "fp8" and engram_placement == "disk":
+        raise ValueError(f"{directory} holds float Engram tables and placement 'disk' maps the files as they are: "
+                         "quantise them while loading with placement 'device' or 'host', save_pretrained that "
+                         "model, and map its FP8 folder")
     model_config = data["model"]
     if model_config.get("tokenizer") == TOKENIZER_NAME:  # shipped inside the folder
         model_config["tokenizer"] = str(directory / TOKENIZER_NAME)
         if model_config.get("engram") is not None:
             model_config["engram"]["tokenizer"] = model_config["tokenizer"]
     model = cls(EngramLMConfig.from_dict(model_config), table_device="meta")
+    if (engram_table_format or saved_format) == "fp8":
+        quantize_tables(model)  # meta tables: only their row format changes
     state, fingerprints = load_state(directory)
     current = model.hasher.fingerprint() if model.hasher is not None else None
     _refuse_mismatch(directory, fingerprints + [data.get(_FINGERPRINT_KEY)], current)
     table_files = data.get(_TABLES_KEY, {})
+    verify = placement_options.get("verify", True)
     for block in model.blocks:
         if block.engram is None:
             continue
@@ -228,21 +276,20 @@ def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], en
                 raise ValueError(f"{directory} holds Engram layer {block.layer_idx}'s table in {len(entry)} row "
                                  f"parts (a distributed checkpoint); placement {engram_placement!r} reads one table "
                                  "file: load it with the default placement and save_pretrained it again")
-            embedding.weight = torch.nn.Parameter(
-                _load_table_parts(directory, entry, current, placement_options.get("verify", True)))
+            embedding.use_table(_in_format(_load_table_parts(directory, entry, current, verify), embedding))
         elif entry is not None:
-            path = directory / entry
-            header = read_header(path)
+            header = read_header(directory / entry)
             _refuse_mismatch(directory, [json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))], current)
             if engram_placement == "device":
-                embedding.weight = torch.nn.Parameter(load_table(path, verify=placement_options.get("verify", True)))
+                embedding.use_table(_load_device_table(header, embedding, verify))
             else:
-                embedding.use_store(open_table_store(path, engram_placement, engram_cache_rows, **placement_options))
+                embedding.use_store(open_table_store(header.path, engram_placement, engram_cache_rows,
+                                                     row_format=embedding.row_format, **placement_options))
         elif inline is None:
             raise ValueError(f"{directory}: no table for Engram layer {block.layer_idx} (config.json lists "
                              f"{sorted(table_files)})")
         elif engram_placement == "device":
-            embedding.weight = torch.nn.Parameter(inline)
+            embedding.use_table(_in_format(inline, embedding))
         else:
             raise ValueError(f"{directory} keeps its Engram tables inside the model weights (an older save); "
                              f"placement {engram_placement!r} reads table files: load it with the default "

@@ -216,6 +216,9 @@ class ShardedMultiHeadEmbedding(nn.Module):
         rank's rows are then allocated on ``device`` and drawn N(0, init_std) from this rank's RNG, so no process
         ever holds the whole table (the shards then differ from a single-process table of the same seed).
         """
+        if embedding.row_format != "float":
+            raise ValueError(f"cannot shard a table of {embedding.row_format} rows: sharded tables are trained, and "
+                             "FP8 rows are read-only")
         if embedding.weight.is_meta:
             fresh = cls(embedding.table_sizes, embedding.head_dim, group=group, sparse=embedding.sparse,
                         init_std=embedding.init_std, dedup=dedup, device=device)
@@ -232,6 +235,7 @@ class ShardedMultiHeadEmbedding(nn.Module):
     num_heads = MultiHeadEmbedding.num_heads
     num_rows = MultiHeadEmbedding.num_rows
     flat_row_ids = MultiHeadEmbedding.flat_row_ids
+    row_format = "float"  # sharded tables are trained: FP8 rows are read-only
 
     @property
     def placement(self) -> str:

@@ -1,7 +1,8 @@
 """Where Engram tables live: files, host memory, disk, an HBM cache.
 
-- :mod:`~engram.storage.table_file`: the one table file format (safetensors with per-chunk CRC-32s) that
-  loads into every placement, memory-maps, and shares one copy per machine through ``/dev/shm``;
+- :mod:`~engram.storage.table_file`: the one table file format (safetensors with per-chunk CRC-32s; float rows,
+  or packed FP8 rows that the file says are) that loads into every placement, memory-maps, and shares one copy
+  per machine through ``/dev/shm``;
 - :class:`HostStore` (pinned host memory: CPU gather + copy, or a GPU kernel reading over UVA),
   :class:`DiskStore` (a memory-mapped file larger than RAM), :class:`CachedStore` (hot rows in HBM in front
   of either), all behind :class:`TableStore`: ``fetch`` now, ``wait`` later (a prefetch);

@@ -1,8 +1,11 @@
 """The table file: one on-disk format for an Engram memory table ``[R, D]``, loadable into any placement.
 
 A table file is a valid safetensors file (``safetensors.safe_open`` reads it) holding exactly one 2-D
-tensor, ``"weight"`` (fp32, bf16 or fp16), whose ``__metadata__`` carries a CRC-32 of every
-``chunk_bytes`` of the data region beside the caller's own string metadata. The header is padded so the
+tensor, ``"weight"`` (fp32, bf16 or fp16; or uint8 packed FP8 rows), whose ``__metadata__`` carries a CRC-32 of
+every ``chunk_bytes`` of the data region beside the caller's own string metadata. A uint8 table holds packed
+FP8 rows (:mod:`engram.fp8`: ``D`` E4M3 bytes, then one UE8M0 scale byte per 32 values) and says so under
+``engram_table_row_format`` = ``"fp8-e4m3-ue8m0"``; a float table has no such key (files from before it
+existed read as float). The header is padded so the
 data starts at a multiple of 64 bytes. The same file is read into GPU or pinned host memory
 (:func:`load_table`), memory-mapped from disk (:func:`map_table`) or shared by every process of a host
 through ``/dev/shm`` (:func:`share_in_shm`), never converted.
@@ -32,14 +35,17 @@ from pathlib import Path
 import torch
 
 from engram.atomic import atomic_path
+from engram.fp8 import row_dim
 
 CHUNK_BYTES = 64 * 2**20
 FORMAT_VERSION = "1"
 _FORMAT_KEY = "engram_table_format"
 _CHUNK_KEY = "engram_table_chunk_bytes"
 _CRC_KEY = "engram_table_crc32"
-_RESERVED_KEYS = frozenset({_FORMAT_KEY, _CHUNK_KEY, _CRC_KEY})
-_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ROW_FORMAT_KEY = "engram_table_row_format"
+FP8_ROW_FORMAT = "fp8-e4m3-ue8m0"  # the row_format "fp8" as a file names it
+_RESERVED_KEYS = frozenset({_FORMAT_KEY, _CHUNK_KEY, _CRC_KEY, _ROW_FORMAT_KEY})
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8"}
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _ALIGN = 64
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -67,6 +73,11 @@ class TableHeader:
     metadata: dict[str, str]  # the caller's metadata, integrity keys removed
 
     @property
+    def row_format(self) -> str:
+        """``"fp8"`` for packed FP8 rows (a uint8 table), else ``"float"``."""
+        return "fp8" if self.dtype == torch.uint8 else "float"
+
+    @property
     def row_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
 
@@ -88,13 +99,17 @@ def write_table(
 ) -> TableHeader:
     """Write ``weight`` ``[R, D]`` (a contiguous CPU fp32/bf16/fp16 tensor, possibly a memory map) to ``path``.
 
-    The file is replaced atomically: readers see the old file or the complete new one.
+    A uint8 ``weight`` is a table of packed FP8 rows ``[R, D + D / 32]`` (:func:`engram.fp8.quantize_rows`), and
+    its file records that row format. The file is replaced atomically: readers see the old file or the complete
+    new one.
     Example: ``write_table("layer2.safetensors", table, {"layer": "2"})``.
     """
     if weight.dtype not in _DTYPE_NAMES:
         raise ValueError(f"table dtype must be one of {list(_DTYPE_NAMES)}, got {weight.dtype}")
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"a table is a non-empty 2-D tensor [rows, dim], got shape {tuple(weight.shape)}")
+    if weight.dtype == torch.uint8:
+        row_dim(weight.shape[1])  # a uint8 table is packed FP8 rows: refuse a width that is none
     if weight.device.type != "cpu":
         raise ValueError(f"write_table needs a CPU tensor, got one on {weight.device}; call .cpu() first")
     if not weight.is_contiguous():
@@ -114,6 +129,8 @@ def write_table(
     with ThreadPoolExecutor(_num_workers(workers)) as pool:
         crc32 = tuple(pool.map(lambda r: zlib.crc32(data[r[0] : r[1]]), ranges))
     integrity = {_FORMAT_KEY: FORMAT_VERSION, _CHUNK_KEY: str(chunk_bytes), _CRC_KEY: json.dumps(crc32)}
+    if weight.dtype == torch.uint8:
+        integrity[_ROW_FORMAT_KEY] = FP8_ROW_FORMAT
     header = {
         "weight": {"dtype": _DTYPE_NAMES[weight.dtype], "shape": [num_rows, dim], "data_offsets": [0, len(data)]},
         "__metadata__": {**metadata, **integrity},
@@ -174,6 +191,17 @@ def read_header(path: str | os.PathLike[str]) -> TableHeader:
         crc32 = tuple(json.loads(meta[_CRC_KEY]))
     except (KeyError, ValueError, TypeError) as e:
         raise fail(f"malformed integrity metadata ({type(e).__name__}: {e})") from None
+    row_format = meta.get(_ROW_FORMAT_KEY)
+    if dtype == torch.uint8:
+        if row_format != FP8_ROW_FORMAT:
+            raise fail(f"a U8 table holds packed FP8 rows and must say {_ROW_FORMAT_KEY}={FP8_ROW_FORMAT!r}, "
+                       f"got {row_format!r}")
+        try:
+            row_dim(shape[1])
+        except ValueError as e:
+            raise fail(str(e)) from None
+    elif row_format is not None:
+        raise fail(f"{_ROW_FORMAT_KEY}={row_format!r} but the table is {entry['dtype']}: packed FP8 rows are U8")
     expected_chunks = -(-data_bytes // chunk_bytes) if chunk_bytes > 0 else -1
     if len(crc32) != expected_chunks or not all(type(c) is int and 0 <= c < 2**32 for c in crc32):
         raise fail(f"{_CRC_KEY} should hold {expected_chunks} 32-bit checksums of {chunk_bytes}-byte chunks")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from engram.embedding import require_float_rows
 from engram.engram import BranchRMSNorm
 from engram.model.hyper_connections import HyperConnection, StreamMerge
 from engram.model.moe import MoE
@@ -126,12 +127,23 @@ def enable_sparse_tables(model: nn.Module) -> int:
     """Make every :class:`MultiHeadEmbedding` of ``model`` produce sparse gradients; returns how many.
 
     ``EngramLM`` builds its tables dense-gradient; :class:`EngramOptimizer` needs sparse ones (a dense
-    gradient of a billion-row table would be as large as the table). Call before the first backward.
+    gradient of a billion-row table would be as large as the table). Call before the first backward. FP8 tables
+    (read-only) are refused.
     """
-    tables = [m for m in model.modules() if isinstance(m, TABLE_MODULES)]
+    tables = _trainable_tables(model, "enable_sparse_tables")
     for table in tables:
         table.sparse = True
     return len(tables)
+
+
+def _trainable_tables(model: nn.Module, caller: str) -> list[nn.Module]:
+    """Every table module of ``model``; ``ValueError`` naming the first one that holds FP8 rows."""
+    tables = []
+    for name, module in model.named_modules():
+        if isinstance(module, TABLE_MODULES):
+            require_float_rows(module, f"training Engram table {name or 'model'!r} ({caller})")
+            tables.append(module)
+    return tables
 
 
 def param_groups(model: nn.Module) -> dict[str, NamedParams]:
@@ -281,6 +293,7 @@ class EngramOptimizer:
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig):
+        _trainable_tables(model, "EngramOptimizer")
         self.cfg = cfg
         self.groups = param_groups(model)
         self._layout = {

@@ -1,6 +1,7 @@
-"""Multi-head row gather from one flat embedding table, with a deterministic sorted segmented-sum backward."""
+"""Multi-head row gather from one flat embedding table, with a deterministic sorted segmented-sum backward; and
+the fused gather + dequantise of packed FP8 tables."""
 
-from engram.kernels.gather.naive import multi_head_gather_naive
-from engram.kernels.gather.op import multi_head_gather
+from engram.kernels.gather.naive import fp8_gather_naive, multi_head_gather_naive
+from engram.kernels.gather.op import fp8_gather, multi_head_gather
 
-__all__ = ["multi_head_gather", "multi_head_gather_naive"]
+__all__ = ["fp8_gather", "fp8_gather_naive", "multi_head_gather", "multi_head_gather_naive"]

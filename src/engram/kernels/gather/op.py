@@ -1,9 +1,11 @@
-"""``multi_head_gather``: the public op, Triton on CUDA (on CPU only forced, under ``TRITON_INTERPRET=1``).
+"""``multi_head_gather`` and ``fp8_gather``: the public ops, Triton on CUDA (on CPU only forced, under
+``TRITON_INTERPRET=1``).
 
 The Triton path is three ``torch.library`` custom ops (forward, sparse backward, dense backward) joined by
 ``register_autograd``, so ``torch.compile`` treats each as one opaque node instead of breaking the graph.
 The sparse backward op returns the unique rows and their summed gradients as two dense tensors; the
-autograd formula wraps them into a coalesced ``torch.sparse_coo`` gradient outside any op.
+autograd formula wraps them into a coalesced ``torch.sparse_coo`` gradient outside any op. ``fp8_gather``
+reads frozen uint8 tables: one forward op, no autograd.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from engram.config import FP8_SCALE_BLOCK
+from engram.fp8 import row_dim
 from engram.kernels.dispatch import use_triton
-from engram.kernels.gather.naive import multi_head_gather_naive
+from engram.kernels.gather.naive import fp8_gather_naive, multi_head_gather_naive
 
 
 def _kernels() -> ModuleType:
@@ -22,6 +26,12 @@ def _kernels() -> ModuleType:
     from engram.kernels.gather import triton_gather
 
     return triton_gather
+
+
+def _fp8_kernels() -> ModuleType:
+    from engram.kernels.gather import triton_fp8_gather
+
+    return triton_fp8_gather
 
 
 @torch.library.custom_op("engram::multi_head_gather", mutates_args=())
@@ -100,3 +110,45 @@ def multi_head_gather(weight: Tensor, flat_rows: Tensor, sparse_grad: bool = Tru
     if not use_triton(weight, force):
         return multi_head_gather_naive(weight, flat_rows, sparse_grad)
     return _gather(weight, flat_rows.long(), sparse_grad, deterministic)
+
+
+@torch.library.custom_op("engram::fp8_gather", mutates_args=())
+def _fp8_gather(table: Tensor, flat_rows: Tensor) -> Tensor:
+    return _fp8_kernels().fp8_gather_fwd(table, flat_rows)
+
+
+@_fp8_gather.register_fake
+def _(table: Tensor, flat_rows: Tensor) -> Tensor:
+    dim = table.shape[1] * FP8_SCALE_BLOCK // (FP8_SCALE_BLOCK + 1)  # row_dim, without its checks on SymInts
+    return table.new_empty(*flat_rows.shape[:-1], flat_rows.shape[-1] * dim, dtype=torch.float32)
+
+
+def fp8_gather(table: Tensor, flat_rows: Tensor, force: bool | None = None) -> Tensor:
+    """Gather packed FP8 rows and dequantise them in one pass (see :func:`fp8_gather_naive`).
+
+    Args:
+        table: uint8 ``[R, D + D / 32]`` packed FP8 rows (:mod:`engram.fp8`: ``D`` E4M3 bytes, then one UE8M0
+            scale byte per 32 values; 264 bytes for ``D = 256``), e.g. a DeepSeek-V4.1 Engram table.
+        flat_rows: ``[..., H]`` int rows of the flat table, head offsets already added. They must lie in
+            ``[0, R)``: the Triton path does not check (the naive path raises ``IndexError``).
+        force: ``True`` insists on Triton, ``False`` takes the naive path, ``None`` decides (:func:`use_triton`).
+
+    Returns:
+        ``[..., H * D]`` fp32, bit-identical to ``dequantize_rows(table[flat_rows]).flatten(-2)`` (NaN where an
+        E4M3 byte is 0x7F/0xFF or a scale byte 255); head ``h`` fills ``[h * D, (h + 1) * D)``.
+
+    Example:
+        >>> from engram.fp8 import quantize_rows
+        >>> table = quantize_rows(torch.randn(10, 64))        # [10, 66] uint8
+        >>> fp8_gather(table, torch.tensor([[[1, 7]]])).shape  # [B, T, H] -> [B, T, H * D]
+        torch.Size([1, 1, 128])
+    """
+    if table.dtype != torch.uint8 or table.dim() != 2:
+        raise TypeError(f"fp8_gather reads a uint8 [R, D + D/32] table of packed FP8 rows, got {table.dtype} "
+                        f"of shape {tuple(table.shape)}")
+    row_dim(table.shape[1])  # a clear error for a width that is no packed row's
+    if flat_rows.dtype.is_floating_point or flat_rows.dtype.is_complex or flat_rows.dtype == torch.bool:
+        raise TypeError(f"flat_rows must hold integer row ids, got {flat_rows.dtype}")
+    if not use_triton(table, force):
+        return fp8_gather_naive(table, flat_rows)
+    return _fp8_gather(table, flat_rows.long())
