@@ -9,7 +9,12 @@ variant: median ms (CUDA events around each call, after warm-up), rows/s, bytes 
 rows read: 264 B per FP8 row, 512 B per bf16 row) and bytes written/s (fp32 out for FP8, bf16 out for bf16).
 Checked in the same run: fused == gather-then-dequantise bit for bit, and == the bf16 gather's values.
 
-    python benchmarks/bench_fp8_gather.py --json $OUT/bench_fp8_gather.json
+``--host`` adds the same rows read from host memory through ``MultiHeadEmbedding`` over a ``HostStore`` (methods
+``uva``: a GPU kernel reads the pinned table in place, and ``cpu``: threaded gather + copy), the FP8 table
+(dequantised on the GPU after arrival) against the bf16 one: what FP8 saves on the host link, 264 B instead of
+512 B per row. A host fetch is timed from ``fetch()`` to its rows being on the GPU, dequantised.
+
+    python benchmarks/bench_fp8_gather.py --host --json $OUT/bench_fp8_gather.json
     python benchmarks/bench_fp8_gather.py --device cpu --rows 1000      # a dry run of the logic (naive paths)
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import statistics
@@ -27,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from engram.embedding import MultiHeadEmbedding
 from engram.fp8 import dequantize_rows, packed_row_bytes, quantize_rows
 from engram.kernels.gather import fp8_gather, multi_head_gather
+from engram.storage import HostStore
 
 CHUNK_ROWS = 1 << 20
 
@@ -73,6 +81,36 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+def host_copy(table: torch.Tensor) -> torch.Tensor:
+    """``table`` copied into host memory of its own (an anonymous map, as ``open_table_store`` allocates host
+    tables: the UVA read page-locks it in place)."""
+    memory = mmap.mmap(-1, table.numel() * table.element_size())
+    host = torch.frombuffer(memory, dtype=table.dtype).view(table.shape)
+    for start in range(0, table.shape[0], CHUNK_ROWS):
+        host[start:start + CHUNK_ROWS] = table[start:start + CHUNK_ROWS].cpu()
+    return host
+
+
+def host_variants(packed: torch.Tensor, bf16: torch.Tensor, methods: list[str]
+                  ) -> tuple[dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, int]], list[HostStore]]:
+    """Per host method, FP8 and bf16 embeddings reading host copies of the tables (row ids ``[N, H]``)."""
+    dim = bf16.shape[1]
+    tables = {"fp8": host_copy(packed), "bf16": host_copy(bf16)}
+    variants, stores = {}, []
+    for method in methods:
+        for fmt, table in tables.items():
+            embedding = MultiHeadEmbedding([table.shape[0]], dim, device="meta",
+                                           row_format="fp8" if fmt == "fp8" else "float")
+            store = HostStore(table, method=method)
+            embedding.use_store(store)
+            stores.append(store)
+            out_bytes = dim * 4 if fmt == "fp8" else dim * 2
+            variants[f"host {method}: {fmt} rows"] = (
+                lambda rows, e=embedding: e.fetch(rows[..., None]).wait(), table.shape[1] * table.element_size(),
+                out_bytes)
+    return variants, stores
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     packed, bf16 = random_tables(args.rows, args.dim, device)
@@ -85,6 +123,10 @@ def run(args: argparse.Namespace) -> dict:
         "bf16 multi_head_gather": (lambda rows: multi_head_gather(bf16, rows, sparse_grad=False),
                                    bf16_row_bytes, bf16_row_bytes),
     }
+    stores: list[HostStore] = []
+    if args.host:
+        host, stores = host_variants(packed, bf16, ["uva", "cpu"] if device.type == "cuda" else ["cpu"])
+        variants.update(host)
     generator = torch.Generator(device=device).manual_seed(1)
     results, checks = [], {}
     for tokens in args.tokens:
@@ -94,6 +136,9 @@ def run(args: argparse.Namespace) -> dict:
         checks[f"{tokens} tokens: fused == gather, then dequantize_rows"] = same_values(
             fused, outputs["fp8 gather, then dequantize_rows"])
         checks[f"{tokens} tokens: fused == bf16 gather"] = same_values(fused, outputs["bf16 multi_head_gather"])
+        for name, out in outputs.items():
+            if name.startswith("host"):
+                checks[f"{tokens} tokens: {name} == fused"] = same_values(out.flatten(-2), fused)
         del outputs, fused
         for name, (call, read_bytes, written_bytes) in variants.items():
             ms = median_ms(lambda: call(rows), device, args.warmup, args.repeats)
@@ -101,6 +146,8 @@ def run(args: argparse.Namespace) -> dict:
             results.append({"variant": name, "tokens": tokens, "rows": count, "ms": ms,
                             "rows_per_s": count / (ms / 1e3), "read_bytes_per_s": count * read_bytes / (ms / 1e3),
                             "written_bytes_per_s": count * written_bytes / (ms / 1e3)})
+    for store in stores:
+        store.close()
     return {"results": results, "checks": checks, "table_rows": args.rows, "dim": args.dim, "heads": args.heads,
             "fp8_table_gib": packed.numel() / 2**30, "bf16_table_gib": bf16.numel() * 2 / 2**30,
             "warmup": args.warmup, "repeats": args.repeats}
@@ -126,6 +173,7 @@ def main() -> None:
                         help="tokens per call, comma-separated")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--host", action="store_true", help="also read the rows from host memory (HostStore)")
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -55,6 +55,19 @@ def test_memory_lookup_json(v41_dir, deepseek_v4_ct, capsys):
             np.testing.assert_allclose([h["row_norm"] for h in read["heads"]], norms[t], rtol=1e-6)
 
 
+def test_memory_lookup_from_disk_reads_what_the_device_reads(v41_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["memory", "lookup", TEXT, "--deepseek-v41", str(v41_dir), "--json"]) == 0
+    on_device = json.loads(capsys.readouterr().out)
+    tables = tmp_path / "tables"
+    assert main(["memory", "lookup", TEXT, "--deepseek-v41", str(v41_dir), "--json", "--table-placement", "disk",
+                 "--table-dir", str(tables)]) == 0
+    assert json.loads(capsys.readouterr().out) == on_device
+    assert sorted(p.name for p in tables.iterdir()) == [f"engram-v41-layer-{layer}.safetensors" for layer in LAYERS]
+    assert main(["memory", "lookup", TEXT, "--deepseek-v41", str(v41_dir), "--table-placement", "host"]) == 2
+    assert "pass table_dir=" in capsys.readouterr().err
+
+
 def test_memory_lookup_tables_one_layer_with_collisions(v41_dir, text_dir, capsys):
     capsys.readouterr()
     assert main(["memory", "lookup", "the [zebra] code", "--deepseek-v41", str(v41_dir), "--layer", "14",
@@ -67,7 +80,8 @@ def test_memory_lookup_tables_one_layer_with_collisions(v41_dir, text_dir, capsy
 
 def test_memory_lookup_refuses_mixed_flags(v41_dir, capsys):
     assert main(["memory", "lookup", "x", "--checkpoint", str(v41_dir), "--layer", "1"]) == 2
-    assert "--layer and --dead-token-id go with --deepseek-v41" in capsys.readouterr().err
+    assert "--layer, --dead-token-id, --table-placement and --table-dir go with --deepseek-v41" in \
+        capsys.readouterr().err
     assert main(["memory", "lookup", "x", "--deepseek-v41", str(v41_dir), "--layer", "3"]) == 2
     assert "layer 3 is not an Engram layer" in capsys.readouterr().err
     with pytest.raises(SystemExit):

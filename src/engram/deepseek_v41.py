@@ -15,7 +15,9 @@ backbone's ``hidden_size`` and ``hc_mult``, at the top level or in ``text_config
 
 ``q``/``k`` follow the demo's gate ``<RMSNorm_k(k_m), RMSNorm_q(h_m)>``: the query is the hidden state, the key
 comes from the memory. Tables (about 100 GB a layer in V4.1) are read in chunks through safetensors' lazy slices
-and packed straight into the uint8 rows the lookups dequantise; no fp32 copy of a table is ever made. ``wkv`` is
+and packed straight into the uint8 rows the lookups dequantise; no fp32 copy of a table is ever made. The packed
+rows live on the device, or (``table_placement`` ``"host"``/``"disk"``) in a table file converted once per layer
+into ``table_dir`` and reused by later loads (:func:`load_deepseek_v41_engram`). ``wkv`` is
 dequantised whole (``dtype``, bf16 by default: bf16 has more mantissa bits than E4M3 and fp32's exponent
 range, so it holds E4M3 times a power-of-two scale exactly unless the scale is near 2^-127 or 2^127).
 
@@ -40,8 +42,9 @@ from torch import Tensor, nn
 
 from engram.config import FP8_SCALE_BLOCK, EngramConfig
 from engram.engram import Engram
-from engram.fp8 import dequantize_blocks, pack_rows
+from engram.fp8 import dequantize_blocks, pack_rows, packed_row_bytes
 from engram.hashing import NgramHasher
+from engram.storage import PLACEMENTS, TableFileError, TableStore, open_table_store, read_header, write_table
 from engram.tokenizer import CompressedTokenizer
 
 CONFIG_FILE = "config.json"
@@ -57,6 +60,7 @@ ENGRAM_TENSORS: dict[str, tuple[str, ...]] = {
 }
 _ENGRAM_NAME = re.compile(r"layers\.(\d+)\.engram\.(.+)")
 _PACK_ROWS = 1 << 18  # table rows read and packed at once (69 MB of V4.1 rows)
+_SOURCE_KEY = "engram_v41_source"  # a converted table file's metadata: the checkpoint files it was made from
 
 
 def engram_tensor(layer_id: int, suffix: str) -> str:
@@ -264,23 +268,99 @@ class _Reader:
         return tensor
 
 
-def _packed_table(reader: _Reader, layer_id: int, rows: int, head_dim: int, device: torch.device) -> Tensor:
-    """The layer's FP8 table as packed uint8 rows ``[rows, head_dim + head_dim / 32]`` on ``device``, read in chunks."""
-    blocks = head_dim // FP8_SCALE_BLOCK
+def _table_slices(reader: _Reader, layer_id: int, rows: int, head_dim: int) -> tuple[Any, Any]:
+    """The layer's lazy ``embed.weight`` E4M3 ``[rows, head_dim]`` and ``embed.scale`` UE8M0
+    ``[rows, head_dim / 32]`` slices, checked."""
     weight = reader.checked(engram_tensor(layer_id, "embed.weight"), (rows, head_dim),
                             f"[rows, head_dim]; rows = {rows}, the sum of layer {layer_id}'s prime table sizes")
-    scale = reader.checked(engram_tensor(layer_id, "embed.scale"), (rows, blocks),
+    scale = reader.checked(engram_tensor(layer_id, "embed.scale"), (rows, head_dim // FP8_SCALE_BLOCK),
                            f"[rows, head_dim / {FP8_SCALE_BLOCK}]")
-    packed = torch.empty(rows, head_dim + blocks, dtype=torch.uint8, device=device)
-    for start in range(0, rows, _PACK_ROWS):
-        stop = min(start + _PACK_ROWS, rows)
-        packed[start:stop] = pack_rows(weight[start:stop], scale[start:stop]).to(device)
-    return packed
+    return weight, scale
 
 
-def _layer_state(reader: _Reader, layer_id: int, cfg: EngramConfig, rows: int, hidden: int, branches: int,
+def _pack_table(weight: Any, scale: Any, out: Tensor) -> Tensor:
+    """Pack the slices' rows into ``out`` (uint8 ``[rows, head_dim + head_dim / 32]``, any device or a file map)
+    ``_PACK_ROWS`` at a time; returns ``out``."""
+    for start in range(0, out.shape[0], _PACK_ROWS):
+        stop = min(start + _PACK_ROWS, out.shape[0])
+        out[start:stop] = pack_rows(weight[start:stop], scale[start:stop]).to(out.device)
+    return out
+
+
+def converted_table_name(layer_id: int) -> str:
+    """The file an Engram layer's table is converted into for placement ``host`` or ``disk``."""
+    return f"engram-v41-layer-{layer_id}.safetensors"
+
+
+def _table_source(files: Mapping[str, Path], layer_id: int) -> str:
+    """What a converted table is made of, as recorded in its file: per tensor, the name, size and mtime (ns) of the
+    checkpoint file holding it (cheap to check; a rewritten or replaced checkpoint file changes it)."""
+    source = {}
+    for suffix in ("embed.weight", "embed.scale"):
+        file = files[engram_tensor(layer_id, suffix)]
+        stat = file.stat()
+        source[suffix] = {"file": file.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return json.dumps(source, sort_keys=True)
+
+
+def _is_converted(file: Path, rows: int, width: int, source: str) -> bool:
+    """Whether ``file`` is a complete table file of ``[rows, width]`` packed FP8 rows converted from ``source``."""
+    try:
+        header = read_header(file)
+    except (FileNotFoundError, TableFileError):
+        return False
+    return (header.row_format == "fp8" and (header.num_rows, header.dim) == (rows, width)
+            and header.metadata.get(_SOURCE_KEY) == source)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _convert_table(weight: Any, scale: Any, file: Path, layer_id: int, source: str) -> None:
+    """Write the slices' rows as a packed FP8 table file (atomically), packed chunk by chunk into a scratch file
+    beside it (memory-mapped, so the table never sits in memory; removed afterwards)."""
+    rows, head_dim = weight.get_shape()
+    width = packed_row_bytes(head_dim)
+    for stale in file.parent.glob(f".{file.name}.packing*"):  # left by a conversion that was killed
+        pid = stale.name.rpartition(".packing")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    scratch = file.with_name(f".{file.name}.packing{os.getpid()}")
+    try:
+        packed = torch.from_file(str(scratch), shared=True, size=rows * width, dtype=torch.uint8)
+        write_table(file, _pack_table(weight, scale, packed.view(rows, width)),
+                    metadata={"layer_id": str(layer_id), _SOURCE_KEY: source})
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _layer_store(reader: _Reader, layer_id: int, rows: int, head_dim: int, placement: str, table_dir: Path,
+                 cache_rows: int, store_options: Mapping[str, Any]) -> TableStore:
+    """A ``placement`` store of the layer's table, from its converted file in ``table_dir``: reused when complete
+    and of this checkpoint's tensors (:func:`_table_source`), else (also when a chunk fails its checksum) written
+    again."""
+    weight, scale = _table_slices(reader, layer_id, rows, head_dim)
+    file = table_dir / converted_table_name(layer_id)
+    source = _table_source(reader.files, layer_id)
+    if _is_converted(file, rows, packed_row_bytes(head_dim), source):
+        try:
+            return open_table_store(file, placement, cache_rows, **store_options)
+        except TableFileError:
+            pass  # corrupt data under a valid header: convert again
+    _convert_table(weight, scale, file, layer_id, source)
+    return open_table_store(file, placement, cache_rows, **store_options)
+
+
+def _layer_state(reader: _Reader, layer_id: int, cfg: EngramConfig, hidden: int, branches: int,
                  device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The ``state_dict`` of one :class:`Engram` from the checkpoint's tensors of layer ``layer_id``."""
+    """The ``state_dict`` of one :class:`Engram` but its table, from the checkpoint's tensors of ``layer_id``."""
     out_dim, in_dim = (branches + 1) * hidden, cfg.memory_dim
     grid = (-(-out_dim // FP8_SCALE_BLOCK), -(-in_dim // FP8_SCALE_BLOCK))
     wkv = reader.checked(engram_tensor(layer_id, "wkv.weight"), (out_dim, in_dim),
@@ -291,7 +371,6 @@ def _layer_state(reader: _Reader, layer_id: int, cfg: EngramConfig, rows: int, h
     norms = {suffix: reader.checked(engram_tensor(layer_id, suffix), (branches, hidden), "[hc_mult, hidden_size]")
              for suffix in ("q_weight", "k_weight")}
     return {
-        "multi_head_embedding.weight": _packed_table(reader, layer_id, rows, cfg.head_dim, device),
         "value_key_proj.weight": dequantize_blocks(wkv[:], wkv_scale[:], dtype=dtype).to(device),
         "query_norm.weight": norms["q_weight"][:].float().to(device),
         "key_norm.weight": norms["k_weight"][:].float().to(device),
@@ -301,32 +380,61 @@ def _layer_state(reader: _Reader, layer_id: int, cfg: EngramConfig, rows: int, h
 def load_deepseek_v41_engram(path: str | os.PathLike[str], layers: Iterable[int] | None = None, *,
                              device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                              tokenizer: str | CompressedTokenizer = TOKENIZER, dead_token_ids: Iterable[int] = (),
-                             hidden_size: int | None = None, hc_mult: int | None = None) -> DeepSeekV41Engram:
+                             hidden_size: int | None = None, hc_mult: int | None = None,
+                             table_placement: str = "device", table_dir: str | os.PathLike[str] | None = None,
+                             cache_rows: int = 0, **store_options: Any) -> DeepSeekV41Engram:
     """Load the Engram layers of a DeepSeek-V4.1-format checkpoint folder (see the module docstring).
 
     Args:
         path: the folder with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``.
         layers: Engram layers to load (default: every ``engram_layer_ids``); the hasher always has them all.
-        device: where tables and weights go (a V4.1 table is ~101 GB: host memory, or a GPU that holds it).
+        device: where the weights go and lookups and layers compute; the tables too with placement ``"device"``
+            (a V4.1 table is ~101 GB: host memory, or a GPU that holds it).
         dtype: of the dequantised ``wkv`` and so of the projection; bf16 holds it exactly, ``torch.float32``
             projects in fp32.
         tokenizer: a registered name or path (default ``"deepseek-v4"``, fetched on first use), or a built
             :class:`CompressedTokenizer` of the checkpoint's ids.
         dead_token_ids: ids always treated as dead (e.g. the image placeholder), besides any ``dead_mask``.
         hidden_size, hc_mult: the backbone width and mHC branches, when ``config.json`` lacks those keys.
+        table_placement: where each table's packed FP8 rows are served from: ``"device"`` (a parameter on
+            ``device``), ``"host"`` (a private or ``/dev/shm`` copy in host memory) or ``"disk"`` (a memory-mapped
+            file). ``host`` and ``disk`` read a table file converted once per layer into ``table_dir``
+            (:func:`converted_table_name`), streamed from the checkpoint in chunks and written atomically; a later
+            load reuses it when it is complete, of the same rows and width, and records the same source (name, size
+            and mtime of the checkpoint files holding ``embed.weight`` and ``embed.scale``); any other file there
+            (truncated, corrupt, of another checkpoint) is converted again. Rows read are the same bits in every
+            placement.
+        table_dir: the folder of the converted tables (created if missing); required by ``host`` and ``disk``.
+        cache_rows: > 0 puts a cache of that many hot rows on the compute device in front of a ``host`` or
+            ``disk`` table.
+        store_options: passed to :func:`engram.storage.open_table_store` (``host_method``, ``workers``,
+            ``share_memory``, ``shm_dir``, ``host_memory_budget``, ``verify``).
     Raises:
         ValueError: naming the file or tensor: no config or weights, a config the hashing refuses, an Engram tensor
             missing, unexpected, of another dtype or shape (a table whose rows are not the prime sums), or a layer
-            that is not an Engram layer.
+            that is not an Engram layer; a placement other than the three, ``host`` or ``disk`` without
+            ``table_dir``, or ``table_dir``, ``cache_rows`` or store options with ``device``.
 
     Example:
-        >>> engram = load_deepseek_v41_engram("DeepSeek-V4.1-Flash", layers=[14])  # doctest: +SKIP
+        >>> engram = load_deepseek_v41_engram("DeepSeek-V4.1-Flash", layers=[14],  # doctest: +SKIP
+        ...                                   table_placement="disk", table_dir="/nvme/v41-tables")
         >>> ids = torch.tensor([[0, 100, 2000]])
         >>> reads = engram.lookup(ids)                            # doctest: +SKIP
         >>> h = torch.randn(1, 3, 4, 5120, dtype=torch.bfloat16)  # the backbone's streams entering block 14
         >>> engram(h, ids, layer_id=14).shape                     # doctest: +SKIP
         torch.Size([1, 3, 4, 5120])
     """
+    if table_placement not in PLACEMENTS:
+        raise ValueError(f"table_placement must be one of {PLACEMENTS}, got {table_placement!r}")
+    if table_placement == "device":
+        extra = [*(["table_dir"] if table_dir is not None else []), *(["cache_rows"] if cache_rows else []),
+                 *sorted(store_options)]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} go with table_placement 'host' or 'disk', not 'device' (the "
+                             "table is a parameter on the device)")
+    elif table_dir is None:
+        raise ValueError(f"table_placement {table_placement!r} serves a table file converted from the checkpoint: "
+                         "pass table_dir=, a folder to write it to (~101 GB a layer for V4.1) or that holds it")
     text = read_text_config(path)
     cfg = EngramConfig.from_hf_config(text, tokenizer=tokenizer if isinstance(tokenizer, str) else TOKENIZER)
     hidden, branches = backbone_dims(text, hidden_size, hc_mult)
@@ -339,6 +447,9 @@ def load_deepseek_v41_engram(path: str | os.PathLike[str], layers: Iterable[int]
     check_engram_tensors(files, cfg, chosen)
     hasher = NgramHasher(cfg, tokenizer=tokenizer if isinstance(tokenizer, CompressedTokenizer) else None)
     device = torch.device(device)
+    if table_dir is not None:
+        table_dir = Path(table_dir)
+        table_dir.mkdir(parents=True, exist_ok=True)
     engrams = {}
     with _Reader(files) as reader:
         for layer_id in cfg.layer_ids:
@@ -346,7 +457,15 @@ def load_deepseek_v41_engram(path: str | os.PathLike[str], layers: Iterable[int]
                 continue
             rows = sum(hasher.flat_table_sizes(layer_id))
             engram = Engram(cfg, layer_id, hidden, branches, hasher=hasher, table_device="meta")
-            engram.load_state_dict(_layer_state(reader, layer_id, cfg, rows, hidden, branches, device, dtype),
-                                   assign=True)
+            state = _layer_state(reader, layer_id, cfg, hidden, branches, device, dtype)
+            table = engram.multi_head_embedding
+            if table_placement == "device":
+                packed = torch.empty(rows, table.row_width, dtype=torch.uint8, device=device)
+                state["multi_head_embedding.weight"] = _pack_table(*_table_slices(reader, layer_id, rows,
+                                                                                  cfg.head_dim), packed)
+            else:
+                table.use_store(_layer_store(reader, layer_id, rows, cfg.head_dim, table_placement, table_dir,
+                                             cache_rows, store_options))
+            engram.load_state_dict(state, assign=True)
             engrams[layer_id] = engram.to(device).eval()
     return DeepSeekV41Engram(cfg, hasher, engrams, dead_token_ids)

@@ -50,9 +50,11 @@ def check_fp8_dim(dim: int) -> None:
 
 def scale_values(scales: Tensor) -> Tensor:
     """UE8M0 bytes (uint8, or torch's float8_e8m0fnu) -> fp32 ``2^(e - 127)``, NaN for 255."""
-    e = scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales
-    e = e.to(torch.float32)
-    return torch.where(e == 255, torch.nan, torch.exp2(e - SCALE_BIAS))
+    e = (scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales).to(torch.int32)
+    # Built from the bits, exactly on every device (CUDA's exp2 is off by ulps near 2^-127): e >= 1 is the normal
+    # fp32 2^(e - 127), e = 0 the subnormal 2^-127.
+    bits = torch.where(e == 0, 1 << 22, e << 23)
+    return torch.where(e == 255, 0x7FC00000, bits).view(torch.float32)
 
 
 def e4m3_values(values: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from engram.memory.edit import (DEFAULT_CORPUS_TOKENS, DEFAULT_TOP_NGRAMS, WRITE
 from engram.memory.patch import MemoryPatch, apply_patch, diff, load_patch, merge, revert, save_patch
 from engram.model import EngramLM
 from engram.parallel import resolve_device
+from engram.storage import PLACEMENTS
 from engram.train.tune import DEFAULT_LR, DEFAULT_STEPS, tune_memory
 
 COLLISIONS_SHOWN = 3  # per head, in the lookup table
@@ -91,6 +92,12 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
                            "~101 GB, loaded on --device ('auto' is the CPU with --deepseek-v41)")
     look.add_argument("--dead-token-id", type=int, action="append", default=[],
                       help="with --deepseek-v41: a token id that is dead (e.g. an image placeholder; repeat)")
+    look.add_argument("--table-placement", choices=PLACEMENTS, default="device",
+                      help="with --deepseek-v41: where the tables are read from: 'device' (loaded on --device), "
+                           "'host' or 'disk' (a table file per layer converted once into --table-dir, then reused)")
+    look.add_argument("--table-dir", default=None,
+                      help="with --deepseek-v41 and --table-placement host or disk: the folder of the converted "
+                           "table files (~101 GB a V4.1 layer)")
     look.add_argument("--corpus", nargs="+", default=None, help="data spec whose frequent n-grams are checked for "
                                                                 "collisions (presets, files, a prepared corpus)")
     look.add_argument("--top-ngrams", type=int, default=DEFAULT_TOP_NGRAMS, help="most frequent n-grams per order")
@@ -204,12 +211,14 @@ def run_memory(args: argparse.Namespace) -> int:
             # "auto" is the CPU here: a V4.1 table is ~101 GB, and lookups need no GPU
             device = resolve_device("cpu" if args.device == "auto" else args.device)
             engram = load_deepseek_v41_engram(args.deepseek_v41, args.layer, device=device,
-                                              dead_token_ids=args.dead_token_id)
+                                              dead_token_ids=args.dead_token_id,
+                                              table_placement=args.table_placement, table_dir=args.table_dir)
             result = lookup_deepseek_v41(engram, args.text, corpus=args.corpus, top_ngrams=args.top_ngrams,
                                          corpus_tokens=args.corpus_tokens)
         else:
-            if args.layer or args.dead_token_id:
-                raise ValueError("--layer and --dead-token-id go with --deepseek-v41, not --checkpoint")
+            if args.layer or args.dead_token_id or args.table_placement != "device" or args.table_dir:
+                raise ValueError("--layer, --dead-token-id, --table-placement and --table-dir go with "
+                                 "--deepseek-v41, not --checkpoint")
             model = EngramLM.from_pretrained(args.checkpoint).to(resolve_device(args.device))
             result = lookup(model, args.text, corpus=args.corpus, top_ngrams=args.top_ngrams,
                             corpus_tokens=args.corpus_tokens)
