@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ import torch
 from engram.embedding import MultiHeadEmbedding
 from engram.fp8 import dequantize_rows, packed_row_bytes, quantize_rows
 from engram.kernels.gather import fp8_gather, multi_head_gather
-from engram.storage import HostStore
+from engram.storage import HostStore, private_host_table
 
 CHUNK_ROWS = 1 << 20
 
@@ -82,10 +81,8 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def host_copy(table: torch.Tensor) -> torch.Tensor:
-    """``table`` copied into host memory of its own (an anonymous map, as ``open_table_store`` allocates host
-    tables: the UVA read page-locks it in place)."""
-    memory = mmap.mmap(-1, table.numel() * table.element_size())
-    host = torch.frombuffer(memory, dtype=table.dtype).view(table.shape)
+    """``table`` copied into host memory of its own, as ``open_table_store`` allocates host tables."""
+    host = private_host_table(*table.shape, table.dtype)
     for start in range(0, table.shape[0], CHUNK_ROWS):
         host[start:start + CHUNK_ROWS] = table[start:start + CHUNK_ROWS].cpu()
     return host

@@ -44,7 +44,7 @@ def _dequantize_fetched(packed: torch.Tensor) -> torch.Tensor:
 def require_float_rows(embedding: nn.Module, action: str) -> None:
     """Raise ``ValueError`` if ``embedding`` holds packed FP8 rows: they are read-only (``action`` names what
     was refused, e.g. ``"training"``)."""
-    if getattr(embedding, "row_format", "float") == "fp8":
+    if embedding.row_format == "fp8":
         raise ValueError(f"FP8 tables are read-only (packed E4M3 rows with UE8M0 scales, for serving): {action} "
                          "needs float rows; load the model with engram_table_format='float' from a float checkpoint")
 

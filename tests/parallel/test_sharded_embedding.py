@@ -272,3 +272,9 @@ def test_row_shard_errors():
         row_shard(10, -1, 2)
     with pytest.raises(ValueError, match="num_rows must be >= 1, got 0"):
         RowShard(0, 0, 1)
+
+
+def test_fp8_tables_are_not_sharded():
+    fp8 = MultiHeadEmbedding([5, 7], head_dim=32, row_format="fp8")
+    with pytest.raises(ValueError, match="FP8 tables are read-only.*sharding a table for training"):
+        ShardedMultiHeadEmbedding.from_embedding(fp8)

@@ -159,6 +159,8 @@ def _collision_index(hasher: NgramHasher, tables: dict[int, MultiHeadEmbedding],
                      corpus_tokens: int) -> tuple[FrequentNgrams | None, int]:
     """The frequent n-grams of the first ``corpus_tokens`` tokens of ``corpus`` (prepared with ``tokenizer``) and
     how many tokens were counted; ``(None, 0)`` without a corpus."""
+    if corpus_tokens < 1:
+        raise ValueError(f"corpus_tokens must be >= 1, got {corpus_tokens}")
     if corpus is None:
         return None, 0
     if not isinstance(corpus, Corpus):
@@ -230,8 +232,6 @@ def lookup(model: EngramLM, text: str, corpus: Corpus | str | os.PathLike[str] |
         41877
     """
     tables = engram_tables(model)
-    if corpus_tokens < 1:
-        raise ValueError(f"corpus_tokens must be >= 1, got {corpus_tokens}")
     tokenizer = model.hasher.tokenizer.tokenizer
     ids = [bos_id(tokenizer), *_text_ids(model, text)]
     if len(ids) > model.cfg.max_position_embeddings:
@@ -270,8 +270,6 @@ def lookup_deepseek_v41(engram: DeepSeekV41Engram, text: str,
         >>> result = lookup_deepseek_v41(engram, "the zebra code is")                # doctest: +SKIP
         >>> head = result.positions[-1].layers[0].heads[0]; head.row, head.row_norm  # doctest: +SKIP
     """
-    if corpus_tokens < 1:
-        raise ValueError(f"corpus_tokens must be >= 1, got {corpus_tokens}")
     tables = {layer_id: engram[layer_id].multi_head_embedding for layer_id in engram.layer_ids}
     tokenizer = engram.hasher.tokenizer.tokenizer
     ids = [bos_id(tokenizer), *tokenizer.encode(text, add_special_tokens=False).ids]

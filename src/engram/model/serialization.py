@@ -67,9 +67,7 @@ def table_metadata(model: "EngramLM", layer_id: int) -> dict[str, str]:
 
 def table_format(model: "EngramLM") -> str:
     """The row format of ``model``'s Engram tables, ``"float"`` or ``"fp8"`` (``"float"`` without Engram)."""
-    # Tables sharded for distributed training are trained, hence float (older ones have no row_format).
-    formats = {getattr(block.engram.multi_head_embedding, "row_format", "float") for block in model.blocks
-               if block.engram is not None}
+    formats = {block.engram.multi_head_embedding.row_format for block in model.blocks if block.engram is not None}
     if len(formats) > 1:
         raise ValueError(f"the model's Engram tables mix row formats {sorted(formats)}; save them in one format")
     return formats.pop() if formats else "float"

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engram.embedding import MultiHeadEmbedding, check_table_geometry, head_offsets
+from engram.embedding import MultiHeadEmbedding, check_table_geometry, head_offsets, require_float_rows
 from engram.storage import PendingRows
 
 if TYPE_CHECKING:
@@ -216,9 +216,7 @@ class ShardedMultiHeadEmbedding(nn.Module):
         rank's rows are then allocated on ``device`` and drawn N(0, init_std) from this rank's RNG, so no process
         ever holds the whole table (the shards then differ from a single-process table of the same seed).
         """
-        if embedding.row_format != "float":
-            raise ValueError(f"cannot shard a table of {embedding.row_format} rows: sharded tables are trained, and "
-                             "FP8 rows are read-only")
+        require_float_rows(embedding, "sharding a table for training")
         if embedding.weight.is_meta:
             fresh = cls(embedding.table_sizes, embedding.head_dim, group=group, sparse=embedding.sparse,
                         init_std=embedding.init_std, dedup=dedup, device=device)

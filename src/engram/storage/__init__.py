@@ -12,7 +12,7 @@
 from engram.storage.cache import CachedStore
 from engram.storage.disk import DiskStore
 from engram.storage.host import DEFAULT_HOST_METHOD, HostStore, cpu_gather, cuda_alias, pin_in_place, table_writable
-from engram.storage.placement import PLACEMENTS, available_host_memory, open_table_store
+from engram.storage.placement import PLACEMENTS, available_host_memory, open_table_store, private_host_table
 from engram.storage.store import PendingRows, TableStore
 from engram.storage.table_file import (MappedTable, TableFileError, TableHeader, load_table, map_table,
                                        read_header, share_in_shm, verify_table, write_table)
@@ -20,6 +20,6 @@ from engram.storage.table_file import (MappedTable, TableFileError, TableHeader,
 __all__ = [
     "CachedStore", "DEFAULT_HOST_METHOD", "DiskStore", "HostStore", "MappedTable", "PLACEMENTS", "PendingRows",
     "TableFileError", "TableHeader", "TableStore", "available_host_memory", "cpu_gather", "cuda_alias",
-    "load_table", "map_table", "open_table_store", "pin_in_place", "read_header", "share_in_shm",
+    "load_table", "map_table", "open_table_store", "pin_in_place", "private_host_table", "read_header", "share_in_shm",
     "table_writable", "verify_table", "write_table",
 ]

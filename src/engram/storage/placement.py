@@ -31,7 +31,7 @@ def available_host_memory() -> int | None:
     return None
 
 
-def _private_host_table(num_rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+def private_host_table(num_rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """An empty ``[num_rows, dim]`` CPU tensor, pageable, in pages of its own (an anonymous map): the CPU gather
     stages through pinned buffers, and "uva" page-locks the table in place, which must not lock (or collide
     with) a neighbour's memory."""
@@ -94,7 +94,7 @@ def open_table_store(path: str | os.PathLike[str], placement: str, cache_rows: i
         if budget is not None and data_bytes > budget:
             raise ValueError(f"{path}: a host copy of this table needs {data_bytes / 2**30:.2f} GiB, more "
                              f"than the host memory budget of {budget / 2**30:.2f} GiB; use placement 'disk'")
-        table = _private_host_table(header.num_rows, dim, dtype)
+        table = private_host_table(header.num_rows, dim, dtype)
         if quantize:
             with map_table(path, verify=verify, workers=workers) as mapped:
                 quantize_table(mapped.tensor, out=table)
