@@ -41,11 +41,10 @@ import torch
 import torch.distributed as dist
 
 from engram.model import EngramLM
-from engram.parallel import finish_distributed, init_distributed, local_rows, shard_engram_tables, sync_router_load
-from engram.parallel import wrap_ddp
+from engram.parallel import finish_distributed, init_distributed, local_rows, shard_engram_tables, wrap_ddp
 from engram.train.data import TokenBatches, load_or_prepare
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
-from engram.train.trainer import TrainConfig, lm_loss, model_config_for
+from engram.train.trainer import TrainConfig, lm_loss, model_config_for, optimizer_step, rank_objective
 
 
 def synchronize(device: torch.device) -> None:
@@ -143,13 +142,8 @@ def measure(args: argparse.Namespace, ctx, device: torch.device) -> dict:
         inputs, targets = inputs[rows].to(device), targets[rows].to(device)
         optimizer.set_lr(index, total)
         loss, aux = lm_loss(forward, inputs, targets, autocast=device.type == "cuda", reduction="sum")
-        objective = loss / batch_tokens if aux is None else loss / batch_tokens + aux * share
-        objective.backward()
-        optimizer.clip_grad_norm()
-        optimizer.step()
-        optimizer.zero_grad()
-        sync_router_load(model, ctx)
-        model.update_router_biases()
+        rank_objective(loss, aux, batch_tokens, share).backward()
+        optimizer_step(model, optimizer, ctx)
         return float(loss.detach())
 
     def timed_step(index: int) -> float:

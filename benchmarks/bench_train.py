@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from engram.model import EngramLM, EngramLMConfig
+from engram.parallel import DistContext
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
+from engram.train.trainer import optimizer_step
 
 DATASHEET_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
 MEASURED_BF16_FLOPS = 790e12  # the device notes' matmul rate on random data, for reference
@@ -45,10 +47,7 @@ def run_variant(cfg: EngramLMConfig, batch: int, seq_len: int, steps: int, warmu
             out = forward(ids[:, :-1])
         loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
-        optimizer.clip_grad_norm()
-        optimizer.step()
-        optimizer.zero_grad()
-        model.update_router_biases()
+        optimizer_step(model, optimizer, DistContext())
         end.record()
         torch.cuda.synchronize()
         if step >= warmup:

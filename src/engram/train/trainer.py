@@ -118,6 +118,25 @@ def lm_loss(forward: Callable[[torch.Tensor], LMOutput], inputs: torch.Tensor, t
     return loss, out.aux_loss
 
 
+def rank_objective(loss_sum: torch.Tensor, aux: torch.Tensor | None, batch_tokens: int, share: float
+                   ) -> torch.Tensor:
+    """This rank's part of the global-batch objective: its summed token losses over the global micro-batch's
+    ``batch_tokens``, plus the MoE auxiliary loss times its ``share`` of the sequences. The ranks' gradients are
+    summed (:mod:`engram.parallel`), which makes them the global-batch mean's whatever the split."""
+    return loss_sum / batch_tokens if aux is None else loss_sum / batch_tokens + aux * share
+
+
+def optimizer_step(model: EngramLM, optimizer: EngramOptimizer, dist_ctx: DistContext) -> float:
+    """Clip, step and clear the gradients, then update the MoE balancing biases from the load summed over the
+    ranks; returns the dense gradients' norm before clipping."""
+    grad_norm = optimizer.clip_grad_norm()
+    optimizer.step()
+    optimizer.zero_grad()
+    sync_router_load(model, dist_ctx)
+    model.update_router_biases()
+    return float(grad_norm)
+
+
 @torch.no_grad()
 def evaluate_loss(forward: Callable[[torch.Tensor], LMOutput], batches: list[tuple[torch.Tensor, torch.Tensor]],
                   token_bytes: torch.Tensor, device: torch.device, autocast: bool,
@@ -272,18 +291,12 @@ class Trainer:
             inputs, targets = self.batches.batch(self.step * cfg.grad_accum + micro)
             inputs, targets = inputs[self.rows].to(self.device), targets[self.rows].to(self.device)
             loss, aux = self._loss(inputs, targets, reduction="sum")
-            # This rank's part of the global-batch mean; the ranks' gradients are summed (engram.parallel).
-            objective = loss / batch_tokens if aux is None else loss / batch_tokens + aux * share
-            (objective / cfg.grad_accum).backward()
+            (rank_objective(loss, aux, batch_tokens, share) / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
-        grad_norm = self.optimizer.clip_grad_norm()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        sync_router_load(self.model, self.dist)
-        self.model.update_router_biases()
+        grad_norm = optimizer_step(self.model, self.optimizer, self.dist)
         self.step += 1
         (loss_sum,) = all_reduce_sum([loss_sum], self.dist, self.device)
-        return {"loss": loss_sum / (batch_tokens * cfg.grad_accum), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": loss_sum / (batch_tokens * cfg.grad_accum), "lr": lr, "grad_norm": grad_norm}
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (from the resumed step); Ctrl-C saves a checkpoint and returns."""
