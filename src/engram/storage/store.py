@@ -34,23 +34,24 @@ class PendingRows:
         tensor([2., 2., 2.])
     """
 
-    def __init__(self, future: Future[Tensor], ready_event: torch.cuda.Event | None = None):
+    def __init__(self, future: Future[Tensor] | None, ready_event: torch.cuda.Event | None = None,
+                 rows: Tensor | None = None):
         self._future = future
         self._ready_event = ready_event
+        self._rows = rows
 
     @classmethod
     def ready(cls, rows: Tensor, ready_event: torch.cuda.Event | None = None) -> PendingRows:
-        """Rows already queued: ``wait`` only orders the current stream after ``ready_event`` (if any)."""
-        future: Future[Tensor] = Future()
-        future.set_result(rows)
-        return cls(future, ready_event)
+        """Rows already queued: ``wait`` only orders the current stream after ``ready_event`` (if any). Holds no
+        future (whose lock ``torch.compile`` cannot trace), so a device table's read stays inside a compiled graph."""
+        return cls(None, ready_event, rows)
 
     def done(self) -> bool:
         """Whether :meth:`wait` would return without blocking the calling thread."""
-        return self._future.done()
+        return self._rows is not None or self._future.done()
 
     def wait(self) -> Tensor:
-        rows = self._future.result()
+        rows = self._rows if self._rows is not None else self._future.result()
         if self._ready_event is not None:
             stream = torch.cuda.current_stream(rows.device)
             stream.wait_event(self._ready_event)

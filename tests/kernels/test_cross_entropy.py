@@ -1,0 +1,53 @@
+"""The Triton cross-entropy rows kernel against its naive twin (on the GPU, or on CPU through Triton's interpreter
+without one; ``device`` and TRITON_INTERPRET come from conftest.py)."""
+
+import pytest
+import torch
+
+from engram.kernels.cross_entropy import cross_entropy_rows, naive_cross_entropy_rows
+
+
+def rows(dtype, device, seed=0, count=7, vocab=301):
+    """Random logits (one row of large values: the log-sum-exp must not overflow), targets with ignored rows."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(count, vocab, generator=gen) * 3
+    logits[2] += 80.0
+    targets = torch.randint(0, vocab, (count,), generator=gen)
+    valid = torch.ones(count, dtype=torch.bool)
+    valid[[1, 5]] = False
+    safe = torch.where(valid, targets, 0)
+    scale = torch.rand(count, generator=gen) * valid
+    return logits.to(dtype).to(device), safe.to(device), valid.to(device), scale.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("write_grad", [False, True])
+def test_triton_matches_naive(device, dtype, write_grad):
+    logits, safe, valid, scale = rows(dtype, device)
+    fast, plain = logits.clone(), logits.clone()
+    losses = cross_entropy_rows(fast, safe, valid, scale if write_grad else None, force=True)
+    want = naive_cross_entropy_rows(plain, safe, valid, scale if write_grad else None)
+    torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-5)
+    assert losses[1] == 0 and losses[5] == 0
+    if write_grad:  # the rows now hold the gradient, rounded to the logits' dtype
+        tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
+        torch.testing.assert_close(fast.float(), plain.float(), **tolerance)
+        assert fast[1].abs().max() == 0 and fast[0].abs().max() > 0
+    else:
+        assert torch.equal(fast, logits)
+
+
+def test_naive_is_cross_entropy_and_its_gradient():
+    logits, safe, valid, scale = rows(torch.float32, "cpu", seed=1)
+    x = logits.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(x, torch.where(valid, safe, -100), reduction="none")
+    (want * scale).sum().backward()
+    losses = naive_cross_entropy_rows(logits, safe, valid, scale)
+    torch.testing.assert_close(losses, want.detach())
+    torch.testing.assert_close(logits, x.grad)
+
+
+def test_bad_shapes_are_named():
+    logits, safe, valid, _ = rows(torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"logits must be \[c, V\] with unit stride along V"):
+        cross_entropy_rows(logits.T, safe, valid)
