@@ -1,4 +1,7 @@
+import importlib.metadata
 import io
+import json
+import re
 import subprocess
 import sys
 
@@ -51,3 +54,84 @@ def test_cli_fetches_a_named_tokenizer(capsys, deepseek_v4_ct):
         assert out.startswith(f"{name}: ") and "tokenizer.json" in out and counts in out, out
     with pytest.raises(SystemExit):
         main(["data", "fetch-tokenizer", "deepseek-v9"])
+
+
+def help_of(text: str, flag: str) -> str:
+    """The help text of ``flag`` in an argparse ``--help`` output (its lines up to the next flag)."""
+    match = re.search(rf"^  {re.escape(flag)}\b.*?(?=^  -|\Z)", text, flags=re.M | re.S)
+    assert match, f"{flag} missing from --help"
+    return " ".join(match.group(0).split())
+
+
+def test_train_help_shows_each_flag_and_its_default(capsys):
+    from engram.train.optim import OptimConfig
+    from engram.train.trainer import TrainConfig
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    d, o = TrainConfig(), OptimConfig()
+    for flag, default in [("--data", " ".join(d.data)), ("--tokenizer", d.tokenizer), ("--max-steps", d.max_steps),
+                          ("--batch-size", d.batch_size), ("--seq-len", d.seq_len), ("--lr", o.lr),
+                          ("--preset", d.preset), ("--eval-every", d.eval_every), ("--warmup-steps", o.warmup_steps)]:
+        assert f"(default: {default})" in help_of(text, flag), help_of(text, flag)
+    for flag in ("--grad-accum", "--weight-decay", "--grad-clip", "--seed", "--device", "--eval-batches",
+                 "--log-every", "--save-every", "--no-progress", "--schedule"):
+        assert len(help_of(text, flag)) > len(flag) + 20, help_of(text, flag)  # a flag with words after it
+
+
+def test_version_is_the_package_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"engram {importlib.metadata.version('engram')}"
+
+
+def train_args(data, out, *extra: str) -> list[str]:
+    """`engram train --no-baseline` at toy size (a 300-id BPE, 2 steps of 2 x 16 tokens, no progress bar)."""
+    return ["train", "--data", str(data), "--tokenizer", "bpe-300", "--out", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1", "--no-baseline",
+            "--no-progress", *extra]
+
+
+def test_train_on_one_text_file_ends_with_a_summary(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"Note {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(150)))
+    assert main(train_args(notes, tmp_path / "run")) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "training a 300-id byte-level BPE tokenizer on 1 file" in text
+    assert "splitting by position: the last 5% of each document's text is validation (1 document" in text
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"validation loss {last['val_loss']:.4f} nats/token ({last['val_bpb']:.4f} bits/byte)" in text
+    assert f"model: {tmp_path / 'run' / 'final'}" in text and (tmp_path / "run" / "final" / "config.json").is_file()
+    assert " total, " in text and " activated per token, " in text and "{" not in text
+
+
+def test_train_on_too_little_text_names_the_split_and_the_fix(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Just one short line of notes. " * 10)
+    assert main(train_args(notes, tmp_path / "run", "--seq-len", "64")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.search(r"the val split of corpus '.*' holds \d+ tokens, fewer than seq_len \+ 1 = 65 \(one window\): "
+                     r"use --seq-len \d+ or less, or more text", err), err
+
+
+def test_cli_generate_resolves_a_run_and_its_latest_pointer(tmp_path, capsys):
+    from engram.model import EngramLM, EngramLMConfig
+    from engram.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = EngramLM(EngramLMConfig.from_preset("tiny", d_model=16, n_layers=2, ffn_kinds=["dense", "moe"],
+                                                max_position_embeddings=64))
+    save_checkpoint(tmp_path, 2, model, {}, {})
+    prompt = ["--prompt", "the sea", "--max-new-tokens", "3", "--seed", "1"]
+    assert main(["generate", "--checkpoint", str(tmp_path), *prompt]) == 2  # no final/ yet
+    err = capsys.readouterr().err
+    assert f"no config.json in it or in its final/ (an unfinished run?); pass one of: {tmp_path}/checkpoints/" \
+           f"step-000002, {tmp_path}/checkpoints/latest" in err
+    assert main(["generate", "--checkpoint", str(tmp_path / "checkpoints" / "latest"), *prompt]) == 0
+    from_pointer = capsys.readouterr().out
+    model.save_pretrained(tmp_path / "final")
+    assert main(["generate", "--checkpoint", str(tmp_path), *prompt]) == 0
+    assert from_pointer.startswith("the sea") and capsys.readouterr().out == from_pointer

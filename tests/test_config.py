@@ -52,7 +52,7 @@ V41_TEXT_CONFIG = {
     "hidden_size": 5120, "vocab_size": 129280,
     "engram_layer_ids": [1, 14], "engram_max_ngram_size": 4, "engram_n_heads": 8, "engram_vocab_size": 16_000_000,
     "engram_num_embeddings": [384_006_168, 384_016_682], "engram_head_dim": 256, "engram_pad_token_id": 2,
-    "engram_compressed_vocab_size": 99_092,
+    "engram_compressed_vocab_size": 99_092, "rms_norm_eps": 1e-6,
 }
 
 

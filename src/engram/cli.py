@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import re
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -60,46 +63,68 @@ def _run_data(args: argparse.Namespace) -> int:
         print(f"{args.name}: {NAMED_TOKENIZERS[args.name].path()} ({compressed.original_vocab_size:,} ids, "
               f"{len(compressed):,} canonical ids)")
         return 0
+    from rich.console import Console
+
     from engram.train.data import prepare_corpus
 
     info = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                          seed=args.seed, workers=args.workers)
+                          seed=args.seed, workers=args.workers, console=Console())
     print(f"prepared {args.out}: {info}")
     return 0
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of one training run (``engram train`` and every run of ``engram sweep``)."""
+    from engram.model import PRESETS
     from engram.train.optim import OptimConfig
+    from engram.train.sources import PRESETS as DATA_PRESETS
     from engram.train.trainer import TrainConfig
 
     d, o = TrainConfig(), OptimConfig()
-    parser.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
-    parser.add_argument("--data", nargs="+", default=d.data, help="presets, raw files/folders or a prepared corpus")
+    default = " (default: %(default)s)"
+    parser.add_argument("--preset", default=d.preset, help=f"model preset: {', '.join(PRESETS)}" + default)
+    parser.add_argument("--data", nargs="+", default=d.data, metavar="SOURCE",
+                        help=f"preset names ({', '.join(DATA_PRESETS)}), .txt/.jsonl/.parquet files or folders, or "
+                             "a prepared corpus; with too few documents for a split by document (one text file) the "
+                             f"last 5%% of each is validation (default: {' '.join(d.data)})")
     parser.add_argument("--tokenizer", default=d.tokenizer,
-                        help="'deepseek-v3', a tokenizer.json path, or 'bpe-N' (a BPE of N ids trained on the data)")
-    parser.add_argument("--max-steps", type=int, default=d.max_steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
-    parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=o.lr)
-    parser.add_argument("--warmup-steps", type=int, default=o.warmup_steps)
-    parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default=o.schedule)
+                        help="'deepseek-v3', a tokenizer.json path, or 'bpe-N' (a byte-level BPE of N ids trained on "
+                             "the data)" + default)
+    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="optimiser steps to train for" + default)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="sequences per step, over all processes" + default)
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                        help="micro-batches each step's batch is split into (divides --batch-size)" + default)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence" + default)
+    parser.add_argument("--lr", type=float, default=o.lr, help="peak learning rate of the dense weights" + default)
+    parser.add_argument("--warmup-steps", type=int, default=o.warmup_steps,
+                        help="steps of linear learning-rate warm-up" + default)
+    parser.add_argument("--schedule", choices=("cosine", "step", "constant"), default=o.schedule,
+                        help="learning-rate decay after the warm-up" + default)
     parser.add_argument("--table-lr-mult", type=float, default=o.table_lr_mult,
-                        help="Engram tables' LR over the base LR (paper: 5)")
-    parser.add_argument("--weight-decay", type=float, default=o.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=o.grad_clip)
+                        help="Engram tables' learning rate over --lr (paper: 5)" + default)
+    parser.add_argument("--weight-decay", type=float, default=o.weight_decay,
+                        help="AdamW weight decay of the dense weights (tables get none)" + default)
+    parser.add_argument("--grad-clip", type=float, default=o.grad_clip,
+                        help="clip the dense weights' gradient norm to this" + default)
     parser.add_argument("--muon", action="store_true", help="Muon for hidden matrices (AdamW otherwise)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/PRESET-YYYYmmdd-HHMMSS)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint (engram train without --out: "
+                             "the latest runs/PRESET-YYYYmmdd-HHMMSS run)")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of the initial weights and of the batch order" + default)
+    parser.add_argument("--device", default=d.device, help="'auto' (CUDA when available), 'cpu', 'cuda', ..." + default)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--save-every", type=int, default=d.save_every)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every,
+                        help="steps between validation passes (and one at the end)" + default)
+    parser.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                        help="validation batches per pass, at most" + default)
+    parser.add_argument("--log-every", type=int, default=d.log_every,
+                        help="steps between lines of metrics.jsonl" + default)
+    parser.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints" + default)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (stage messages and the final summary still print)")
 
 
 def _train_config(args: argparse.Namespace, default_out: str, **fields) -> "TrainConfig":
@@ -127,14 +152,27 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-engram", action="store_true", help="train the preset without Engram (implies --no-baseline)")
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from engram.train.compare import run_comparison
-    from engram.train.trainer import Trainer
+def _latest_run(preset: str, root: Path = Path("runs")) -> Path:
+    """The newest ``runs/PRESET-YYYYmmdd-HHMMSS`` folder: the run ``engram train --resume`` continues without --out."""
+    name = re.compile(rf"{re.escape(preset)}-\d{{8}}-\d{{6}}")
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and name.fullmatch(p.name)) if root.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"--resume without --out: no run of preset {preset!r} ({root}/{preset}-YYYYmmdd-"
+                                f"HHMMSS) in {root.resolve()}; pass --out RUN to name the run to continue")
+    return runs[-1]
 
-    cfg = _train_config(args, f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-                        model_overrides={"engram": None} if args.no_engram else {})
+
+def _run_train(args: argparse.Namespace) -> int:
+    from engram.train.compare import run_comparison, run_single
+
+    if args.resume and args.out is None:
+        default_out = str(_latest_run(args.preset))
+        print(f"resuming {default_out}, the latest run of preset {args.preset!r}")
+    else:
+        default_out = f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = _train_config(args, default_out, model_overrides={"engram": None} if args.no_engram else {})
     if args.no_baseline or args.no_engram:
-        result = Trainer(cfg).train()
+        result = run_single(cfg)
     else:
         result = run_comparison(cfg)
     return 130 if result.get("interrupted") else 0
@@ -174,7 +212,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="sample text from a trained model")
-    parser.add_argument("--checkpoint", required=True, help="a save_pretrained folder (e.g. RUN/final) or a checkpoint")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run folder (its final/), a save_pretrained folder (RUN/final, RUN/checkpoints/step-N) "
+                             "or RUN/checkpoints/latest")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -204,6 +244,7 @@ _PACKAGE_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Conditional memory for language models.")
+    parser.add_argument("--version", action="version", version=f"engram {importlib.metadata.version('engram')}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_generate):
         add(subparsers)

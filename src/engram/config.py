@@ -8,6 +8,7 @@ of DeepSeek-V4.1 checkpoints (:meth:`EngramConfig.from_hf_config` reads their ``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -15,6 +16,26 @@ from typing import Any
 from engram.tokenizer import NAMED_TOKENIZERS
 
 FP8_SCALE_BLOCK = 32  # values per UE8M0 scale in an "fp8-e4m3-ue8m0" table row
+DEEPSEEK_V41_IMAGE_TOKEN_ID = 129264  # the image placeholder of DeepSeek-V4.1's tokenizer, dead in its engines
+
+
+def check_rms_norm_eps(eps: object) -> None:
+    """Refuse (``ValueError`` naming it) an RMSNorm eps that is not a positive finite number."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"rms_norm_eps must be a positive finite number, got {eps!r}")
+
+
+def _image_token_ids(config: Mapping[str, Any], text: Mapping[str, Any]) -> list[int] | None:
+    """``[image_token_id]`` of a HF config (top level or ``text_config``), ``None`` when it has none."""
+    found = {where: m["image_token_id"] for where, m in (("top level", config), ("text_config", text))
+             if "image_token_id" in m}
+    for value in found.values():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"image_token_id must be a token id, got {value!r}")
+    if len(set(found.values())) > 1:
+        raise ValueError(" and ".join(f"image_token_id={value} ({where})" for where, value in found.items())
+                         + " disagree")
+    return list(set(found.values())) or None
 
 
 @dataclass(frozen=True)
@@ -27,9 +48,14 @@ class EngramVariant:
         projection_bias: the key/value projection has a bias.
         projection_layout: the row blocks of the one fused projection's output: ``"value,keys"`` (the
             shared value, then one key per residual branch) or ``"keys,value"``.
-        rms_eps: eps of the gate's two RMSNorms; ``None`` is fp32 machine epsilon (``nn.RMSNorm``'s default).
+        rms_eps: eps of the gate's two RMSNorms unless the config sets ``rms_norm_eps`` (a checkpoint's config
+            always does, see :meth:`EngramConfig.from_hf_config`); ``None`` is fp32 machine epsilon
+            (``nn.RMSNorm``'s default).
         masks_dead_tokens: dead positions (e.g. image placeholders) are hashed as pad by every look-back that
             reaches them (see :meth:`engram.hashing.NgramHasher.hash_all`) and get gate 0.
+        dead_token_ids: token ids that are always dead unless the config names others (``dead_token_ids``).
+        gate_zero_positive: a score of exactly 0 takes the sign +1, so its gate is ``sigmoid(+sqrt(1e-6))``
+            (0.50025, as DeepSeek-V4.1's engines compute it) instead of the demo's ``sigmoid(0)`` = 0.5.
         residual_in_fp32: ``h + gate * value`` is computed in fp32 and cast back to the hidden dtype.
         table_format: ``"float"`` (rows in a float dtype) or ``"fp8-e4m3-ue8m0"`` (per row ``head_dim`` FP8
             E4M3 values and one UE8M0 scale byte per :data:`FP8_SCALE_BLOCK` values; value = fp8 * 2^(e - 127)).
@@ -41,6 +67,8 @@ class EngramVariant:
     projection_layout: str
     rms_eps: float | None
     masks_dead_tokens: bool
+    dead_token_ids: tuple[int, ...]
+    gate_zero_positive: bool
     residual_in_fp32: bool
     table_format: str
 
@@ -49,9 +77,11 @@ VARIANTS: dict[str, EngramVariant] = {
     v.name: v
     for v in [
         EngramVariant("demo", use_short_conv=True, projection_bias=True, projection_layout="value,keys",
-                      rms_eps=None, masks_dead_tokens=False, residual_in_fp32=False, table_format="float"),
+                      rms_eps=None, masks_dead_tokens=False, dead_token_ids=(), gate_zero_positive=False,
+                      residual_in_fp32=False, table_format="float"),
         EngramVariant("deepseek-v4.1", use_short_conv=False, projection_bias=False, projection_layout="keys,value",
-                      rms_eps=1e-20, masks_dead_tokens=True, residual_in_fp32=True, table_format="fp8-e4m3-ue8m0"),
+                      rms_eps=1e-20, masks_dead_tokens=True, dead_token_ids=(DEEPSEEK_V41_IMAGE_TOKEN_ID,),
+                      gate_zero_positive=True, residual_in_fp32=True, table_format="fp8-e4m3-ue8m0"),
     ]
 }
 
@@ -81,11 +111,25 @@ class EngramConfig:
     kernel_size: int = 4  # ShortConv kernel; its dilation is max_ngram_size
     variant: str = "demo"  # a key of VARIANTS: the layer around the hashing (part of the hashing fingerprint)
     compressed_vocab_size: int | None = None  # canonical ids the tokenizer must map onto (checked by NgramHasher)
+    # Default (None): the variant's (see _variant_defaults); to_dict writes them only where they differ from it.
+    dead_token_ids: list[int] | None = None  # token ids always dead (variants that mask dead tokens)
+    rms_norm_eps: float | None = None  # eps of the gate's two RMSNorms (None after defaults: fp32's epsilon)
 
     def __post_init__(self) -> None:
         self.engram_vocab_size = [int(v) for v in self.engram_vocab_size]
         self.layer_ids = [int(v) for v in self.layer_ids]
+        if self.variant in VARIANTS:  # else validate() names the bad variant
+            for name, default in self._variant_defaults().items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+        if self.dead_token_ids is not None:
+            self.dead_token_ids = sorted({int(i) for i in self.dead_token_ids})
         self.validate()
+
+    def _variant_defaults(self) -> dict[str, Any]:
+        """The fields that default to the variant's value, with that value."""
+        spec = self.variant_spec
+        return {"dead_token_ids": list(spec.dead_token_ids), "rms_norm_eps": spec.rms_eps}
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field and its value."""
@@ -124,6 +168,13 @@ class EngramConfig:
                              f"values: head_dim must be a multiple of {FP8_SCALE_BLOCK}, got {self.head_dim}")
         if self.compressed_vocab_size is not None and self.compressed_vocab_size < 1:
             raise ValueError(f"compressed_vocab_size must be >= 1 (or None), got {self.compressed_vocab_size}")
+        if any(i < 0 for i in self.dead_token_ids):
+            raise ValueError(f"dead_token_ids must be token ids >= 0, got {self.dead_token_ids}")
+        if self.dead_token_ids and not self.variant_spec.masks_dead_tokens:
+            raise ValueError(f"variant {self.variant!r} has no dead tokens: dead_token_ids must be empty, got "
+                             f"{self.dead_token_ids}")
+        if self.rms_norm_eps is not None:
+            check_rms_norm_eps(self.rms_norm_eps)
         known = NAMED_TOKENIZERS.get(self.tokenizer)
         # Tokenizers given by path are checked when the hasher loads them (see NgramHasher).
         upper = known.vocab_size if known else None
@@ -159,8 +210,13 @@ class EngramConfig:
         return self.num_orders * self.n_embed_per_ngram
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field."""
-        return asdict(self)
+        """A JSON-serialisable dict of every field, less those holding the variant's default (so that configs
+        saved before those fields existed, and fingerprints made of them, stay as they were)."""
+        data = asdict(self)
+        for name, default in self._variant_defaults().items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngramConfig":
@@ -177,31 +233,35 @@ class EngramConfig:
 
         Reads ``engram_layer_ids`` (0-based), ``engram_max_ngram_size``, ``engram_n_heads`` (per order),
         ``engram_vocab_size`` (the prime search start of every order, or a list of one per order),
-        ``engram_head_dim``, ``engram_pad_token_id`` (older configs: ``engram_pad_id``) and, when present,
-        ``engram_compressed_vocab_size`` (checked against the tokenizer when a hasher is built) and
+        ``engram_head_dim``, ``engram_pad_token_id`` (older configs: ``engram_pad_id``), ``rms_norm_eps`` (the
+        backbone's, which the gate's two RMSNorms use, as in the engines) and, when present,
+        ``engram_compressed_vocab_size`` (checked against the tokenizer when a hasher is built),
         ``engram_num_embeddings`` (each layer's rows, checked here against the sum of its prime table
-        sizes). Multipliers use seed 0, the demo's rule.
+        sizes) and ``image_token_id`` (in ``text_config`` or at the top level: the one dead token; without it,
+        V4.1's image token :data:`DEEPSEEK_V41_IMAGE_TOKEN_ID`). Multipliers use seed 0, the demo's rule.
 
         Args:
-            config: the parsed ``config.json``.
+            config: the parsed ``config.json``, or its ``text_config`` (then a top-level ``image_token_id`` is
+                not seen).
             tokenizer: the tokenizer the checkpoint's ids come from (registered name or path).
         Raises:
-            ValueError: a key missing or malformed, or ``engram_num_embeddings`` not the prime sums (naming both).
+            ValueError: a key missing or malformed, ``engram_num_embeddings`` not the prime sums (naming both), or
+                two ``image_token_id`` that disagree.
 
         Example:
             >>> text_config = {"engram_layer_ids": [1, 14], "engram_max_ngram_size": 4, "engram_n_heads": 8,
             ...                "engram_vocab_size": 16_000_000, "engram_head_dim": 256, "engram_pad_token_id": 2,
-            ...                "engram_num_embeddings": [384006168, 384016682]}
+            ...                "engram_num_embeddings": [384006168, 384016682], "rms_norm_eps": 1e-6}
             >>> cfg = EngramConfig.from_hf_config({"text_config": text_config})
-            >>> cfg.variant, cfg.num_heads, cfg.head_dim
-            ('deepseek-v4.1', 24, 256)
+            >>> cfg.variant, cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.dead_token_ids
+            ('deepseek-v4.1', 24, 256, 1e-06, [129264])
         """
         text = config.get("text_config", config)
         if not isinstance(text, Mapping):
             raise ValueError(f"text_config must be a JSON object, got {type(text).__name__}")
         pad_keys = [key for key in ("engram_pad_token_id", "engram_pad_id") if key in text]
         required = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_vocab_size",
-                    "engram_head_dim")
+                    "engram_head_dim", "rms_norm_eps")
         missing = [key for key in required if key not in text] + ([] if pad_keys else ["engram_pad_token_id"])
         if missing:
             found = sorted(key for key in text if key.startswith("engram_"))
@@ -215,6 +275,7 @@ class EngramConfig:
         vocab, compressed = text["engram_vocab_size"], text.get("engram_compressed_vocab_size")
         if head_dim < 1:
             raise ValueError(f"engram_head_dim must be >= 1, got {head_dim}")
+        check_rms_norm_eps(text["rms_norm_eps"])
         cfg = cls(
             tokenizer=tokenizer,
             engram_vocab_size=list(vocab) if isinstance(vocab, (list, tuple)) else [vocab] * (max_ngram_size - 1),
@@ -226,6 +287,8 @@ class EngramConfig:
             seed=0,
             variant="deepseek-v4.1",
             compressed_vocab_size=None if compressed is None else int(compressed),
+            dead_token_ids=_image_token_ids(config, text),
+            rms_norm_eps=float(text["rms_norm_eps"]),
         )
         published = text.get("engram_num_embeddings")
         if published is not None:

@@ -23,6 +23,8 @@ range, so it holds E4M3 times a power-of-two scale exactly unless the scale is n
 
 Gates need the backbone's hidden states at the Engram layers, which an Engram-only load does not compute: pass
 them to :meth:`DeepSeekV41Engram.forward`. Row ids and rows need only the token ids (:meth:`DeepSeekV41Engram.lookup`).
+The image token (``image_token_id`` of ``config.json``, else 129264) is dead wherever it appears, and the gate's
+RMSNorm eps is ``rms_norm_eps`` of ``config.json`` (:meth:`EngramConfig.from_hf_config`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,21 +70,30 @@ def engram_tensor(layer_id: int, suffix: str) -> str:
     return f"layers.{layer_id}.engram.{suffix}"
 
 
-def read_text_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``text_config`` of ``path/config.json`` (the whole file when it has none)."""
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``path/config.json``, parsed."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise ValueError(f"{str(path)!r} is not a DeepSeek-V4.1 checkpoint folder: it has no {CONFIG_FILE}")
     config = json.loads(file.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_text_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``text_config`` of ``path/config.json`` (the whole file when it has none)."""
+    config = read_config(path)
     text = config.get("text_config", config)
     if not isinstance(text, dict):
-        raise ValueError(f"text_config of {file} must be a JSON object, got {type(text).__name__}")
+        raise ValueError(f"text_config of {Path(path) / CONFIG_FILE} must be a JSON object, got "
+                         f"{type(text).__name__}")
     return text
 
 
 def read_engram_config(path: str | os.PathLike[str], tokenizer: str = TOKENIZER) -> EngramConfig:
     """:meth:`EngramConfig.from_hf_config` of ``path/config.json`` (variant ``"deepseek-v4.1"``)."""
-    return EngramConfig.from_hf_config(read_text_config(path), tokenizer=tokenizer)
+    return EngramConfig.from_hf_config(read_config(path), tokenizer=tokenizer)
 
 
 def backbone_dims(text_config: Mapping[str, Any], hidden_size: int | None = None, hc_mult: int | None = None
@@ -152,26 +163,28 @@ class TableRead:
 class DeepSeekV41Engram(nn.Module):
     """The Engram layers of a DeepSeek-V4.1 checkpoint, sharing one hasher (:func:`load_deepseek_v41_engram`).
 
-    Every method takes original token ids ``[B, T]`` and marks dead positions (image placeholders) by
-    ``dead_mask`` ``[B, T]`` bool (True = dead) and/or ``dead_token_ids`` given at load; they are hashed as pad by
-    every look-back that reaches them and get gate 0. ``history`` (:meth:`NgramHasher.next_history`) continues
-    a sequence hashed before. The parameters are frozen.
+    Every method takes original token ids ``[B, T]``; positions holding one of ``cfg.dead_token_ids`` (the image
+    token, and any given at load) are dead, and so are those of a ``dead_mask`` ``[B, T]`` bool (True = dead):
+    they are hashed as pad by every look-back that reaches them and get gate 0. ``history``
+    (:meth:`NgramHasher.next_history`) continues a sequence hashed before. The parameters are frozen.
 
     Attributes:
         cfg: the Engram config read from ``config.json`` (all of its layers, also those not loaded).
-        hasher: the :class:`NgramHasher` of every layer.
+        hasher: the :class:`NgramHasher` of every layer (of ``cfg``).
         engrams: ``{str(layer_id): Engram}`` of the loaded layers (index with ``self[layer_id]``).
-        dead_token_ids: token ids that are always dead.
     """
 
-    def __init__(self, cfg: EngramConfig, hasher: NgramHasher, engrams: Mapping[int, Engram],
-                 dead_token_ids: Iterable[int] = ()):
+    def __init__(self, cfg: EngramConfig, hasher: NgramHasher, engrams: Mapping[int, Engram]):
         super().__init__()
         self.cfg = cfg
         self.hasher = hasher
         self.engrams = nn.ModuleDict({str(layer_id): engram for layer_id, engram in engrams.items()})
-        self.dead_token_ids = frozenset(int(i) for i in dead_token_ids)
         self.requires_grad_(False)
+
+    @property
+    def dead_token_ids(self) -> frozenset[int]:
+        """Token ids that are always dead."""
+        return frozenset(self.cfg.dead_token_ids)
 
     @property
     def layer_ids(self) -> list[int]:
@@ -183,17 +196,10 @@ class DeepSeekV41Engram(nn.Module):
             raise KeyError(f"layer {layer_id} is not a loaded Engram layer (loaded: {self.layer_ids})")
         return self.engrams[str(layer_id)]
 
-    def dead_positions(self, input_ids: Tensor, dead_mask: Tensor | None = None) -> Tensor | None:
-        """``dead_mask`` or'ed with the positions of ``dead_token_ids``: bool ``[B, T]``, or None when neither."""
-        if not self.dead_token_ids:
-            return dead_mask
-        by_id = torch.isin(input_ids, torch.tensor(sorted(self.dead_token_ids), device=input_ids.device))
-        return by_id if dead_mask is None else by_id | dead_mask
-
     def hash(self, input_ids: Tensor, dead_mask: Tensor | None = None, history: Tensor | None = None
              ) -> dict[int, Tensor]:
         """``{layer_id: int64 [B, T, H]}`` row ids inside each head's table, of the loaded layers."""
-        rows = self.hasher.hash_all(input_ids, history, dead_mask=self.dead_positions(input_ids, dead_mask))
+        rows = self.hasher.hash_all(input_ids, history, dead_mask=dead_mask)
         return {layer_id: rows[layer_id] for layer_id in self.layer_ids}
 
     @torch.no_grad()
@@ -228,7 +234,7 @@ class DeepSeekV41Engram(nn.Module):
             return_gates: also return the gates ``[B, T, M]`` fp32 (0 at dead positions).
         """
         engram = self[layer_id]
-        dead = self.dead_positions(input_ids, dead_mask)
+        dead = self.hasher.dead_positions(input_ids, dead_mask)
         hash_ids = self.hasher.hash(input_ids, layer_id, history, dead_mask=dead).to(hidden_states.device)
         delta, gates = engram(hidden_states, hash_ids=hash_ids, dead_mask=dead, return_gates=True)
         updated = engram.residual(hidden_states, delta)
@@ -394,7 +400,8 @@ def load_deepseek_v41_engram(path: str | os.PathLike[str], layers: Iterable[int]
             projects in fp32.
         tokenizer: a registered name or path (default ``"deepseek-v4"``, fetched on first use), or a built
             :class:`CompressedTokenizer` of the checkpoint's ids.
-        dead_token_ids: ids always treated as dead (e.g. the image placeholder), besides any ``dead_mask``.
+        dead_token_ids: ids always treated as dead besides the config's image token (``image_token_id``, else
+            129264) and any ``dead_mask``.
         hidden_size, hc_mult: the backbone width and mHC branches, when ``config.json`` lacks those keys.
         table_placement: where each table's packed FP8 rows are served from: ``"device"`` (a parameter on
             ``device``), ``"host"`` (a private or ``/dev/shm`` copy in host memory) or ``"disk"`` (a memory-mapped
@@ -435,8 +442,10 @@ def load_deepseek_v41_engram(path: str | os.PathLike[str], layers: Iterable[int]
     elif table_dir is None:
         raise ValueError(f"table_placement {table_placement!r} serves a table file converted from the checkpoint: "
                          "pass table_dir=, a folder to write it to (~101 GB a layer for V4.1) or that holds it")
-    text = read_text_config(path)
-    cfg = EngramConfig.from_hf_config(text, tokenizer=tokenizer if isinstance(tokenizer, str) else TOKENIZER)
+    config = read_config(path)
+    cfg = EngramConfig.from_hf_config(config, tokenizer=tokenizer if isinstance(tokenizer, str) else TOKENIZER)
+    cfg = replace(cfg, dead_token_ids=[*cfg.dead_token_ids, *dead_token_ids])
+    text = config.get("text_config", config)  # a JSON object: from_hf_config checked it
     hidden, branches = backbone_dims(text, hidden_size, hc_mult)
     chosen = list(cfg.layer_ids if layers is None else layers)
     for layer_id in chosen:
@@ -468,4 +477,4 @@ def load_deepseek_v41_engram(path: str | os.PathLike[str], layers: Iterable[int]
                                              cache_rows, store_options))
             engram.load_state_dict(state, assign=True)
             engrams[layer_id] = engram.to(device).eval()
-    return DeepSeekV41Engram(cfg, hasher, engrams, dead_token_ids)
+    return DeepSeekV41Engram(cfg, hasher, engrams)

@@ -12,8 +12,9 @@ norms and dot product run in fp32 whatever the autocast dtype.
 
 ``cfg.variant_spec`` switches the layer around this (:data:`engram.config.VARIANTS`). DeepSeek-V4.1
 (``"deepseek-v4.1"``) has no ShortConv (output = value_m), a bias-free projection laid out keys then value,
-RMSNorm eps 1e-20, FP8 table rows, gate 0 at dead positions (``dead_mask``), and ``h + value_m`` computed in
-fp32 and cast back to the hidden dtype.
+RMSNorm eps ``cfg.rms_norm_eps`` (its config's), ``sign(0) = +1`` in the gate (a score of exactly 0 gives
+sigmoid(1e-3), as in its engines), FP8 table rows, gate 0 at dead positions (``dead_mask`` and the tokens of
+``cfg.dead_token_ids``), and ``h + value_m`` computed in fp32 and cast back to the hidden dtype.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class Engram(nn.Module):
         # "value,keys" (demo): rows [0, D) are W_V (shared by branches), rows [(m + 1) D, (m + 2) D) are W_K^(m).
         # "keys,value" (V4.1's wkv): rows [m D, (m + 1) D) are W_K^(m), rows [M D, (M + 1) D) are W_V.
         self.value_key_proj = nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size, bias=spec.projection_bias)
-        self.key_norm = BranchRMSNorm(hc_mult, hidden_size, eps=spec.rms_eps)
-        self.query_norm = BranchRMSNorm(hc_mult, hidden_size, eps=spec.rms_eps)
+        self.key_norm = BranchRMSNorm(hc_mult, hidden_size, eps=cfg.rms_norm_eps)
+        self.query_norm = BranchRMSNorm(hc_mult, hidden_size, eps=cfg.rms_norm_eps)
         self.short_conv = None
         if spec.use_short_conv:
             self.short_conv = ShortConv(hidden_size, hc_mult, cfg.kernel_size, dilation=cfg.max_ngram_size,
@@ -160,8 +161,10 @@ class Engram(nn.Module):
             memory: ``[B, T, heads * head_dim]`` the rows of ``hash_ids`` already read (a prefetch, see
                 :meth:`MultiHeadEmbedding.fetch`); read here when omitted.
             dead_mask: ``[B, T]`` bool, True at dead positions (variants with ``masks_dead_tokens`` only):
-                their gate is 0, so they add nothing. It also goes to the hasher when ``input_ids`` are
-                hashed here; precomputed ``hash_ids`` or ``memory`` must have been hashed with it.
+                their gate is 0, so they add nothing. Positions of ``input_ids`` holding one of
+                ``cfg.dead_token_ids`` are dead too, without a mask. It also goes to the hasher when
+                ``input_ids`` are hashed here; precomputed ``hash_ids`` or ``memory`` must have been hashed with
+                it, and without ``input_ids`` only ``dead_mask`` says which positions are dead.
         Returns:
             the delta, same shape as ``hidden_states`` (fp32 for a variant with ``residual_in_fp32``); with
             ``return_gates``, ``(delta, gates)``.
@@ -182,6 +185,8 @@ class Engram(nn.Module):
             if dead_mask.dtype != torch.bool or dead_mask.shape != hidden_states.shape[:2]:
                 raise ValueError(f"dead_mask must be a bool [B, T] = {list(hidden_states.shape[:2])} tensor, "
                                  f"got {dead_mask.dtype} {list(dead_mask.shape)}")
+        if input_ids is not None:
+            dead_mask = self.hasher.dead_positions(input_ids, dead_mask)
         if memory is None:
             if hash_ids is None:
                 if input_ids is None:
@@ -206,8 +211,10 @@ class Engram(nn.Module):
         if spec.residual_in_fp32:
             value = value.float()  # so that gate * value, like the residual add, is computed in fp32
         gated, gates = fused_gate(keys, hidden_states, value, self.key_norm.weight, self.query_norm.weight,
-                                  self.key_norm.eps, self.query_norm.eps)  # [B, T, M, D], [B, T, M]
+                                  self.key_norm.eps, self.query_norm.eps,
+                                  zero_positive=spec.gate_zero_positive)  # [B, T, M, D], [B, T, M]
         if dead_mask is not None:
+            dead_mask = dead_mask.to(gates.device)  # the ids' device, when they are hashed elsewhere
             gates = gates.masked_fill(dead_mask[..., None], 0.0)
             gated = gated.masked_fill(dead_mask[..., None, None], 0.0)
         delta = gated

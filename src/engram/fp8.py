@@ -1,7 +1,9 @@
 """FP8 E4M3 values with UE8M0 power-of-two scales: DeepSeek-V4.1's table rows and projection weights.
 
-A scale byte ``e`` (UE8M0: an unsigned exponent, no mantissa) stands for ``2^(e - 127)``; 255 is NaN. A value is
-``float(fp8_e4m3) * 2^(e - 127)``. Two layouts use it:
+A scale byte ``e`` (UE8M0: an unsigned exponent, no mantissa) stands for ``2^(e - 127)``. A value is
+``float(fp8_e4m3) * 2^(e - 127)``. The two ends follow the serving engines: byte 255 is +inf, as vLLM and SGLang
+decode it (the OCP spec, and torch's ``float8_e8m0fnu``, call it NaN); byte 0 is 2^-127 (an fp32 subnormal), as
+SGLang decodes it, where vLLM gives 0.0 (the two agree on every other byte). Two layouts use it:
 
 - **Table rows**: each row of ``D`` values carries one scale per :data:`FP8_SCALE_BLOCK` (32) consecutive values.
   Here a row is *packed* into ``D + D / 32`` bytes — the ``D`` E4M3 bytes, then the ``D / 32`` scale bytes (264 B
@@ -49,12 +51,11 @@ def check_fp8_dim(dim: int) -> None:
 
 
 def scale_values(scales: Tensor) -> Tensor:
-    """UE8M0 bytes (uint8, or torch's float8_e8m0fnu) -> fp32 ``2^(e - 127)``, NaN for 255."""
+    """UE8M0 bytes (uint8, or torch's float8_e8m0fnu) -> fp32 ``2^(e - 127)``; 255 is +inf, 0 is 2^-127."""
     e = (scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales).to(torch.int32)
     # Built from the bits, exactly on every device (CUDA's exp2 is off by ulps near 2^-127): e >= 1 is the normal
-    # fp32 2^(e - 127), e = 0 the subnormal 2^-127.
-    bits = torch.where(e == 0, 1 << 22, e << 23)
-    return torch.where(e == 255, 0x7FC00000, bits).view(torch.float32)
+    # fp32 2^(e - 127), e = 0 the subnormal 2^-127, and e = 255 gives fp32's all-ones exponent: +inf.
+    return torch.where(e == 0, 1 << 22, e << 23).view(torch.float32)
 
 
 def e4m3_values(values: Tensor) -> Tensor:

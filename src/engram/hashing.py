@@ -6,9 +6,10 @@ For a layer ``l`` with odd multipliers ``m_0..m_{N-1}`` (N = max_ngram_size) and
 reads row ``mix_n(t) mod p_{n,j}`` of its own table, ``p_{n,j}`` a distinct prime. Multipliers are
 below ``int64max // V'`` (V' the compressed vocabulary), so every product fits in int64.
 
-Dead positions (``dead_mask``, e.g. image placeholders in DeepSeek-V4.1): a look-back that reaches one stops,
-so that position and every older one read the pad id, and the model gives dead positions gate 0. Across
-chunks and decode steps the ``history`` carries dead-ness as :data:`DEAD_TOKEN` in place of an id.
+Dead positions (``dead_mask``, and tokens of the config's ``dead_token_ids``: DeepSeek-V4.1's image token): a
+look-back that reaches one stops, so that position and every older one read the pad id, and the model gives dead
+positions gate 0. Across chunks and decode steps the ``history`` carries dead-ness as :data:`DEAD_TOKEN` in place
+of an id.
 """
 
 from __future__ import annotations
@@ -21,8 +22,24 @@ from engram.kernels.hash import DEAD_TOKEN, ngram_hash
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
 _LAYER_SEED_STRIDE = 10007
+# Token ids are int32 or int64: a narrower integer cannot hold a large vocabulary's ids, which wrapped around silently
+# when they were cast to it.
+TOKEN_ID_DTYPES = (torch.int32, torch.int64)
 # Deterministic Miller-Rabin witnesses for every n < 3.3e24 (covers all int64 table sizes).
 _MR_WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+
+
+def check_token_batch(ids: torch.Tensor, name: str = "input_ids", allow_no_tokens: bool = False) -> None:
+    """Refuse a ``[B, T]`` batch of token ids that is empty (``B`` or ``T`` is 0; ``T = 0`` passes with
+    ``allow_no_tokens``), not of integers (``TypeError``) or of integers narrower than int32 (``ValueError``). Reads
+    only the shape and dtype: no device sync."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+    if ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"{name} has dtype {ids.dtype}, too narrow for token ids (larger ids would have wrapped "
+                         "around): pass int32 or int64")
+    if ids.shape[0] == 0 or (ids.shape[-1] == 0 and not allow_no_tokens):
+        raise ValueError(f"{name} is an empty batch of shape {tuple(ids.shape)}: B and T must both be >= 1")
 
 
 def is_prime(n: int) -> bool:
@@ -159,21 +176,24 @@ class NgramHasher:
         if layer_id not in self.table_sizes:
             raise ValueError(f"layer_id {layer_id} is not an Engram layer; layer_ids are {self.cfg.layer_ids}")
 
-    def _prepared(self, input_ids: torch.Tensor, history: torch.Tensor | None, dead_mask: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prepared(self, input_ids: torch.Tensor, history: torch.Tensor | None, dead_mask: torch.Tensor | None,
+                  allow_no_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Checked ``input_ids`` ``[B, T]`` with :data:`DEAD_TOKEN` at dead positions, and ``history`` left-filled
         with the original pad id to ``[B, max_ngram_size - 1]`` (``None`` stays ``None``), both int64 on the
         ids' device."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if dead_mask is None:
-            self.tokenizer.check_ids(input_ids)
-            raw = input_ids.long()
-        else:
+        check_token_batch(input_ids, allow_no_tokens=allow_no_tokens)
+        if dead_mask is not None:
             dead_mask = torch.as_tensor(dead_mask, device=input_ids.device)
             if dead_mask.dtype != torch.bool or dead_mask.shape != input_ids.shape:
                 raise ValueError(f"dead_mask must be a bool tensor shaped like input_ids {list(input_ids.shape)}, "
                                  f"got {dead_mask.dtype} {list(dead_mask.shape)}")
+        dead_mask = self.dead_positions(input_ids, dead_mask)
+        if dead_mask is None:
+            self.tokenizer.check_ids(input_ids)
+            raw = input_ids.long()
+        else:
             self.tokenizer.check_ids(input_ids.masked_fill(dead_mask, 0))
             raw = input_ids.long().masked_fill(dead_mask, DEAD_TOKEN)
         if history is None:
@@ -184,18 +204,30 @@ class NgramHasher:
             raise ValueError(
                 f"history must be [B={batch}, H<={self.context}] original ids, got shape {tuple(history.shape)}"
             )
+        dead_history = self.dead_positions(history)
+        if dead_history is not None:
+            history = history.masked_fill(dead_history, DEAD_TOKEN)
         self.tokenizer.check_ids(history.masked_fill(history == DEAD_TOKEN, 0))
         missing = self.context - history.shape[1]
         if missing:
             history = torch.cat([history.new_full((batch, missing), self.cfg.pad_id), history], dim=1)
         return raw, history.long()
 
+    def dead_positions(self, input_ids: torch.Tensor, dead_mask: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
+        """``dead_mask`` or'ed with the positions of ``input_ids`` (any shape) that hold one of
+        ``cfg.dead_token_ids``: bool, shaped like ``input_ids``; ``dead_mask`` itself when the config has none."""
+        if not self.cfg.dead_token_ids:
+            return dead_mask
+        by_id = torch.isin(input_ids, torch.tensor(self.cfg.dead_token_ids, device=input_ids.device))
+        return by_id if dead_mask is None else by_id | dead_mask
+
     def hash(self, input_ids: torch.Tensor, layer_id: int, history: torch.Tensor | None = None,
              dead_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Row ids inside each head's table for one Engram layer.
 
         Args:
-            input_ids: ``[B, T]`` original token ids (int, any device).
+            input_ids: ``[B, T]`` original token ids (int32 or int64, ``B, T >= 1``, any device).
             layer_id: one of ``cfg.layer_ids``.
             history: optional ``[B, H <= max_ngram_size - 1]`` original ids preceding ``input_ids`` (oldest first,
                 :data:`DEAD_TOKEN` where dead), so that hashing a sequence in pieces equals hashing it whole
@@ -214,9 +246,11 @@ class NgramHasher:
 
         ``dead_mask`` ``[B, T]`` bool marks dead positions (e.g. image placeholders): a look-back that reaches
         one stops there, so it and every older position read the pad id (a dead position's own rows are those
-        of an all-pad n-gram, and the model gives it gate 0: pass it the same mask). Ids at dead positions are
-        not read (nor checked). To continue in the next chunk or decode step, pass ``history=``
-        :meth:`next_history` of this call's arguments: it carries dead positions as :data:`DEAD_TOKEN`.
+        of an all-pad n-gram, and the model gives it gate 0: pass it the same mask). Positions (of
+        ``input_ids`` and ``history``) holding one of ``cfg.dead_token_ids`` (DeepSeek-V4.1: its image token)
+        are dead without a mask. Ids at dead positions are not read (nor checked). To continue in the next chunk
+        or decode step, pass ``history=`` :meth:`next_history` of this call's arguments: it carries dead
+        positions as :data:`DEAD_TOKEN`.
 
         On CUDA one Triton launch computes every layer, order and head; elsewhere the same algorithm runs as
         torch ops (``engram.kernels.hash``). ``force`` as in :func:`engram.kernels.dispatch.use_triton`.
@@ -242,10 +276,15 @@ class NgramHasher:
             >>> history.tolist()
             [[6, -1]]
         """
-        raw, history = self._prepared(torch.as_tensor(input_ids), history, dead_mask)
+        raw, history = self._prepared(torch.as_tensor(input_ids), history, dead_mask, allow_no_tokens=True)
         if history is None:
             history = raw.new_full((raw.shape[0], self.context), self.cfg.pad_id)
         return torch.cat([history, raw], dim=1)[:, -self.context:].contiguous()
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Put the hashing constants on ``device`` now, not inside the first (compiled) call: filling the cache
+        there would make ``torch.compile`` recompile on the second call."""
+        self._stacked_constants(torch.device(device))
 
     def _stacked_constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compression lookup ``[V]``, multipliers ``[L, N]`` and primes ``[L, N - 1, K]`` on ``device``."""

@@ -1,8 +1,9 @@
 import html
 import importlib.util
 import json
+import os
 import re
-import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +102,51 @@ def test_bad_input_is_refused(engram_checkpoint, baseline_checkpoint, trained_mo
         run_gates(engram_checkpoint, ["the king"], tmp_path / "file")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium not installed: the gates page was not checked in a browser "
-                           "(apt-get install chromium)")
-def test_page_in_headless_chromium(engram_checkpoint, tmp_path):
-    out = tmp_path / "shot"
+def _screenshot_script():
     spec = importlib.util.spec_from_file_location("screenshot_gates", REPO / "scripts" / "screenshot_gates.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main(["--checkpoint", str(engram_checkpoint), "--text", ENGLISH, "--text", CHINESE, "--out",
-                        str(out), "--width", "900", "--height", "700"]) == 0
+    return script
+
+
+SCREENSHOT_SCRIPT = _screenshot_script()
+
+
+# .ci/run installs Debian's chromium and sets ENGRAM_REQUIRE_CHROMIUM: in CI this runs, or fails.
+@pytest.mark.skipif(SCREENSHOT_SCRIPT.find_browser() is None and not os.environ.get("ENGRAM_REQUIRE_CHROMIUM"),
+                    reason="no Chromium on PATH: the gates page was not checked in a browser "
+                           "(apt-get install chromium)")
+def test_page_in_headless_chromium(engram_checkpoint, tmp_path):
+    out = tmp_path / "shot"
+    assert SCREENSHOT_SCRIPT.main(["--checkpoint", str(engram_checkpoint), "--text", ENGLISH, "--text", CHINESE,
+                                   "--out", str(out), "--width", "900", "--height", "700"]) == 0
     shot = mpimg.imread(out / "gates_screenshot.png")[..., :3]
     assert shot.shape[:2] == (700, 900)
     # the page is drawn: white background, dark text, and the gate colours (saturated viridis cells)
     saturation = shot.max(axis=-1) - shot.min(axis=-1)
     assert (shot.min(axis=-1) > 0.95).mean() > 0.3
     assert (saturation > 0.3).mean() > 0.01
+
+
+def test_ci_installs_chromium_and_requires_the_browser_test(tmp_path):
+    """.ci/run installs Debian's chromium where it is missing (run here with a stand-in apt-get), leaves an
+    installed one alone, and makes the browser test required."""
+    script = (REPO / ".ci" / "run").read_text()
+    start = script.index("if ! command -v chromium")
+    install = script[start:script.index("\nfi\n", start) + 4]
+    bin_dir, log = tmp_path / "bin", tmp_path / "apt.log"
+    bin_dir.mkdir()
+    for name, body in (("apt-get", f'echo "$@" >> {log}'), ("chromium", "")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "chromium").rename(tmp_path / "chromium")  # missing first
+    for installed in (False, True):
+        if installed:
+            (tmp_path / "chromium").rename(bin_dir / "chromium")
+        subprocess.run(["bash", "-euo", "pipefail", "-c", install], env={"PATH": str(bin_dir)}, check=True,
+                       executable="/bin/bash", capture_output=True)
+        calls = log.read_text().splitlines() if log.exists() else []
+        assert calls == ([] if installed else ["update -qq", "install -y -qq chromium"]), installed
+        log.unlink(missing_ok=True)
+    assert "\nexport ENGRAM_REQUIRE_CHROMIUM=1\n" in script
+    assert script.index("ENGRAM_REQUIRE_CHROMIUM") < script.index('bash -c "${quickstart[1]}"')  # before the tests

@@ -19,7 +19,7 @@ from kernels.conftest import compile_for_h200
 
 NUM_ROWS = 13
 SPECIAL_CODES = [0x00, 0x80, 0x01, 0x81, 0x07, 0x7E, 0xFE, 0x7F, 0xFF]  # +-0, subnormals, +-448, NaN
-SPECIAL_SCALES = [0, 1, 127, 254, 255]  # 2^-127 (a subnormal factor), 2^-126, 1, 2^127, NaN
+SPECIAL_SCALES = [0, 1, 127, 254, 255]  # 2^-127 (a subnormal factor), 2^-126, 1, 2^127, +inf
 
 
 def e4m3_by_formula(code: int) -> float:
@@ -36,12 +36,13 @@ def e4m3_by_formula(code: int) -> float:
 
 def dequantize_by_formula(packed: np.ndarray) -> np.ndarray:
     """uint8 ``[N, D + D / 32]`` -> float32 ``[N, D]``: each product is exact in float64, then rounded once to
-    float32, as one fp32 multiplication rounds it."""
+    float32, as one fp32 multiplication rounds it. Scale byte 255 is +inf (as vLLM and SGLang read it)."""
     dim = packed.shape[1] * 32 // 33
     values = np.array([e4m3_by_formula(c) for c in range(256)])[packed[:, :dim]]
     exponents = packed[:, dim:].astype(np.float64)
-    scales = np.where(exponents == 255, np.nan, 2.0 ** (exponents - 127))
-    with np.errstate(over="ignore"):  # 448 * 2^127 is past fp32's range: inf, as in fp32
+    scales = np.where(exponents == 255, np.inf, 2.0 ** (exponents - 127))
+    # 448 * 2^127 is past fp32's range: inf, as in fp32; 0 * inf (scale byte 255) is NaN, as in fp32
+    with np.errstate(over="ignore", invalid="ignore"):
         return (values * np.repeat(scales, 32, axis=1)).astype(np.float32)
 
 
@@ -112,6 +113,19 @@ def test_subnormal_codes_and_scales_decode_exactly():
     assert got[0, :7].tolist() == want and math.isnan(got[0, 7])
     assert torch.equal(torch.signbit(got[0, :2]), torch.tensor([False, True]))
     assert got[1, :7].tolist() == [w * 2.0**-127 for w in want]  # fp32 subnormals, exactly
+
+
+def test_scale_byte_255_is_inf_in_the_kernel(device):
+    """The kernel decodes UE8M0 byte 255 as +inf (vLLM's and SGLang's reading): +-inf values, NaN where the E4M3
+    value is 0; byte 0 stays 2^-127."""
+    dim = 64
+    table = torch.zeros(2, dim + 2, dtype=torch.uint8)
+    table[:, :4] = torch.tensor([0x38, 0xB8, 0x00, 0x08], dtype=torch.uint8)  # 1, -1, 0, 2^-6
+    table[:, dim:] = torch.tensor([[255, 0], [0, 255]], dtype=torch.uint8)
+    out = interpreted(fp8_gather, table.to(device), torch.tensor([[0], [1]], device=device), force=True).cpu()
+    assert out[0, :2].tolist() == [float("inf"), float("-inf")] and out[0, 2].isnan() and out[0, 3] == float("inf")
+    assert out[1, :4].tolist() == [2.0 ** -127, -(2.0 ** -127), 0.0, 2.0 ** -133]
+    assert out[1, 32:].isnan().all()  # the second block: E4M3 zeros times +inf
 
 
 def test_quantized_rows_round_trip_through_the_kernel(device):

@@ -137,6 +137,33 @@ def test_eps_1e20_on_tiny_inputs(device):
     assert not torch.allclose(fused_gate(*tiny, force=True)[1], unscaled, atol=1e-2)  # eps=None: fp32's epsilon
 
 
+@pytest.mark.parametrize("force", [True, False], ids=["triton", "naive"])
+def test_score_exactly_zero(device, force):
+    """A score of exactly 0 (branches 0 and 1, keys +1 and -1): the demo's sign(0) = 0 gives gate 0.5;
+    DeepSeek-V4.1's engines take the sign as +1 there, so ``zero_positive`` gives sigmoid(+sqrt(1e-6)) = 0.50025.
+    Scores of +-3.4e-7, below the clamp, keep their sign either way; no gradient reaches the inputs."""
+    dim, nudge = 8, 2.0 ** -20
+    signs = torch.tensor([1.0, -1.0]).repeat(dim // 2)
+    keys = torch.stack([torch.ones(dim), -torch.ones(dim), torch.ones(dim), torch.ones(dim)])  # [M=4, D]
+    hidden = torch.stack([signs, signs, signs, signs])
+    hidden[2, 0] += nudge  # score +2^-20 / sqrt(8)
+    hidden[3, 0] -= nudge  # score -2^-20 / sqrt(8)
+    keys, hidden = keys.expand(2, 3, 4, dim).to(device), hidden.expand(2, 3, 4, dim).to(device).requires_grad_()
+    value = torch.randn(2, 3, dim, generator=torch.Generator().manual_seed(0)).to(device)
+    weights = (torch.ones(4, dim, device=device), torch.ones(4, dim, device=device))
+    root = torch.tensor(GATE_FLOOR).sqrt()
+    below_clamp = torch.sigmoid(torch.stack([root, -root])).expand(2, 3, 2)
+    for zero_positive, at_zero in ((False, torch.tensor(0.5)), (True, torch.sigmoid(root))):
+        gated, gates = fused_gate(keys, hidden, value, *weights, 1e-20, 1e-20, zero_positive=zero_positive,
+                                  force=force)
+        torch.testing.assert_close(gates[..., :2].cpu(), at_zero.expand(2, 3, 2), atol=1e-7, rtol=0)
+        torch.testing.assert_close(gates[..., 2:].cpu(), below_clamp, atol=1e-7, rtol=0)
+        assert torch.equal(gated, gates[..., None] * value[:, :, None])
+        (grad,) = torch.autograd.grad(gates.sum(), hidden)
+        assert grad.abs().max() == 0
+    assert torch.sigmoid(root).item() == pytest.approx(0.50025, abs=1e-7)
+
+
 @pytest.fixture(scope="module")
 def hasher(deepseek_ct):
     return NgramHasher(CFG, tokenizer=deepseek_ct)
@@ -180,4 +207,4 @@ def test_opcheck(device):
     # The op calls the kernels unconditionally: on CPU tensors that needs the interpreter, so on a GPU machine
     # it is checked on the GPU.
     inputs = random_inputs(1, 3, 2, 5, torch.float32, seed=6, device=device)
-    torch.library.opcheck(torch.ops.engram.gate_fwd.default, (*inputs, FP32_EPS, 1e-5))
+    torch.library.opcheck(torch.ops.engram.gate_fwd.default, (*inputs, FP32_EPS, 1e-5, True))

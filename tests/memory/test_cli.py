@@ -84,6 +84,15 @@ def test_write_merge_diff_show(fact_memory, tuned, tmp_path, capsys):
         run("memory", "write", " queen", "--checkpoint", base, "--value", 1, "--out", tmp_path / "bad.patch")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_write_refuses_a_non_finite_value_before_loading_anything(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        run("memory", "write", " the queen", "--checkpoint", tmp_path / "absent", f"--value={value}",
+            "--out", tmp_path / "p.patch")
+    assert f"argument --value: must be a finite number, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "p.patch").exists()
+
+
 def test_lookup_prints_tables_or_json(fact_memory, capsys):
     capsys.readouterr()
     assert run("memory", "lookup", "the zebra code is", "--checkpoint", fact_memory.base_dir,

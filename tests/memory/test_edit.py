@@ -138,7 +138,12 @@ def test_write_ngram_sets_blends_and_copies_rows(fact_memory):
     (([5, 6], torch.zeros(3)), {}, r"value must be \[16\] or \[4, 16\]"),
     (([5, 6], [7, 8, 9]), {}, "must have as many tokens"),
     (([5, 6], 1.0), {"layer": 0}, "layer 0 is not an Engram layer"),
-], ids=["short", "long", "mode", "alpha", "shape", "source-length", "layer"])
+    (([5, 6], float("nan")), {}, "value must be a finite number, got nan"),
+    (([5, 6], float("-inf")), {"mode": "blend"}, "value must be a finite number, got -inf"),
+    (([5, 6], torch.full((16,), float("inf"))), {}, r"patch layer 1: values hold 64 NaN or infinite element\(s\)"),
+    (([5, 6], 1.0), {"mode": "blend", "alpha": float("nan")}, r"alpha must be in \[0, 1\], got nan"),
+], ids=["short", "long", "mode", "alpha", "shape", "source-length", "layer", "nan", "-inf", "inf-tensor",
+        "alpha-nan"])
 def test_write_ngram_refuses_bad_input(fact_memory, args, kwargs, match):
     model = EngramLM.from_pretrained(fact_memory.base_dir)
     ngram, *value = args

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engram.memory import (MemoryPatch, apply_patch, check_patch, diff, engram_tables, load_patch, merge,
                            model_fingerprint, revert, save_patch)
 from engram.embedding import quantize_tables
@@ -14,6 +13,7 @@ from engram.model import EngramLM
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
 from lm_helpers import small_config  # noqa: E402
+from memory.patch_helpers import write_raw_patch  # noqa: E402
 
 
 def make_model(seed: int = 0, **overrides) -> EngramLM:
@@ -193,6 +193,67 @@ def test_load_refuses_files_that_are_not_patches(saved, tmp_path):
         load_patch(directory / "model.safetensors")
     with pytest.raises(FileNotFoundError):
         load_patch(tmp_path / "missing.patch")
+
+
+def poisoned(values: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "fp8":
+        return values.to(torch.float8_e4m3fn)
+    values = values.clone()
+    values[1, 3] = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}[how]
+    return values
+
+
+@pytest.mark.parametrize("how, message", [
+    ("nan", r"patch layer 0: values hold 1 NaN or infinite element\(s\) of 24; a memory patch must be finite"),
+    ("inf", "patch layer 0: values hold 1 NaN or infinite"),
+    ("-inf", "patch layer 0: values hold 1 NaN or infinite"),
+    ("fp8", r"patch layer 0: values must be \[N=3, head_dim\] of float16, bfloat16, float32, float64, got "
+            r"torch.float8_e4m3fn"),
+], ids=["nan", "inf", "-inf", "fp8"])
+def test_non_finite_or_fp8_values_are_refused_built_or_loaded(saved, tmp_path, how, message):
+    model, _ = saved
+    rows, values = random_patch(model, 6, 3).layers[0]
+    with pytest.raises(ValueError, match=message):
+        MemoryPatch({0: (rows, poisoned(values, how))}, model_fingerprint(model))
+    path = write_raw_patch(tmp_path / "p.patch", {"layers.0.rows": rows, "layers.0.values": poisoned(values, how)},
+                           {"base_fingerprint": model_fingerprint(model), "metadata": "{}"})
+    with pytest.raises(ValueError, match=f"p.patch: {message}"):
+        load_patch(path)
+
+
+def test_non_finite_dense_tensors_are_refused(saved):
+    model, _ = saved
+    with pytest.raises(ValueError, match="patch dense tensor 'norm.weight' hold 1 NaN"):
+        MemoryPatch({}, model_fingerprint(model), {"norm.weight": poisoned(torch.ones(2, 16), "nan").flatten()})
+
+
+def test_an_inverse_keeps_a_models_own_non_finite_rows_but_never_serves_them(saved):
+    """Erasing a broken (NaN) row works and reverts bit for bit; the inverse holding the NaN cannot be overlaid."""
+    _, directory = saved
+    model = EngramLM.from_pretrained(directory).eval()
+    engram_tables(model)[0].weight.data[7, 2] = float("nan")
+    before = state(model)
+    inverse = apply_patch(model, MemoryPatch({0: (torch.tensor([7]), torch.zeros(1, 8))}, model_fingerprint(model)))
+    assert torch.equal(engram_tables(model)[0].weight[7], torch.zeros(8))
+    with pytest.raises(ValueError, match="patch layer 0: values hold 1 NaN"):
+        inverse.overlay()
+    revert(model, inverse)
+    assert_same_state(state(model), before)
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"metadata": "{}"}, r"lacks \['base_fingerprint'\]"),
+    ({"base_fingerprint": "sha256:x"}, r"lacks \['metadata'\]"),
+    ({}, r"lacks \['base_fingerprint', 'metadata'\]"),
+    ({"base_fingerprint": "sha256:x", "metadata": "[1, 2]"}, r"metadata must be a JSON object, got '\[1, 2\]'"),
+    ({"base_fingerprint": "sha256:x", "metadata": "{oops"}, "Expecting property name"),
+], ids=["no-fingerprint", "no-metadata", "neither", "metadata-list", "metadata-not-json"])
+def test_a_header_missing_its_fields_is_refused_clearly(saved, tmp_path, header, message):
+    model, _ = saved
+    rows, values = random_patch(model, 7, 2).layers[0]
+    path = write_raw_patch(tmp_path / "p.patch", {"layers.0.rows": rows, "layers.0.values": values}, header)
+    with pytest.raises(ValueError, match=f"p.patch: .*{message}"):
+        load_patch(path)
 
 
 def test_merge_takes_the_union_and_the_second_wins(saved):

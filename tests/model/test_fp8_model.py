@@ -131,6 +131,7 @@ def test_formats_that_do_not_fit_are_refused(folders, tmp_path):
     config = json.loads((lying / "config.json").read_text())
     del config["engram_table_format"]  # as a folder from before the key: float
     (lying / "config.json").write_text(json.dumps(config))
+    (lying / "checksums.json").unlink()  # such folders had no checksums either
     for placement in ("device", "host", "disk"):
         with pytest.raises(ValueError, match="holds packed FP8 rows"):
             EngramLM.from_pretrained(lying, engram_placement=placement)
@@ -143,6 +144,7 @@ def test_float_folders_without_the_key_still_load_as_float(folders, tmp_path):
     config = json.loads((old / "config.json").read_text())
     del config["engram_table_format"]
     (old / "config.json").write_text(json.dumps(config))
+    (old / "checksums.json").unlink()  # such folders had no checksums either
     loaded = EngramLM.from_pretrained(old).eval()
     assert {t.row_format for t in tables(loaded).values()} == {"float"}
     assert torch.equal(loaded(ids(1)).logits, model(ids(1)).logits)

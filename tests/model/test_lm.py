@@ -179,3 +179,25 @@ def test_config_round_trip_and_errors():
         EngramLMConfig.from_dict(v41)
     with pytest.raises(ValueError, match="moe.top_k must be <= num_experts=5, got 6"):
         small_config(moe=dict(num_experts=5, top_k=6))
+
+
+@pytest.mark.parametrize("ids, match", [
+    (torch.zeros(0, 5, dtype=torch.long), r"input_ids is an empty batch of shape \(0, 5\)"),
+    (torch.zeros(2, 0, dtype=torch.long), r"input_ids is an empty batch of shape \(2, 0\)"),
+    (torch.tensor([[5, 6]], dtype=torch.uint8), "input_ids has dtype torch.uint8, too narrow for token ids"),
+    (torch.tensor([[5, 6]], dtype=torch.int16), "input_ids has dtype torch.int16, too narrow for token ids"),
+], ids=["B0", "T0", "uint8", "int16"])
+def test_bad_id_batches_are_refused(ids, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        model(ids)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, max_new_tokens=1)
+
+
+def test_int32_ids_give_the_logits_of_int64():
+    model = make_model()
+    ids = random_ids(2, 6)
+    assert torch.equal(model(ids.int()).logits, model(ids).logits)
+    assert torch.equal(model.generate(ids.int(), max_new_tokens=3, temperature=0),
+                       model.generate(ids, max_new_tokens=3, temperature=0))

@@ -1,13 +1,16 @@
 """The HTTP API: auth (401/403), malformed requests (4xx, clear messages, still serving), streaming, admin, metrics."""
 
 import json
+import re
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from engram.serve.app import create_app
 from engram.serve.tenants import TenantRegistry, add_tenant
 
+from memory.patch_helpers import write_raw_patch
 from serve.serve_helpers import bearer, overlay_for, write_patch
 
 COMPLETION = {"prompt": "The zebra code is", "max_tokens": 5, "temperature": 0}
@@ -185,11 +188,49 @@ def test_refused_patches_get_400_and_the_old_overlay_stays(client, keys, engine,
 
 def test_truncated_patch_is_refused_at_startup(engine, tmp_path):
     good = write_patch(engine.model, tmp_path / "p.safetensors", overlay_for(engine.model, engine.encode("x"), 3))
-    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     tenants = tmp_path / "tenants.toml"
     add_tenant(tenants, "ok", patch=good)
-    add_tenant(tenants, "cut", patch=tmp_path / "cut.safetensors")
+    add_tenant(tenants, "cut", patch=write_patch(engine.model, tmp_path / "cut.safetensors",
+                                                 overlay_for(engine.model, engine.encode("x"), 3)))
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # damaged since
     with pytest.raises(ValueError, match=r"tenant 'cut': patch .*cut\.safetensors refused: .*truncated or corrupt"):
+        TenantRegistry.from_file(tenants, engine.load_overlay)
+
+
+def poisoned_patch(engine, path, how: str):
+    """A patch of rows "The zebra code is" reads, written with a valid checksum but NaN or FP8 values or without
+    its base fingerprint."""
+    overlay = overlay_for(engine.model, engine.encode(COMPLETION["prompt"]), seed=6)
+    tensors = {}
+    for layer_id, (rows, values) in overlay.layers.items():
+        values = values.clone()
+        values[0, 0] = float("nan") if how == "nan" else values[0, 0]
+        tensors[f"layers.{layer_id}.rows"] = rows
+        tensors[f"layers.{layer_id}.values"] = values.to(torch.float8_e4m3fn) if how == "fp8" else values
+    header = {"metadata": "{}"} if how == "no-fingerprint" else {"base_fingerprint": engine.base_fingerprint,
+                                                                 "metadata": "{}"}
+    return write_raw_patch(path, tensors, header)
+
+
+POISONED = [("nan", "NaN or infinite element"), ("fp8", "got torch.float8_e4m3fn"),
+            ("no-fingerprint", "the patch header lacks ['base_fingerprint']")]
+
+
+@pytest.mark.parametrize("how, message", POISONED, ids=[how for how, _ in POISONED])
+def test_poisoned_patches_are_refused_by_the_admin_api_and_at_startup(client, keys, engine, tmp_path, how, message):
+    bad = poisoned_patch(engine, tmp_path / "bad.safetensors", how)
+    response = client.post("/admin/tenants/beta/patch", json={"path": str(bad)}, headers=bearer(keys.admin))
+    assert response.status_code == 400 and message in error_of(response), response.text
+    assert response.json()["error"]["code"] == "patch_refused"
+    assert client.get("/admin/tenants", headers=bearer(keys.admin)).json()["tenants"][1]["overlay_rows"] == 0
+    assert complete(client, keys.beta).status_code == 200
+
+    tenants = tmp_path / "tenants.toml"
+    good = write_patch(engine.model, tmp_path / "good.safetensors", overlay_for(engine.model, engine.encode("x"), 3))
+    add_tenant(tenants, "victim", patch=good)
+    bad.replace(good)  # the file changed after it was added
+    startup_error = r"tenant 'victim': patch .*good\.safetensors refused: .*" + re.escape(message)
+    with pytest.raises(ValueError, match=startup_error):
         TenantRegistry.from_file(tenants, engine.load_overlay)
 
 

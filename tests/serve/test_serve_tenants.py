@@ -2,16 +2,32 @@
 
 import argparse
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
+import torch
 
+from engram.memory import MemoryPatch, save_patch
 from engram.serve.cli import add_serve_parser, run_serve
 from engram.serve.tenants import TenantRegistry, add_tenant, hash_key, new_key, read_tenants
+
+from memory.patch_helpers import write_raw_patch
 
 
 def no_overlay(path: Path):
     raise AssertionError(f"no patch should be loaded, asked for {path}")
+
+
+def row_patch(path: Path, dense: bool = False) -> Path:
+    """A small valid patch file (its base is no real model: add_tenant cannot check that, the server does)."""
+    return save_patch(MemoryPatch({0: (torch.tensor([1, 5]), torch.randn(2, 8))}, "sha256:" + "ab" * 32,
+                                  {"norm.weight": torch.ones(4)} if dense else {}), path)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def test_add_tenant_creates_the_file_with_an_admin_key_and_stores_only_hashes(tmp_path):
@@ -50,7 +66,7 @@ def test_add_tenant_refusals(tmp_path):
 def test_patch_paths_are_stored_relative_to_the_file(tmp_path, monkeypatch):
     (tmp_path / "conf").mkdir()
     (tmp_path / "patches").mkdir()
-    (tmp_path / "patches" / "p.safetensors").write_bytes(b"x")
+    row_patch(tmp_path / "patches" / "p.safetensors")
     monkeypatch.chdir(tmp_path)
     add_tenant("conf/tenants.toml", "acme", patch="patches/p.safetensors")
     assert 'patch = "../patches/p.safetensors"' in (tmp_path / "conf" / "tenants.toml").read_text()
@@ -107,3 +123,64 @@ def test_cli_serves_on_loopback_by_default():
     parser = argparse.ArgumentParser(prog="engram")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     assert parser.parse_args(["serve", "--checkpoint", "c", "--tenants", "t"]).host == "127.0.0.1"
+
+
+def test_a_new_tenants_file_is_private(tmp_path):
+    path = tmp_path / "tenants.toml"
+    add_tenant(path, "acme")
+    assert mode(path) == 0o600
+
+
+@pytest.mark.parametrize("file_mode, who", [(0o620, "its group"), (0o602, "others"), (0o666, "its group and others")],
+                         ids=["group", "others", "both"])
+def test_a_tenants_file_others_may_write_is_refused(tmp_path, file_mode, who):
+    path = tmp_path / "tenants.toml"
+    add_tenant(path, "acme")
+    before = path.read_text()
+    path.chmod(file_mode)
+    message = f"refusing a tenants file that {who} may write \\(mode {file_mode:#o}\\).*chmod go-w"
+    with pytest.raises(ValueError, match=message):
+        read_tenants(path)
+    with pytest.raises(ValueError, match=message):
+        TenantRegistry.from_file(path, no_overlay)
+    with pytest.raises(ValueError, match=message):
+        add_tenant(path, "globex")
+    assert path.read_text() == before and mode(path) == file_mode
+
+
+def test_add_tenant_keeps_the_mode_and_the_symlink(tmp_path):
+    real = tmp_path / "conf" / "tenants.toml"
+    real.parent.mkdir()
+    add_tenant(real, "acme")
+    real.chmod(0o640)
+    link = tmp_path / "tenants.toml"
+    link.symlink_to(real)
+    key, _ = add_tenant(link, "globex")
+    assert link.is_symlink() and link.resolve() == real.resolve() and mode(real) == 0o640
+    assert TenantRegistry.from_file(real, no_overlay).identify(key).name == "globex"
+
+
+def raw_patch(path: Path, values: torch.Tensor, header: dict[str, str] | None = None) -> Path:
+    """One row of ``values`` written around MemoryPatch's checks (a valid checksum)."""
+    header = {"base_fingerprint": "sha256:x", "metadata": "{}"} if header is None else header
+    return write_raw_patch(path, {"layers.0.rows": torch.tensor([1]), "layers.0.values": values}, header)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is not a file"),
+    (lambda p: p.write_bytes(row_patch(p).read_bytes()[:-10]), "refused: .*truncated or corrupt"),
+    (lambda p: p.write_bytes(b"not a patch"), "refused: .*truncated or corrupt"),
+    (lambda p: raw_patch(p, torch.full((1, 8), torch.nan)), "refused: .*NaN or infinite"),
+    (lambda p: raw_patch(p, torch.ones(1, 8).to(torch.float8_e4m3fn)), "refused: .*float8_e4m3fn"),
+    (lambda p: raw_patch(p, torch.ones(1, 8), {"metadata": "{}"}), r"refused: .*lacks \['base_fingerprint'\]"),
+    (lambda p: row_patch(p, dense=True), "refused: gate-tuned patches cannot be served as overlays"),
+], ids=["folder", "truncated", "not-a-patch", "nan", "fp8", "no-fingerprint", "gate-tuned"])
+def test_add_tenant_validates_the_patch(tmp_path, make, message):
+    path = tmp_path / "tenants.toml"
+    add_tenant(path, "acme", patch=row_patch(tmp_path / "good.patch"))
+    before = path.read_text()
+    bad = tmp_path / "bad.patch"
+    make(bad)
+    with pytest.raises(ValueError, match=message):
+        add_tenant(path, "globex", patch=bad)
+    assert path.read_text() == before

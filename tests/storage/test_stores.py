@@ -4,6 +4,7 @@ CPU tests run everywhere; those marked ``gpu`` cover the CUDA paths (the UVA ker
 side stream, the cache in GPU memory) and run only where CUDA is.
 """
 
+import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from engram.storage import TableFileError, load_table, open_table_store, write_table
 from engram.storage.cache import CachedStore
 from engram.storage.disk import DiskStore
 from engram.storage.host import HostStore, _mapped_writable, cpu_gather, cuda_alias
@@ -356,3 +358,16 @@ def test_cuda_cache_rebuilds_empty_on_another_device():
     fetch_checked(cache, table, [1, 2, 3], "cpu")
     assert cache.stats()["cached_rows"] == 0 and cache.stats()["hits"] == 0
     cache.close()
+
+
+def test_disk_store_refuses_a_file_truncated_in_place(tmp_path):
+    """Reading the lost pages of a mapped file truncated under the store would kill the process (SIGBUS)."""
+    path = tmp_path / "t.safetensors"
+    header = write_table(path, random_table(4096, 64))
+    store = open_table_store(path, "disk", workers=2)
+    last = torch.tensor([4095])
+    assert torch.equal(store.fetch(last, "cpu").wait()[0], load_table(path)[4095])
+    os.truncate(path, header.data_offset + 100)
+    with pytest.raises(TableFileError, match=f"table file {path}: truncated to .* while mapped"):
+        store.fetch(last, "cpu")
+    store.close()

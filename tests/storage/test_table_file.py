@@ -338,3 +338,24 @@ def test_mapped_tensor_outlives_close(tmp_path):
     row = table.tensor[3]
     table.close()
     assert torch.equal(row, weight[3])
+
+
+def test_file_truncated_after_its_header_was_read_is_refused_at_map_time(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_table(path, random_table(50, 8))
+    header = read_header(path)
+    os.truncate(path, header.data_offset + 10)  # rewritten in place by someone else
+    with pytest.raises(TableFileError, match=f"table file {path}: truncated to {header.data_offset + 10} bytes while "
+                                             "mapped .* Replace a table file atomically"):
+        table_file.MappedTable(header)
+
+
+def test_atomic_replacement_leaves_a_mapped_table_intact(tmp_path):
+    """The documented way to change a table file in use: readers keep the file they mapped."""
+    path = tmp_path / "t.safetensors"
+    old = random_table(50, 8)
+    write_table(path, old)
+    with map_table(path) as table:
+        write_table(path, random_table(5, 8, seed=1))  # write a new file, rename it over the old one
+        table.check_intact()
+        assert torch.equal(table.tensor, old)

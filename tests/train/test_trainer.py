@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,8 +67,14 @@ def test_existing_run_needs_resume_and_foreign_checkpoint_is_refused(text_dir, t
     with pytest.raises(FileExistsError, match="pass --resume"):
         Trainer(config(text_dir, tmp_path, max_steps=2))
     overrides = {"d_model": 48, "n_layers": 2, "ffn_kinds": ["dense", "moe"]}
-    with pytest.raises(ValueError, match=r"another model config: d_model: checkpoint 32, now 48"):
+    with pytest.raises(ValueError, match=r"break exact resume: model_overrides.d_model: checkpoint 32, now 48"):
         Trainer(config(text_dir, tmp_path, max_steps=4, resume=True, model_overrides=overrides))
+    config_file = latest_checkpoint(tmp_path) / "config.json"  # same flags, but the preset changed since
+    saved = json.loads(config_file.read_text())
+    saved["model"]["d_model"] = 48
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"another model config: d_model: checkpoint 48, now 32"):
+        Trainer(config(text_dir, tmp_path, max_steps=4, resume=True))
 
 
 def test_failed_save_keeps_previous_checkpoint(text_dir, tmp_path, monkeypatch):
@@ -78,7 +86,7 @@ def test_failed_save_keeps_previous_checkpoint(text_dir, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
+    monkeypatch.setattr(checkpoint_module, "write_safetensors", disk_full)
     trainer.step = 5
     with pytest.raises(OSError, match="No space left"):
         trainer.save()
@@ -122,8 +130,20 @@ def test_cli_train_and_generate(text_dir, tmp_path, capsys):
             "--no-progress"]
     assert main(args) == 0
     assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert f"model: {tmp_path / 'final'}" in capsys.readouterr().out  # the run's summary
     assert main(["generate", "--checkpoint", str(tmp_path / "final"), "--prompt", "the sea", "--max-new-tokens", "3",
                  "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("the sea")
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_start_of_a_run_removes_staging_folders_of_killed_saves(text_dir, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / "checkpoints" / f".tmp-step-000002-{suffix}" for suffix in (dead.pid, "shared")]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder / "optimizer.safetensors").write_bytes(b"partial")
+    Trainer(config(text_dir, tmp_path, max_steps=2))
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -18,6 +18,7 @@ Writes ``ablate.json`` and ``ablate.png`` into ``out``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from engram.atomic import atomic_write_text
@@ -91,12 +91,9 @@ def target_losses(model: EngramLM, batches: list[tuple[torch.Tensor, torch.Tenso
     """float64 ``[windows, T]`` cross entropy of every target, with Engram zeroed when ``ablate``."""
     losses = []
     for inputs, targets in batches:
-        if ablate:
-            with zeroed_engram(model):
-                logits = model(inputs).logits
-        else:
-            logits = model(inputs).logits
-        losses.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().cpu().numpy())
+        with zeroed_engram(model) if ablate else contextlib.nullcontext():
+            loss = model(inputs, targets=targets, loss_reduction="none").loss
+        losses.append(loss.double().cpu().numpy())
     return np.concatenate(losses)
 
 

@@ -15,21 +15,11 @@ from engram.inspect.hooks import engram_blocks
 from engram.model import EngramLM
 from engram.parallel import resolve_device
 from engram.tokenizer import load_tokenizer, resolve_tokenizer_path
+from engram.train.checkpoint import checkpoint_folder
 from engram.train.data import INDEX_FILE, Corpus, load_or_prepare, validation_batches
 
-CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 _MAX_CHAR_PARTS = 4  # a UTF-8 character has at most 4 bytes, and every token holds at least one
-
-
-def checkpoint_folder(checkpoint: str | os.PathLike[str]) -> Path:
-    """The ``save_pretrained`` folder named by ``checkpoint``: the folder itself, or its ``final/``."""
-    path = Path(checkpoint)
-    for folder in (path, path / "final"):
-        if (folder / CONFIG_FILE).is_file():
-            return folder
-    raise ValueError(f"checkpoint {str(checkpoint)!r} is not a model folder: no {CONFIG_FILE} in it or in its "
-                     "final/ (pass a run's final/ or one of its checkpoints)")
 
 
 def load_model(checkpoint: str | os.PathLike[str], device: str = "auto") -> EngramLM:

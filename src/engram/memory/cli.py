@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -25,6 +26,14 @@ from engram.storage import PLACEMENTS
 from engram.train.tune import DEFAULT_LR, DEFAULT_STEPS, tune_memory
 
 COLLISIONS_SHOWN = 3  # per head, in the lookup table
+
+
+def _finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` would write rows that poison every read)."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return number
 
 
 def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +118,7 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     write.add_argument("ngram", help="2 to max_ngram_size tokens, written as mid-text (leading space: ' zebra code')")
     write.add_argument("--checkpoint", required=True)
     value = write.add_mutually_exclusive_group(required=True)
-    value.add_argument("--value", type=float, help="every element of the rows (0 erases)")
+    value.add_argument("--value", type=_finite_float, help="every element of the rows (0 erases)")
     value.add_argument("--value-from", help="another n-gram of as many tokens whose rows are copied")
     write.add_argument("--mode", choices=WRITE_MODES, default="set")
     write.add_argument("--alpha", type=float, default=0.5, help="blend weight of the new value")

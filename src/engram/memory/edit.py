@@ -12,6 +12,7 @@ need the backbone's hidden states) but with each row's L2 norm.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -339,6 +340,8 @@ def write_ngram(model: EngramLM, ngram: str | Sequence[int], value: Tensor | flo
             raise ValueError(f"value n-gram {value!r} must have as many tokens as {ngram!r}")
         source, described = ngram_rows(model, value), value
     elif isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"value must be a finite number, got {value}")
         described = float(value)
     else:
         tensor_value = torch.as_tensor(value)

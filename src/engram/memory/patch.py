@@ -46,6 +46,10 @@ _CHUNK_ELEMENTS = 1 << 24
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(rows|values)")
 _DENSE_PREFIX = "dense."
+# What a patch's values may be: the dtypes of writable tables (FP8 tables are read-only, and FP8 rows would not
+# mix with other tenants' rows in one batch).
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HEADER_KEYS = ("base_fingerprint", "metadata", "checksum")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class MemoryPatch:
         base_fingerprint: :func:`model_fingerprint` of the model the patch applies to.
         dense: ``{state_dict name: tensor}`` whole tensors replaced (empty unless gate projections were tuned).
         metadata: JSON-serialisable facts about the patch (how it was made, losses, ...).
+
+    Row values are float16, bfloat16, float32 or float64, and they and float dense tensors are finite
+    (``ValueError`` otherwise): a NaN row would make every forward reading it NaN. An inverse patch
+    (``metadata["kind"] == "inverse"``, made by :func:`apply_patch`) is exempt from the finiteness check: it
+    restores whatever the model held, bit for bit.
 
     Example:
         >>> patch = MemoryPatch({1: (torch.tensor([5, 9]), torch.randn(2, 16))}, base_fingerprint="sha256:...")
@@ -75,9 +84,11 @@ class MemoryPatch:
             if rows.dtype != torch.int64 or rows.dim() != 1:
                 raise ValueError(f"patch layer {layer_id}: rows must be int64 [N], got {rows.dtype} "
                                  f"{tuple(rows.shape)}")
-            if values.dim() != 2 or values.shape[0] != rows.shape[0] or not values.dtype.is_floating_point:
-                raise ValueError(f"patch layer {layer_id}: values must be floating [N={rows.shape[0]}, head_dim], got "
-                                 f"{values.dtype} {tuple(values.shape)}")
+            if values.dim() != 2 or values.shape[0] != rows.shape[0] or values.dtype not in VALUE_DTYPES:
+                raise ValueError(f"patch layer {layer_id}: values must be [N={rows.shape[0]}, head_dim] of "
+                                 f"{_dtype_names()}, got {values.dtype} {tuple(values.shape)}")
+            if self.metadata.get("kind") != "inverse":
+                _require_finite(values, f"patch layer {layer_id}: values")
             if rows.device.type != "cpu" or values.device.type != "cpu":
                 raise ValueError(f"patch layer {layer_id}: tensors must be on the CPU, got {rows.device} and "
                                  f"{values.device}")
@@ -86,6 +97,8 @@ class MemoryPatch:
         for name, tensor in self.dense.items():
             if tensor.device.type != "cpu":
                 raise ValueError(f"patch dense tensor {name!r} must be on the CPU, got {tensor.device}")
+            if tensor.dtype in VALUE_DTYPES and self.metadata.get("kind") != "inverse":
+                _require_finite(tensor, f"patch dense tensor {name!r}")
 
     @property
     def num_rows(self) -> int:
@@ -96,12 +109,28 @@ class MemoryPatch:
         """The patch as a :class:`RowOverlay`, to serve it per request without applying it.
 
         Raises:
-            ValueError: the patch replaces dense tensors (an overlay replaces table rows only).
+            ValueError: the patch replaces dense tensors (an overlay replaces table rows only), or holds NaN or
+                infinite values (an inverse patch may).
         """
         if self.dense:
             raise ValueError(f"gate-tuned patches cannot be served as overlays; apply them (this one replaces "
                              f"{sorted(self.dense)})")
+        for layer_id, (_, values) in self.layers.items():  # an inverse patch may hold them; no server row may
+            _require_finite(values, f"patch layer {layer_id}: values")
         return RowOverlay(dict(self.layers))
+
+
+def _dtype_names() -> str:
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in VALUE_DTYPES)
+
+
+def _require_finite(tensor: Tensor, what: str) -> None:
+    """``ValueError`` naming ``what`` and the count when ``tensor`` holds NaN or infinite elements: such a row
+    would make every forward that reads it NaN."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ValueError(f"{what} hold {bad} NaN or infinite element(s) of {tensor.numel()}; a memory patch must be "
+                         "finite")
 
 
 def engram_tables(model: EngramLM) -> dict[int, MultiHeadEmbedding]:
@@ -255,7 +284,10 @@ def load_patch(path: str | os.PathLike[str], model: EngramLM | None = None, *,
         raise ValueError(f"{path} is not an engram memory patch (format {header.get('format')!r})")
     if header.get("format_version") != str(FORMAT_VERSION):
         raise ValueError(f"{path}: patch format_version {header.get('format_version')!r} is not {FORMAT_VERSION}")
-    if _checksum(tensors, header.get("base_fingerprint", ""), header.get("metadata", "")) != header.get("checksum"):
+    missing = [key for key in _HEADER_KEYS if key not in header]
+    if missing:
+        raise ValueError(f"{path}: the patch header lacks {missing}; it is not a complete engram memory patch")
+    if _checksum(tensors, header["base_fingerprint"], header["metadata"]) != header["checksum"]:
         raise ValueError(f"{path} is corrupt: its tensors do not match the checksum written with them")
     layers: dict[int, dict[str, Tensor]] = {}
     dense: dict[str, Tensor] = {}
@@ -271,10 +303,12 @@ def load_patch(path: str | os.PathLike[str], model: EngramLM | None = None, *,
     if incomplete:
         raise ValueError(f"{path}: layers {incomplete} lack their rows or their values")
     try:
+        metadata = json.loads(header["metadata"])
+        if not isinstance(metadata, dict):
+            raise ValueError(f"the patch's metadata must be a JSON object, got {header['metadata'][:80]!r}")
         patch = MemoryPatch({layer_id: (pair["rows"], pair["values"]) for layer_id, pair in sorted(layers.items())},
-                            base_fingerprint=header["base_fingerprint"], dense=dense,
-                            metadata=json.loads(header["metadata"]))
-    except (ValueError, json.JSONDecodeError) as err:
+                            base_fingerprint=header["base_fingerprint"], dense=dense, metadata=metadata)
+    except ValueError as err:  # json.JSONDecodeError included
         raise ValueError(f"{path}: {err}") from None
     if model is not None:
         check_patch(model, patch, fingerprint)

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.engram import Engram
-from engram.hashing import NgramHasher
+from engram.hashing import NgramHasher, check_token_batch
 from engram.model.attention import Attention, KVCache
 from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
+from engram.model.loss import linear_cross_entropy
 from engram.model.moe import FeedForward, MoE
 from engram.model.overlay import RowOverlay, StackedOverlays, replace_rows, stack_overlays
 from engram.model.params import count_parameters
@@ -46,8 +47,8 @@ IGNORE_INDEX = -100
 class LMOutput:
     """What :meth:`EngramLM.forward` returns (HF-like attribute access)."""
 
-    logits: torch.Tensor  # [B, T, V] fp32
-    loss: torch.Tensor | None = None  # mean next-token cross entropy when labels were given
+    logits: torch.Tensor | None  # [B, T, V] fp32; None when a loss was asked for and logits were not
+    loss: torch.Tensor | None = None  # cross entropy when labels or targets were given (see EngramLM.forward)
     aux_loss: torch.Tensor | None = None  # sum of the MoE sequence-balance losses (training, coef > 0)
 
 
@@ -122,6 +123,16 @@ class EngramLM(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
+        self._prepare_hasher()
+
+    def _apply(self, fn, recurse: bool = True) -> "EngramLM":
+        module = super()._apply(fn, recurse)
+        self._prepare_hasher()  # .to(device): the hashing constants follow, outside any compiled forward
+        return module
+
+    def _prepare_hasher(self) -> None:
+        if self.hasher is not None:
+            self.hasher.prepare(self.embed.weight.device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -166,14 +177,16 @@ class EngramLM(nn.Module):
         return KVCache(self.cfg.n_layers, batch_size, max_length, self.cfg.n_kv_heads, self.cfg.head_dim,
                        dtype or weight.dtype, device or weight.device)
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """``ValueError`` (``TypeError`` for non-integers) unless ``input_ids`` is a non-empty ``[B, T]`` int32/int64
+        batch of ids in ``[0, vocab_size)``. The value check reads the ids on the host, so inside ``torch.compile``
+        it is skipped: a compiled caller checks its batch before moving it to the device (as the trainer does)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [B, T] tensor, got {shape}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dtype.is_complex:
-            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one token, got T = 0")
+        check_token_batch(input_ids)
+        if torch.compiler.is_compiling():
+            return  # the value check reads the ids back to the host (a graph break): the trainer checks its batches
         bad = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
         if bool(bad.any()):
             value = int(input_ids[bad][0])
@@ -182,15 +195,19 @@ class EngramLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 engram_history: torch.Tensor | None = None, logits_to_keep: int = 0,
-                row_overlays: Sequence[RowOverlay | None] | StackedOverlays | None = None) -> LMOutput:
-        """Logits for ``input_ids``.
+                row_overlays: Sequence[RowOverlay | None] | StackedOverlays | None = None,
+                targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+                return_logits: bool | None = None) -> LMOutput:
+        """Logits for ``input_ids``, or the loss against ``labels`` or ``targets``.
 
         Args:
-            input_ids: ``[B, T]`` token ids (the new tokens when decoding with ``cache``).
+            input_ids: ``[B, T]`` int32 or int64 token ids, ``B, T >= 1`` (the new tokens when decoding with
+                ``cache``).
             attention_mask: ``[B, S]`` 1 for real tokens, 0 for (left) padding, over every token so far
                 (``S = cache.seq_len + T`` with a cache, else ``T``). Padding positions are hashed as the
                 Engram pad id, so a left-padded row reads the same rows as the unpadded one.
-            labels: ``[B, T]`` targets aligned with ``input_ids`` (shifted inside); ``-100`` is ignored.
+            labels: ``[B, T]`` targets aligned with ``input_ids`` (shifted inside: position ``t`` predicts
+                ``labels[:, t + 1]``); ``-100`` is ignored.
             cache: a :meth:`new_cache`; it is advanced by ``T``.
             engram_history: ``[B, <= max_ngram_size - 1]`` raw ids preceding ``input_ids`` (decoding).
             logits_to_keep: compute logits for the last this many positions only (0: all); a batched
@@ -199,10 +216,18 @@ class EngramLM(nn.Module):
                 the table rows that row reads (a memory patch served without applying it), or ``None`` for the
                 base tables; or those overlays already stacked by :meth:`stack_overlays` (what a decode passes
                 at every step).
+            targets: ``[B, T]`` the target of every position, already shifted (what the trainer passes);
+                ``-100`` is ignored. Not with ``labels``.
+            loss_reduction: ``"mean"`` over the targets not ignored, ``"sum"``, or ``"none"`` (fp32 ``[B, T]``, 0
+                where ignored; with ``labels`` the last position is ignored).
+            return_logits: also return the logits when a loss is computed (``None``: logits only without one).
         Returns:
-            :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32; ``[B, logits_to_keep, V]`` when given).
+            :class:`LMOutput` with ``logits`` ``[B, T, V]`` (fp32; ``[B, logits_to_keep, V]`` when given; ``None``
+            with ``labels`` or ``targets`` unless ``return_logits``) and the loss, computed by
+            :func:`engram.model.loss.linear_cross_entropy` a chunk of tokens at a time: training never holds the
+            ``[B, T, V]`` logits.
         """
-        self._check_ids(input_ids)
+        self.check_input_ids(input_ids)
         batch, length = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         if past + length > self.cfg.max_position_embeddings:
@@ -219,6 +244,9 @@ class EngramLM(nn.Module):
                 key_padding_mask = None
         else:
             positions = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
+        targets = self._loss_targets(input_ids, labels, targets)
+        if logits_to_keep and targets is not None:
+            raise ValueError("labels and targets need every position: pass logits_to_keep=0")
 
         tables = {block.layer_idx: block.engram.multi_head_embedding for block in self.blocks
                   if block.engram is not None}
@@ -246,17 +274,15 @@ class EngramLM(nn.Module):
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if logits_to_keep:
-            if labels is not None:
-                raise ValueError("labels need the logits of every position: pass logits_to_keep=0")
             streams = streams[:, -logits_to_keep:]
-        logits = self.readout(streams)
-
+        hidden = self.final_hidden(streams)
         loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must match input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+        if targets is not None:
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(),
+                                        ignore_index=IGNORE_INDEX, reduction=loss_reduction)
+            loss = loss.view(targets.shape) if loss_reduction == "none" else loss
+        wants_logits = targets is None if return_logits is None else return_logits
+        logits = self.lm_logits(hidden) if wants_logits else None
         aux_terms = [moe.aux_loss for moe in self.moe_layers if moe.aux_loss is not None]
         aux_loss = torch.stack(aux_terms).sum() if aux_terms and self.training else None
         return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
@@ -270,12 +296,37 @@ class EngramLM(nn.Module):
                      if block.engram is not None}
         return stack_overlays(overlays, batch_size, head_dims, device)
 
+    def _loss_targets(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                      targets: torch.Tensor | None) -> torch.Tensor | None:
+        """The ``[B, T]`` target of every position from ``labels`` (shifted: the last position gets
+        ``IGNORE_INDEX``) or ``targets`` (as given); ``None`` without either."""
+        if labels is not None and targets is not None:
+            raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
+        given = labels if labels is not None else targets
+        if given is None:
+            return None
+        if given.shape != input_ids.shape:
+            name = "labels" if labels is not None else "targets"
+            raise ValueError(f"{name} must match input_ids {tuple(input_ids.shape)}, got {tuple(given.shape)}")
+        return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if labels is not None else targets
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's ``[V, D]`` weight: the embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` states the LM head reads from residual streams ``[B, T, M, D]``: merged, final norm."""
+        return self.norm(self.merge(streams) if self.merge is not None else streams.squeeze(2))
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[B, T, V]`` of :meth:`final_hidden` states ``[B, T, D]``."""
+        return F.linear(hidden, self.head_weight).float()
+
     def readout(self, streams: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[B, T, V]`` of residual streams ``[B, T, M, D]``: streams merged, final norm, LM head
         (also how the logit lens reads the streams after any block)."""
-        hidden = self.merge(streams) if self.merge is not None else streams.squeeze(2)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(hidden), head).float()
+        return self.lm_logits(self.final_hidden(streams))
 
     def save_pretrained(self, directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES,
                         table_parts: dict[int, list[list]] | None = None) -> Path:
@@ -329,7 +380,7 @@ class EngramLM(nn.Module):
         Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled. ``row_overlays`` (one
         per batch row, see :meth:`forward`) are read by every step.
         """
-        self._check_ids(input_ids)
+        self.check_input_ids(input_ids)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         batch, prompt_len = input_ids.shape

@@ -11,6 +11,11 @@ Every weights file carries the Engram hashing fingerprint (seed, layer ids, tabl
 tokenizer sha256, compression rules version) in its safetensors metadata. Loading recomputes the
 fingerprint from the config and the installed tokenizer and refuses any difference: tables read through
 other hashing give wrong answers, not a crash.
+
+Every file is checksummed (:mod:`engram.storage.checksums`): each safetensors file carries a CRC-32 per 64 MiB
+chunk of its data, and ``checksums.json`` covers ``config.json``, the shard index and the tokenizer. Loading
+checks them and refuses a corrupt file, naming it and the byte range. Folders saved before checksums existed
+load unchecked.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from engram.atomic import atomic_path, atomic_write_text
 from engram.embedding import MultiHeadEmbedding, quantize_tables
 from engram.fp8 import ROW_FORMATS, quantize_table
 from engram.hashing import complete_fingerprint
 from engram.model.config import EngramLMConfig
-from engram.storage import PLACEMENTS, TableHeader, load_table, map_table, open_table_store, read_header, write_table
+from engram.storage import (PLACEMENTS, TableHeader, load_table, map_table, open_table_store, read_header,
+                            record_checksums, verify_recorded, verify_safetensors, write_safetensors, write_table)
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
 
 if TYPE_CHECKING:
@@ -119,14 +124,14 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
     shards = _pack_shards(state, max_shard_bytes)
     names = _shard_names(len(shards))
     for name, shard in zip(names, shards):
-        with atomic_path(directory / name) as tmp:
-            save_file(shard, str(tmp), metadata=metadata)
+        write_safetensors(directory / name, shard, metadata=metadata)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
         atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
     model_config = model.cfg.to_dict()
-    if model.cfg.tokenizer not in NAMED_TOKENIZERS:  # ship the tokenizer: the folder is self-contained
+    shipped = model.cfg.tokenizer not in NAMED_TOKENIZERS
+    if shipped:  # ship the tokenizer: the folder is self-contained
         source = resolve_tokenizer_path(model.cfg.tokenizer)
         if source.resolve() != (directory / TOKENIZER_NAME).resolve():
             with atomic_path(directory / TOKENIZER_NAME) as tmp:
@@ -144,6 +149,8 @@ def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_sh
         for stale in directory.glob(pattern):
             if stale.name not in keep:
                 stale.unlink()
+    record_checksums(directory, [CONFIG_NAME] + ([INDEX_NAME] if len(shards) > 1 else [])
+                     + ([TOKENIZER_NAME] if shipped else []))
     return directory
 
 
@@ -171,6 +178,7 @@ def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], list[Any]]:
     state: dict[str, torch.Tensor] = {}
     fingerprints = []
     for name in files:
+        verify_safetensors(directory / name)
         with safe_open(str(directory / name), framework="pt") as handle:
             fingerprints.append(json.loads((handle.metadata() or {}).get(_FINGERPRINT_KEY, "null")))
             for key in handle.keys():
@@ -239,6 +247,7 @@ def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], en
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    verify_recorded(directory, [CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME])
     data = json.loads(config_path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {data.get('format_version')!r} is not {FORMAT_VERSION}")

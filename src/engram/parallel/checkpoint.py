@@ -5,10 +5,11 @@ On top of the single-process checkpoint (:mod:`engram.train.checkpoint`, written
 checkpoint folder holds, per Engram layer and per rank, the rank's table rows as a table file
 ``engram-layer-{L}.rows-{start}-{end}.safetensors`` (checksummed, :mod:`engram.storage.table_file`; listed in
 ``config.json``, so ``from_pretrained`` assembles the table) and their SparseAdam moments as
-``optimizer-table-{L}.rows-{start}-{end}.safetensors`` (tensors ``exp_avg`` and ``exp_avg_sq``), which the
-optimiser state names in place of the moments. A single-process checkpoint holds whole tables and moments;
-both kinds load at any world size. The ``final/`` model folder is written with whole tables (gathered), so that
-every placement of :meth:`EngramLM.from_pretrained` reads it.
+``optimizer-table-{L}.rows-{start}-{end}.safetensors`` (tensors ``exp_avg`` and ``exp_avg_sq``, checksummed:
+:func:`engram.storage.write_safetensors`), which the optimiser state names in place of the moments. A
+single-process checkpoint holds whole tables and moments; both kinds load at any world size. The ``final/``
+model folder is written with whole tables (gathered), so that every placement of
+:meth:`EngramLM.from_pretrained` reads it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engram.embedding import MultiHeadEmbedding
 from engram.model import EngramLM
 from engram.model.serialization import table_file_name, table_metadata
 from engram.parallel.sharded_embedding import TABLE_MODULES, ShardedMultiHeadEmbedding, row_shard
-from engram.storage import write_table
+from engram.storage import verify_safetensors, write_safetensors, write_table
 
 TableModule = MultiHeadEmbedding | ShardedMultiHeadEmbedding
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -108,18 +108,23 @@ def write_table_shards(directory: str | Path, model: EngramLM, optimizer_state: 
         module = tables[name]
         if index in per_param and module.shard.size:
             moments = {key: per_param[index][key].detach().cpu().contiguous() for key in _MOMENTS}
-            save_file(moments, str(directory / _moment_file_name(_layer_of(name), *_rows_of(module))))
+            write_safetensors(directory / _moment_file_name(_layer_of(name), *_rows_of(module)), moments)
     state = _with_table_moments(optimizer_state, tables, lambda module: [module.num_rows, module.head_dim],
                                 lambda name, module, key, moment: {"parts": moment_parts[name]})
     return parts, state
 
 
-def _read_rows(directory: Path, parts: list[list[Any]], key: str, start: int, end: int) -> Tensor:
-    """Rows ``[start, end)`` of a moment stored in row parts ``[file, part_start, part_end]``."""
+def _read_rows(directory: Path, parts: list[list[Any]], key: str, start: int, end: int, verified: set[str]
+               ) -> Tensor:
+    """Rows ``[start, end)`` of a moment stored in row parts ``[file, part_start, part_end]``; each part file read
+    is checked first unless it is in ``verified`` (then added)."""
     pieces = []
     for file, part_start, part_end in parts:
         low, high = max(start, part_start), min(end, part_end)
         if low < high:
+            if file not in verified:
+                verify_safetensors(directory / file)
+                verified.add(file)
             with safe_open(str(directory / file), framework="pt") as handle:
                 pieces.append(handle.get_slice(key)[low - part_start:high - part_start])
     return torch.cat(pieces) if pieces else torch.empty(0)
@@ -135,12 +140,13 @@ def load_table_moments(optimizer_state: dict[str, Any], model: nn.Module, direct
         if module is None or list(shape) != [module.num_rows, module.head_dim]:
             raise ValueError(f"optimiser state holds table {name!r} of shape {list(shape)}, which this model does not "
                              "have")
+    verified: set[str] = set()  # each part file holds two moments: check it once
 
     def cut(name: str, module: TableModule, key: str, moment: Any) -> Tensor:
         start, end = _rows_of(module)
         if isinstance(moment, Tensor):
             return moment if (start, end) == (0, moment.shape[0]) else moment[start:end].clone()
-        return _read_rows(directory, moment["parts"], key, start, end).reshape(end - start, module.head_dim)
+        return _read_rows(directory, moment["parts"], key, start, end, verified).reshape(end - start, module.head_dim)
 
     return _with_table_moments(optimizer_state, tables, lambda module: list(module.weight.shape), cut)
 

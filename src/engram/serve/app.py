@@ -83,7 +83,8 @@ def _parse_body(model: type[BodyModel], raw: bytes) -> BodyModel:
     try:
         return model.model_validate_json(raw)
     except ValidationError as err:
-        errors = err.errors()
+        # known fields' errors first, whatever order this pydantic version reports them in
+        errors = sorted(err.errors(), key=lambda error: error["type"] == "extra_forbidden")
     parts = []
     for error in errors:
         where = ".".join(str(part) for part in error["loc"])
@@ -219,9 +220,10 @@ def create_app(engine: Engine, tenants: TenantRegistry, max_body_bytes: int = 8 
         if body.model is not None and body.model != name:
             raise APIError(404, f"model {body.model!r} does not exist for this key; GET /v1/models lists {name!r}",
                            param="model", code="model_not_found")
-        try:
-            generation = engine.prepare(body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop,
-                                        body.seed, overlay=tenant.overlay, tenant=tenant.name)
+        try:  # tokenising takes a while: off the event loop (prepare bounds the prompt's characters first)
+            generation = await run_in_threadpool(
+                engine.prepare, body.prompt, body.max_tokens, body.temperature, body.top_p, body.stop, body.seed,
+                overlay=tenant.overlay, tenant=tenant.name)
         except ValueError as err:
             raise APIError(400, str(err), code="invalid_value") from None
         loop = asyncio.get_running_loop()

@@ -24,6 +24,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=512,
                         help="largest max_tokens a request may ask for (also capped by the model's context)")
     parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond which new ones get 429")
+    parser.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="longest prompt in characters, refused before it is tokenised (default: 32 per token "
+                             "of the model's context)")
     parser.add_argument("--model-name", default=None, help="model id shown to clients (default: the checkpoint "
                                                            "folder's name)")
     actions = parser.add_subparsers(dest="serve_command")
@@ -60,7 +63,8 @@ def run_serve(args: argparse.Namespace) -> int:
     tenants_file = read_tenants(args.tenants)  # a bad file is refused before the model loads
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device, model_name=args.model_name,
                                     max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-                                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
+                                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+                                    max_prompt_chars=args.max_prompt_chars)
     registry = TenantRegistry(tenants_file, engine.load_overlay)  # loads and checks every tenant's patch
     with engine:
         uvicorn.run(create_app(engine, registry), host=args.host, port=args.port)

@@ -9,7 +9,14 @@ temperature, top-p, seed and stop strings and finish independently; the batch en
 then the next batch starts (static batching: a request arriving meanwhile waits for it).
 
 Every row reports through a callback: one :class:`GenerationEvent` per new piece of text, the last one with a
-``finish_reason``. A failing batch sends ``finish_reason="error"`` to its rows; the worker goes on.
+``finish_reason``.
+
+One request never fails another. :meth:`Engine.prepare` refuses bad parameters and makes temperatures below
+:data:`~engram.model.sampling.GREEDY_BELOW` greedy before a request enters a batch; a row whose scores come out
+NaN or infinite is failed alone at that step. Should a batched step still raise, the rows still running are
+split in halves and each half runs on as a batch of its own, from the tokens it has (recursively, down to
+single rows): only a row that fails alone gets ``finish_reason="error"``, with its own exception's text; the
+others finish with the text they would have had (greedy rows exactly, up to the rounding of a fresh prefill).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from tokenizers import Tokenizer
 from engram.memory.patch import load_patch, model_fingerprint
 from engram.model import Decoding, EngramLM
 from engram.model.overlay import RowOverlay
-from engram.model.sampling import sample_next
+from engram.model.sampling import GREEDY_BELOW, broken_rows, sample_next
 from engram.parallel import resolve_device
 from engram.serve.metrics import Metrics
 from engram.tokenizer import load_tokenizer
@@ -40,6 +47,9 @@ from engram.train.data import bos_id
 logger = logging.getLogger("engram.serve")
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+# Default prompt bound in characters per token of context: checked before tokenising, far above real text
+# (~4 characters a token) so that no prompt that fits the context is refused by it.
+PROMPT_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class GenerationRequest:
 
     prompt_ids: tuple[int, ...]  # BOS first
     max_tokens: int
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0: greedy (prepare turns any temperature below GREEDY_BELOW into 0)
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # the text ends before the first of these; it is not returned
     seed: int | None = None  # a seeded request samples the same text whatever shares its batch
@@ -165,8 +175,17 @@ class _Row:
     job: Job
     text: TextStream
     generator: torch.Generator | None
-    tokens: int = 0
+    ids: list[int] = field(default_factory=list)  # the tokens generated so far
     done: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def context(self) -> list[int]:
+        """The prompt and the tokens generated so far: what a row resumed in another batch prefills."""
+        return [*self.job.request.prompt_ids, *self.ids]
 
 
 class Engine:
@@ -179,10 +198,12 @@ class Engine:
 
     def __init__(self, model: EngramLM, tokenizer: Tokenizer, model_name: str = "engram", max_batch: int = 16,
                  batch_window_s: float = 0.005, max_tokens_limit: int = 512, max_queue: int = 1024,
-                 metrics: Metrics | None = None):
-        if max_batch < 1 or max_queue < 1 or max_tokens_limit < 1 or batch_window_s < 0:
-            raise ValueError(f"max_batch, max_queue and max_tokens_limit must be >= 1 and batch_window_s >= 0, got "
-                             f"{max_batch}, {max_queue}, {max_tokens_limit} and {batch_window_s}")
+                 max_prompt_chars: int | None = None, metrics: Metrics | None = None):
+        if max_batch < 1 or max_queue < 1 or max_tokens_limit < 1 or batch_window_s < 0 or (
+                max_prompt_chars is not None and max_prompt_chars < 1):
+            raise ValueError(f"max_batch, max_queue, max_tokens_limit and max_prompt_chars must be >= 1 and "
+                             f"batch_window_s >= 0, got {max_batch}, {max_queue}, {max_tokens_limit}, "
+                             f"{max_prompt_chars} and {batch_window_s}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -191,6 +212,7 @@ class Engine:
         self.max_queue = max_queue
         self.context_length = model.cfg.max_position_embeddings
         self.max_tokens_limit = min(max_tokens_limit, self.context_length - 1)
+        self.max_prompt_chars = max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.context_length
         self.metrics = metrics or Metrics()
         self.bos_id = bos_id(tokenizer)
         self.device = model.embed.weight.device
@@ -214,7 +236,15 @@ class Engine:
     def prepare(self, prompt: str, max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
                 stop: str | Sequence[str] | None = None, seed: int | None = None,
                 overlay: RowOverlay | None = None, tenant: str = "") -> GenerationRequest:
-        """A checked :class:`GenerationRequest`; ``ValueError`` naming the bad value (and lengths) otherwise."""
+        """A checked :class:`GenerationRequest`; ``ValueError`` naming the bad value (and lengths) otherwise.
+
+        The prompt's length in characters is checked (``max_prompt_chars``) before it is tokenised; tokenising
+        takes milliseconds per 10 kB, so call this off an event loop. A temperature below
+        :data:`~engram.model.sampling.GREEDY_BELOW` becomes 0 (greedy).
+        """
+        if len(prompt) > self.max_prompt_chars:
+            raise ValueError(f"prompt of {len(prompt)} characters exceeds this server's limit of "
+                             f"{self.max_prompt_chars} characters")
         if not 1 <= max_tokens <= self.max_tokens_limit:
             raise ValueError(f"max_tokens must be in [1, {self.max_tokens_limit}] on this server, got {max_tokens}")
         if not 0 <= temperature <= 2:
@@ -231,8 +261,8 @@ class Engine:
         if len(ids) + max_tokens > self.context_length:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} = {len(ids) + max_tokens} "
                              f"tokens exceeds the model's context of {self.context_length} tokens")
-        return GenerationRequest(tuple(ids), max_tokens, float(temperature), float(top_p), stops, seed, overlay,
-                                 tenant)
+        temperature = 0.0 if temperature < GREEDY_BELOW else float(temperature)
+        return GenerationRequest(tuple(ids), max_tokens, temperature, float(top_p), stops, seed, overlay, tenant)
 
     def load_overlay(self, path: str | os.PathLike[str]) -> RowOverlay:
         """A memory patch file as an overlay on this engine's device.
@@ -340,18 +370,8 @@ class Engine:
 
     def _work(self) -> None:
         while (jobs := self._next_batch()) is not None:
-            if not jobs:
-                continue
-            try:
-                with torch.inference_mode():
-                    self._run_batch(jobs)
-            except Exception as err:  # noqa: BLE001 - one failing batch must not stop the server
-                logger.exception("batch of %d requests failed", len(jobs))
-                self.metrics.inc("engram_engine_errors_total")
-                for job in jobs:
-                    if not job.finished:
-                        job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), batch_size=len(jobs),
-                                                 error=f"{type(err).__name__}: {err}"))
+            if jobs:
+                self._run_jobs(jobs)
             if self._closing:
                 break
         with self._wakeup:
@@ -359,28 +379,63 @@ class Engine:
         for job in leftover:
             job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), error="the server is shutting down"))
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """One batched prefill and decode loop over ``jobs`` (a :class:`Decoding`, sampled and stopped per row)."""
-        started = time.perf_counter()
-        batch = len(jobs)
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` as one batch (:meth:`_run_isolated`); the worker survives whatever happens."""
+        try:
+            rows = [self._start_row(job) for job in jobs]
+            with torch.inference_mode():
+                self._run_isolated(rows)
+        except Exception:  # noqa: BLE001 - a bug in the bookkeeping must not stop the server
+            logger.exception("batch of %d requests failed outside decoding", len(jobs))
+            self.metrics.inc("engram_engine_errors_total")
+            for job in jobs:  # no exception text: it need not be this request's
+                if not job.finished:
+                    job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), batch_size=len(jobs),
+                                             error="internal server error (see the server's log)"))
+
+    def _start_row(self, job: Job) -> _Row:
+        self.metrics.observe("engram_queue_wait_seconds", time.perf_counter() - job.submitted)
+        seed = job.request.seed
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        return _Row(job, TextStream(self.tokenizer, job.request.stop), generator)
+
+    def _run_isolated(self, rows: list[_Row]) -> None:
+        """Decode ``rows`` as one batch. When it raises, the rows still running are split in halves, each run
+        on as a batch of its own from the tokens it has, recursively: a row that fails alone gets its own
+        error; no row gets another's."""
+        try:
+            self._run_batch(rows)
+            return
+        except Exception as err:  # noqa: BLE001 - one failing row must not fail the others
+            self.metrics.inc("engram_engine_errors_total")
+            live = [row for row in rows if not row.done]
+            if len(live) <= 1:
+                for row in live:
+                    logger.exception("request failed alone (tenant %r)", row.job.request.tenant)
+                    self._finish(row, "", "error", 1, error=f"{type(err).__name__}: {err}")
+                return
+            logger.warning("batch of %d rows failed (%s: %s); %d running rows retried in halves", len(rows),
+                           type(err).__name__, err, len(live))
+        half = len(live) // 2
+        self._run_isolated(live[:half])
+        self._run_isolated(live[half:])
+
+    def _run_batch(self, rows: list[_Row]) -> None:
+        """One batched prefill of every row's :attr:`_Row.context` and a decode loop over them (a
+        :class:`Decoding`, sampled and stopped per row) until every row is done."""
+        batch = len(rows)
         self.metrics.inc("engram_batches_total")
         self.metrics.observe("engram_batch_size", batch)
-        rows = []
-        for job in jobs:
-            self.metrics.observe("engram_queue_wait_seconds", started - job.submitted)
-            seed = job.request.seed
-            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-            rows.append(_Row(job, TextStream(self.tokenizer, job.request.stop), generator))
-        prompt_len = max(len(job.request.prompt_ids) for job in jobs)
-        ids = torch.zeros(batch, prompt_len, dtype=torch.long, device=self.device)
+        contexts = [row.context for row in rows]
+        width = max(len(context) for context in contexts)
+        ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
-        for row, job in enumerate(jobs):
-            prompt = job.request.prompt_ids
-            ids[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=self.device)
-            mask[row, prompt_len - len(prompt):] = 1
-        overlays = [job.request.overlay for job in jobs]
+        for index, context in enumerate(contexts):
+            ids[index, width - len(context):] = torch.tensor(context, device=self.device)
+            mask[index, width - len(context):] = 1
+        overlays = [row.job.request.overlay for row in rows]
         row_overlays = overlays if any(overlay is not None for overlay in overlays) else None
-        max_new = max(job.request.max_tokens for job in jobs)
+        max_new = max(row.job.request.max_tokens - row.tokens for row in rows)
         decoding = Decoding(self.model, ids, max_new, mask, row_overlays)
         while True:  # every row ends by its max_tokens, within the cache (which refuses to overflow)
             next_ids = self._sample(decoding.logits, rows)
@@ -393,7 +448,13 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """``[B, V]`` -> ``[B]`` next ids: one :func:`sample_next` per group of rows sampling alike (a seeded
-        row alone, with its generator); finished rows get 0 (their outputs are ignored)."""
+        row alone, with its generator); finished rows get 0 (their outputs are ignored). A row whose scores are
+        NaN or infinite is failed here, alone."""
+        vocab = self.model.cfg.tokenizer_vocab_size  # ids past it are never sampled, whatever their scores
+        for row, broken in zip(rows, broken_rows(logits[:, :vocab]).tolist()):
+            if broken and not row.done:
+                self._finish(row, "", "error", len(rows), error="the model's scores for this request are NaN or "
+                                                                "infinite")
         next_ids = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
         groups: dict[tuple[float, float, int], list[int]] = {}
         for index, row in enumerate(rows):
@@ -409,7 +470,7 @@ class Engine:
             first = rows[indices[0]]
             picked = torch.tensor(indices, device=logits.device)
             next_ids[picked] = sample_next(logits[picked], temperature, top_p=top_p if top_p < 1 else None,
-                                           generator=first.generator, vocab_limit=self.model.cfg.tokenizer_vocab_size)
+                                           generator=first.generator, vocab_limit=vocab)
         return next_ids
 
     def _advance(self, row: _Row, token_id: int, batch: int) -> None:
@@ -417,12 +478,11 @@ class Engine:
         ``max_tokens``, or when its job was cancelled."""
         job, request = row.job, row.job.request
         if job.cancelled:
-            row.done = True
-            job.emit(self._final(row, "", "cancelled", batch))
+            self._finish(row, "", "cancelled", batch)
             return
         if row.tokens == 0:
             self.metrics.observe("engram_time_to_first_token_seconds", time.perf_counter() - job.submitted)
-        row.tokens += 1
+        row.ids.append(token_id)
         if token_id == self.bos_id:  # a new document begins: this one is over
             reason, text = "stop", row.text.flush()
         else:
@@ -434,11 +494,12 @@ class Engine:
             if text:
                 job.emit(GenerationEvent(text))
             return
-        row.done = True
-        job.emit(self._final(row, text, reason, batch))
+        self._finish(row, text, reason, batch)
 
-    def _final(self, row: _Row, text: str, reason: str, batch: int) -> GenerationEvent:
+    def _finish(self, row: _Row, text: str, reason: str, batch: int, error: str | None = None) -> None:
+        """End ``row`` with its last event (``error``: this row's own failure, with ``reason`` "error")."""
         request = row.job.request
+        row.done = True
         self.metrics.inc("engram_prompt_tokens_total", len(request.prompt_ids), tenant=request.tenant)
         self.metrics.inc("engram_completion_tokens_total", row.tokens, tenant=request.tenant)
-        return GenerationEvent(text, reason, len(request.prompt_ids), row.tokens, batch)
+        row.job.emit(GenerationEvent(text, reason, len(request.prompt_ids), row.tokens, batch, error))

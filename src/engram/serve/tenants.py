@@ -17,6 +17,10 @@ cost every request tens of milliseconds of CPU. GitHub and Stripe store their AP
 
 A presented key is hashed once and compared with every stored hash in constant time (``hmac.compare_digest``,
 no early exit), so the response time says nothing about which hash, or how much of one, matched.
+
+Whoever can write the file can add a key of their own, so a file that its group or others may write is refused
+(on POSIX systems). :func:`add_tenant` replaces the file atomically and keeps its mode (a new file is made
+``0o600``); a symlink is followed, its target replaced and the link kept.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -34,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engram.atomic import atomic_write_text
+from engram.atomic import atomic_path
+from engram.memory.patch import load_patch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
 HASH_SCHEME = "sha256"
 KEY_PREFIX = "ek-"  # lets secret scanners and people recognise an Engram key
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NEW_FILE_MODE = 0o600  # a tenants file made by add_tenant: its owner alone reads and writes it
 
 
 def new_key() -> str:
@@ -98,9 +105,21 @@ class TenantsFile:
         return self.folder / entry.patch if entry.patch is not None else None
 
 
+def _check_not_shared_writable(path: Path) -> None:
+    """``ValueError`` when the group or others may write ``path`` (a symlink's target): they could add a key."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name == "posix" and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(name for bit, name in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others"))
+                           if mode & bit)
+        raise ValueError(f"{path}: refusing a tenants file that {who} may write (mode {mode:#o}): whoever writes it "
+                         f"can add a key of their own; run `chmod go-w {path}`")
+
+
 def read_tenants(path: str | os.PathLike[str]) -> TenantsFile:
-    """Parse and check a tenants file; ``ValueError`` naming the file and the bad entry, FileNotFoundError if absent."""
+    """Parse and check a tenants file; ``ValueError`` naming the file and the bad entry (or a file its group or
+    others may write), FileNotFoundError if absent."""
     path = Path(path)
+    _check_not_shared_writable(path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -149,7 +168,11 @@ def _toml_string(value: str) -> str:
 
 
 def write_tenants(path: str | os.PathLike[str], tenants_file: TenantsFile) -> None:
-    """Write ``tenants_file`` to ``path`` atomically (comments of an earlier file are not kept)."""
+    """Write ``tenants_file`` to ``path`` atomically (comments of an earlier file are not kept).
+
+    An existing file keeps its mode, a new one gets :data:`NEW_FILE_MODE`; a symlink is followed (its target is
+    replaced, the link stays).
+    """
     lines = ["# Engram server tenants: only key hashes are stored (see docs/serve.md).", "",
              "[admin]", f"key_hash = {_toml_string(tenants_file.admin_key_hash)}"]
     for entry in tenants_file.tenants.values():
@@ -157,7 +180,24 @@ def write_tenants(path: str | os.PathLike[str], tenants_file: TenantsFile) -> No
         lines += ["", f"[tenants.{check_name(entry.name)}]", f"key_hash = {_toml_string(entry.key_hash)}"]
         if entry.patch is not None:
             lines.append(f"patch = {_toml_string(entry.patch)}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    target = Path(os.path.realpath(path))
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else NEW_FILE_MODE
+    with atomic_path(target) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.chmod(tmp, mode)
+
+
+def _check_patch_file(patch: Path) -> None:
+    """Refuse a patch a server could not load: missing, not a file, corrupt, poisoned (NaN, FP8) or gate-tuned
+    (``ValueError`` naming it; FileNotFoundError when absent). Its base model is checked when the server loads it."""
+    if not patch.exists():
+        raise FileNotFoundError(f"patch {patch} does not exist")
+    if not patch.is_file():
+        raise ValueError(f"patch {patch} is not a file")
+    try:
+        load_patch(patch).overlay()
+    except ValueError as err:
+        raise ValueError(f"patch {patch} refused: {err}") from None
 
 
 def add_tenant(path: str | os.PathLike[str], name: str, patch: str | os.PathLike[str] | None = None
@@ -166,7 +206,9 @@ def add_tenant(path: str | os.PathLike[str], name: str, patch: str | os.PathLike
 
     Returns ``(tenant_key, admin_key)``: the keys in clear, to be shown once; ``admin_key`` is None unless the
     file was created now. ``patch`` is a path from the current directory; the file stores it relative to its
-    own folder. ``ValueError`` when the name is taken or invalid, FileNotFoundError when the patch is missing.
+    own folder. ``ValueError`` when the name is taken or invalid, the patch is refused (see
+    :func:`_check_patch_file`) or the file may be written by its group or others; FileNotFoundError when the
+    patch is missing. The file keeps its mode and stays behind its symlink (see :func:`write_tenants`).
 
     Example:
         >>> key, admin_key = add_tenant("tenants.toml", "acme")  # doctest: +SKIP
@@ -183,8 +225,7 @@ def add_tenant(path: str | os.PathLike[str], name: str, patch: str | os.PathLike
         raise ValueError(f"{path}: tenant {name!r} exists already")
     stored_patch = None
     if patch is not None:
-        if not Path(patch).is_file():
-            raise FileNotFoundError(f"patch {patch} does not exist")
+        _check_patch_file(Path(patch))
         stored_patch = Path(os.path.relpath(Path(patch).resolve(), path.parent.resolve())).as_posix()
     key = new_key()
     tenants = {**current.tenants, name: TenantEntry(name, hash_key(key), stored_patch)}

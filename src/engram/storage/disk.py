@@ -25,10 +25,13 @@ class DiskStore(GatherStore):
         workers: gather threads (default :data:`DEFAULT_DISK_WORKERS`).
         dedup: read and send each distinct row once, expanding on the target device.
         on_close: called by :meth:`close` after the last read (e.g. to unmap the file).
+        check: called at every fetch before anything is read; :func:`engram.storage.open_table_store` passes
+            :meth:`MappedTable.check_intact`, so a table file truncated in place raises a ``TableFileError``
+            naming it instead of killing the process with ``SIGBUS``.
     """
 
     placement = "disk"
 
     def __init__(self, table: Tensor, workers: int | None = None, dedup: bool = True,
-                 on_close: Callable[[], None] | None = None):
-        super().__init__(table, workers, dedup, on_close, default_workers=DEFAULT_DISK_WORKERS)
+                 on_close: Callable[[], None] | None = None, check: Callable[[], None] | None = None):
+        super().__init__(table, workers, dedup, on_close, default_workers=DEFAULT_DISK_WORKERS, check=check)

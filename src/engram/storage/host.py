@@ -174,12 +174,15 @@ class GatherStore:
 
     Thread-safe: each fetch has its own buffers; the counters ``rows_requested`` (every row asked for) and
     ``rows_transferred`` (rows read from the table and sent, distinct ones with ``dedup``) are kept under a lock.
+    ``check``, when given, is called at every fetch before anything is read (e.g.
+    :meth:`engram.storage.MappedTable.check_intact`: a clear error instead of a crash on a truncated file).
     """
 
     placement = "host"
 
     def __init__(self, table: Tensor, workers: int | None = None, dedup: bool = True,
-                 on_close: Callable[[], None] | None = None, default_workers: int = DEFAULT_WORKERS):
+                 on_close: Callable[[], None] | None = None, default_workers: int = DEFAULT_WORKERS,
+                 check: Callable[[], None] | None = None):
         if table.dim() != 2 or table.device.type != "cpu":
             raise ValueError(f"a store's table is a [R, D] CPU tensor, got {tuple(table.shape)} on {table.device}")
         self._table = table.detach()
@@ -196,6 +199,7 @@ class GatherStore:
         self._streams = SideStreams()
         self._lock = threading.Lock()
         self._on_close = on_close
+        self._check = check
         self._closed = False
 
     def table(self) -> Tensor:
@@ -206,6 +210,8 @@ class GatherStore:
         ``table[rows]`` (see :class:`engram.storage.TableStore`)."""
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
+        if self._check is not None:
+            self._check()
         device = as_device(device)
         if rows.is_cuda:
             check_row_dtype(rows)

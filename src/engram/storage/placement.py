@@ -84,7 +84,7 @@ def open_table_store(path: str | os.PathLike[str], placement: str, cache_rows: i
         source = share_in_shm(path, shm_dir) if share_memory else path
         mapped = map_table(source, verify=verify, workers=workers)
         if placement == "disk":
-            store = DiskStore(mapped.tensor, workers=workers, on_close=mapped.close)
+            store = DiskStore(mapped.tensor, workers=workers, on_close=mapped.close, check=mapped.check_intact)
         else:
             store = HostStore(mapped.tensor, method=host_method, workers=workers, on_close=mapped.close)
     else:

@@ -11,8 +11,13 @@ data starts at a multiple of 64 bytes. The same file is read into GPU or pinned 
 through ``/dev/shm`` (:func:`share_in_shm`), never converted.
 
 Tables reach 100 GB, so :func:`write_table` streams the data instead of serialising it in memory (as
-``safetensors.torch.save_file`` would), and checksums are computed and checked in parallel chunks:
-``zlib.crc32`` and ``os.preadv`` release the GIL.
+``safetensors.torch.save_file`` would), and checksums are computed and checked in parallel chunks
+(:mod:`engram.storage.checksums`, shared with every other file engram saves).
+
+A table file in use must be replaced atomically (a new file renamed over the old one, as :func:`write_table`
+does), never changed in place: a process that maps it (:func:`map_table`, placement ``disk``) keeps reading
+the file it opened, and one truncated under it would kill that process with ``SIGBUS``.
+:meth:`MappedTable.check_intact` turns a truncation it can see into a :class:`TableFileError`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,9 @@ import json
 import mmap
 import os
 import shutil
-import struct
 import threading
 import warnings
-import zlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ import torch
 
 from engram.atomic import atomic_path
 from engram.fp8 import row_dim
+from engram.storage.checksums import (CHUNK_BYTES, SAFETENSORS_DTYPES, ChunkChecksums, FileIntegrityError,
+                                      checked_metadata, read_chunks, read_safetensors_header, write_checked_safetensors)
 
-CHUNK_BYTES = 64 * 2**20
 FORMAT_VERSION = "1"
 _FORMAT_KEY = "engram_table_format"
 _CHUNK_KEY = "engram_table_chunk_bytes"
@@ -45,17 +48,15 @@ _CRC_KEY = "engram_table_crc32"
 _ROW_FORMAT_KEY = "engram_table_row_format"
 FP8_ROW_FORMAT = "fp8-e4m3-ue8m0"  # the row_format "fp8" as a file names it
 _RESERVED_KEYS = frozenset({_FORMAT_KEY, _CHUNK_KEY, _CRC_KEY, _ROW_FORMAT_KEY})
-_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8"}
+_DTYPE_NAMES = {dtype: SAFETENSORS_DTYPES[dtype]
+                for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.uint8)}
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-_ALIGN = 64
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-_IO_BYTES = 64 * 2**20
 # warnings.catch_warnings swaps process-wide state; threads mapping tables at once must take turns.
 _WARNINGS_LOCK = threading.Lock()
 _SHM_LOCK = threading.Lock()  # atomic_path's temporary name is per process, not per thread
 
 
-class TableFileError(ValueError):
+class TableFileError(FileIntegrityError):
     """A table file is malformed, truncated or fails its checksums; the message names the file."""
 
 
@@ -85,9 +86,13 @@ class TableHeader:
     def data_bytes(self) -> int:
         return self.num_rows * self.row_bytes
 
+    @property
+    def file_bytes(self) -> int:
+        return self.data_offset + self.data_bytes
 
-def _num_workers(workers: int | None) -> int:
-    return min(16, os.cpu_count() or 1) if workers is None else workers
+    @property
+    def checksums(self) -> ChunkChecksums:
+        return ChunkChecksums(self.path, self.data_offset, self.data_bytes, self.chunk_bytes, self.crc32)
 
 
 def write_table(
@@ -114,37 +119,16 @@ def write_table(
         raise ValueError(f"write_table needs a CPU tensor, got one on {weight.device}; call .cpu() first")
     if not weight.is_contiguous():
         raise ValueError("write_table needs a contiguous tensor (a copy of a huge table is the caller's call)")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    metadata = dict(metadata or {})
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"metadata must map str to str, got {key!r}: {value!r}")
-        if key in _RESERVED_KEYS:
-            raise ValueError(f"metadata key {key!r} is reserved for the table file's integrity data")
+    metadata = checked_metadata(metadata, _RESERVED_KEYS)
+    row_format = {_ROW_FORMAT_KEY: FP8_ROW_FORMAT} if weight.dtype == torch.uint8 else {}
 
+    def with_integrity(crc32: tuple[int, ...]) -> dict[str, str]:
+        return {**metadata, _FORMAT_KEY: FORMAT_VERSION, _CHUNK_KEY: str(chunk_bytes), _CRC_KEY: json.dumps(crc32),
+                **row_format}
+
+    sums = write_checked_safetensors(path, {"weight": weight}, with_integrity, chunk_bytes, workers)
     num_rows, dim = weight.shape
-    data = memoryview(weight.detach().view(torch.uint8).reshape(-1).numpy())
-    ranges = [(s, min(s + chunk_bytes, len(data))) for s in range(0, len(data), chunk_bytes)]
-    with ThreadPoolExecutor(_num_workers(workers)) as pool:
-        crc32 = tuple(pool.map(lambda r: zlib.crc32(data[r[0] : r[1]]), ranges))
-    integrity = {_FORMAT_KEY: FORMAT_VERSION, _CHUNK_KEY: str(chunk_bytes), _CRC_KEY: json.dumps(crc32)}
-    if weight.dtype == torch.uint8:
-        integrity[_ROW_FORMAT_KEY] = FP8_ROW_FORMAT
-    header = {
-        "weight": {"dtype": _DTYPE_NAMES[weight.dtype], "shape": [num_rows, dim], "data_offsets": [0, len(data)]},
-        "__metadata__": {**metadata, **integrity},
-    }
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-(8 + len(header_bytes)) % _ALIGN)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for start in range(0, len(data), _IO_BYTES):
-            f.write(data[start : start + _IO_BYTES])
-        f.flush()
-        os.fsync(f.fileno())  # else a crash soon after the rename can leave the new name with missing data
-    return TableHeader(Path(path), num_rows, dim, weight.dtype, 8 + len(header_bytes), chunk_bytes, crc32, metadata)
+    return TableHeader(sums.path, num_rows, dim, weight.dtype, sums.data_offset, chunk_bytes, sums.crc32, metadata)
 
 
 def read_header(path: str | os.PathLike[str]) -> TableHeader:
@@ -154,22 +138,7 @@ def read_header(path: str | os.PathLike[str]) -> TableHeader:
     def fail(what: str) -> TableFileError:
         return TableFileError(f"table file {path}: {what}")
 
-    with open(path, "rb") as f:
-        file_bytes = os.fstat(f.fileno()).st_size
-        if file_bytes < 8:
-            raise fail(f"truncated: {file_bytes} bytes, too short for the 8-byte header length")
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > _MAX_HEADER_BYTES:
-            raise fail(f"bad header length {header_len} (more than {_MAX_HEADER_BYTES}); not a table file?")
-        if file_bytes < 8 + header_len:
-            raise fail(f"truncated inside the header: it needs {8 + header_len} bytes, the file has {file_bytes}")
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(f"header is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise fail(f"header is a JSON {type(header).__name__}, not an object")
+    header, data_offset, file_bytes = read_safetensors_header(path, fail)
     meta = header.pop("__metadata__", None)
     if list(header) != ["weight"]:
         raise fail(f"holds tensors {sorted(header)}, a table file holds exactly one named 'weight'")
@@ -205,7 +174,6 @@ def read_header(path: str | os.PathLike[str]) -> TableHeader:
     expected_chunks = -(-data_bytes // chunk_bytes) if chunk_bytes > 0 else -1
     if len(crc32) != expected_chunks or not all(type(c) is int and 0 <= c < 2**32 for c in crc32):
         raise fail(f"{_CRC_KEY} should hold {expected_chunks} 32-bit checksums of {chunk_bytes}-byte chunks")
-    data_offset = 8 + header_len
     if file_bytes != data_offset + data_bytes:
         extra = file_bytes - data_offset - data_bytes
         problem = "truncated" if extra < 0 else f"has {extra} extra bytes"
@@ -219,31 +187,11 @@ def _read_chunks(
 ) -> None:
     """Read every chunk into ``dest(start, stop)`` (a scratch buffer if None), checking CRC-32s if ``check``."""
 
-    def read_chunk(index: int) -> None:
-        start = index * header.chunk_bytes
-        stop = min(start + header.chunk_bytes, header.data_bytes)
-        buffer = memoryview(bytearray(stop - start)) if dest is None else dest(start, stop)
-        done = 0
-        while done < len(buffer):
-            n = os.preadv(fd, [buffer[done:]], header.data_offset + start + done)
-            if n == 0:
-                raise TableFileError(f"table file {header.path}: truncated while being read")
-            done += n
-        if check and (computed := zlib.crc32(buffer)) != header.crc32[index]:
-            rows = f"rows {start // header.row_bytes} to {(stop - 1) // header.row_bytes}"
-            raise TableFileError(
-                f"table file {header.path}: chunk {index} (data bytes {start}:{stop}, {rows}) fails its "
-                f"CRC-32 check: stored {header.crc32[index]:08x}, computed {computed:08x}; the file is corrupt"
-            )
+    def rows(start: int, stop: int) -> str:
+        return f"rows {start // header.row_bytes} to {(stop - 1) // header.row_bytes}"
 
-    fd = os.open(header.path, os.O_RDONLY)
-    try:
-        with ThreadPoolExecutor(_num_workers(workers)) as pool:
-            # map yields in chunk order and cancels the chunks not yet started once one fails.
-            for _ in pool.map(read_chunk, range(len(header.crc32))):
-                pass
-    finally:
-        os.close(fd)
+    read_chunks(header.checksums, lambda what: TableFileError(f"table file {header.path}: {what}"), workers, dest,
+                check, where=rows)
 
 
 def verify_table(path_or_header: str | os.PathLike[str] | TableHeader, workers: int | None = None) -> None:
@@ -264,16 +212,29 @@ class MappedTable:
     def __init__(self, header: TableHeader) -> None:
         self.header = header
         with open(header.path, "rb") as f:
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.check_intact()  # the file may have changed since its header was read
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             flat = torch.frombuffer(
-                buffer, dtype=header.dtype, count=header.num_rows * header.dim, offset=header.data_offset
+                self._buffer, dtype=header.dtype, count=header.num_rows * header.dim, offset=header.data_offset
             )
         self.tensor = flat.view(header.num_rows, header.dim)
 
+    def check_intact(self) -> None:
+        """Raise :class:`TableFileError` if the mapped file is shorter than its header says (truncated in place):
+        reading its lost pages would kill the process with ``SIGBUS``. One ``fstat``: cheap enough for every read.
+        """
+        size = self._buffer.size()  # the file's current size, not the mapping's
+        if size < self.header.file_bytes:
+            raise TableFileError(
+                f"table file {self.header.path}: truncated to {size} bytes while mapped (its header needs "
+                f"{self.header.file_bytes}): it was changed in place. Replace a table file atomically (write the new "
+                "file, then rename it over the old one, as write_table does), never rewrite it where it is"
+            )
+
     def close(self) -> None:
-        del self.tensor
+        del self.tensor, self._buffer
 
     def __enter__(self) -> MappedTable:
         return self

@@ -9,6 +9,7 @@ import torch
 from engram.model import EngramLM
 from engram.parallel import resolve_device
 from engram.tokenizer import load_tokenizer
+from engram.train.checkpoint import checkpoint_folder
 from engram.train.data import bos_id
 
 
@@ -17,9 +18,10 @@ def generate_text(checkpoint: str | os.PathLike[str], prompt: str, max_new_token
                   seed: int | None = None, device: str = "auto") -> str:
     """The prompt followed by the model's continuation, decoded to text.
 
-    ``checkpoint`` is a ``save_pretrained`` folder: a run's ``final/`` or one of its checkpoints.
+    ``checkpoint`` is a ``save_pretrained`` folder (a run's ``final/`` or one of its checkpoints), a run folder
+    (its ``final/``) or a run's ``checkpoints/latest`` pointer: see :func:`engram.train.checkpoint.checkpoint_folder`.
     """
-    model = EngramLM.from_pretrained(checkpoint).to(resolve_device(device)).eval()
+    model = EngramLM.from_pretrained(checkpoint_folder(checkpoint)).to(resolve_device(device)).eval()
     tokenizer = load_tokenizer(model.cfg.tokenizer)
     ids = [bos_id(tokenizer)] + tokenizer.encode(prompt, add_special_tokens=False).ids  # documents start with BOS
     room = model.cfg.max_position_embeddings - len(ids)

@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from engram.fetch import RegistryFetch, Runner, fetch_once, npm_pack, pip_download
+from rich.console import Console
+
+from engram.fetch import COMPLETE_MARKER, RegistryFetch, Runner, fetch_once, npm_pack, pip_download
 from engram.tokenizer import default_cache_dir
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -211,14 +213,14 @@ def python_code_files() -> tuple[tuple[SourceFile, ...], str]:
 
 
 def resolve_source(source: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
-                   runner: Runner = subprocess.run) -> ResolvedSource:
+                   runner: Runner = subprocess.run, console: Console | None = None) -> ResolvedSource:
     """The files of one source; presets are fetched first if not cached (see :func:`fetch_preset`)."""
     name = str(source)
     if isinstance(source, str) and source in PRESETS:
         if source == "python-code":
             files, digest = python_code_files()
             return ResolvedSource(name, files, digest)
-        root = fetch_preset(source, cache_dir=cache_dir, runner=runner)
+        root = fetch_preset(source, cache_dir=cache_dir, runner=runner, console=console)
         return ResolvedSource(name, tuple(_files_under(root, source, SUFFIXES)))
     path = Path(source)
     if path.is_dir():
@@ -236,11 +238,11 @@ def resolve_source(source: str | os.PathLike[str], cache_dir: str | os.PathLike[
 
 
 def resolve_sources(sources: list[str], cache_dir: str | os.PathLike[str] | None = None,
-                    runner: Runner = subprocess.run) -> list[ResolvedSource]:
+                    runner: Runner = subprocess.run, console: Console | None = None) -> list[ResolvedSource]:
     """:func:`resolve_source` of each source, in order; at least one source is required."""
     if isinstance(sources, (str, os.PathLike)) or not sources:
         raise ValueError(f"sources must be a non-empty list of paths or preset names, got {sources!r}")
-    return [resolve_source(s, cache_dir=cache_dir, runner=runner) for s in sources]
+    return [resolve_source(s, cache_dir=cache_dir, runner=runner, console=console) for s in sources]
 
 
 def iter_documents(source: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
@@ -320,7 +322,7 @@ def preset_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Pa
 
 
 def fetch_preset(name: str, cache_dir: str | os.PathLike[str] | None = None,
-                 runner: Runner = subprocess.run) -> Path:
+                 runner: Runner = subprocess.run, console: Console | None = None) -> Path:
     """Download preset ``name`` once and return its folder of text files.
 
     Args:
@@ -328,6 +330,7 @@ def fetch_preset(name: str, cache_dir: str | os.PathLike[str] | None = None,
         cache_dir: the engram cache root (default :func:`engram.tokenizer.default_cache_dir`); the
             preset lands in ``<cache_dir>/sources/<name>``, marked finished by a ``.complete`` file.
         runner: runs the registry tool, called like :func:`subprocess.run` (tests pass a fake).
+        console: where a download (not a cached preset) is announced; none: nowhere.
 
     Raises:
         ValueError: unknown preset, or ``python-code`` (nothing to fetch).
@@ -340,4 +343,8 @@ def fetch_preset(name: str, cache_dir: str | os.PathLike[str] | None = None,
     info = PRESETS[name]
     command, archive, extract = _FETCHES[name]
     fetch = RegistryFetch(f"preset {name!r}", info.registry or "", command, archive, extract, info.origin)
-    return fetch_once(fetch, preset_dir(name, cache_dir), runner)
+    dest = preset_dir(name, cache_dir)
+    if console is not None and not (dest / COMPLETE_MARKER).is_file():
+        console.print(f"fetching preset {name!r} from {info.registry} ({info.origin}, {info.approx_size}) into {dest}",
+                      markup=False, soft_wrap=True)
+    return fetch_once(fetch, dest, runner)

@@ -9,12 +9,15 @@ A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON obje
 appended across resumes), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
 end, ``final/`` (a ``save_pretrained`` folder). The batch of step ``s`` is a pure function of the seed and
 ``s``, so a resumed run, or a second model trained with the same seed, sees the same data in the same order.
+Every checkpoint holds the run's ``TrainConfig``; a resume refuses settings that would change the model, the
+data or its order, or the optimiser's updates (all but :data:`RESUMABLE_CHANGES`), naming each difference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import json
 import math
 import random
@@ -28,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -36,7 +38,8 @@ from engram.model import EngramLM, EngramLMConfig, LMOutput
 from engram.parallel import (DistContext, all_reduce_sum, gather_full_model, init_distributed, load_table_moments,
                              local_rows, shard_engram_tables, sharded_tables, sync_router_load, wrap_ddp,
                              write_table_shards)
-from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, staging_folder
+from engram.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_staging, save_checkpoint,
+                                    staging_folder)
 from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 
@@ -64,7 +67,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False  # continue out's latest checkpoint (one must exist); only RESUMABLE_CHANGES may differ
     tensorboard: bool = True
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -107,15 +110,15 @@ def model_config_for(cfg: TrainConfig, corpus: Corpus) -> EngramLMConfig:
     return EngramLMConfig.from_dict(data)
 
 
-def lm_loss(forward: Callable[[torch.Tensor], LMOutput], inputs: torch.Tensor, targets: torch.Tensor,
+def lm_loss(forward: Callable[..., LMOutput], inputs: torch.Tensor, targets: torch.Tensor,
             autocast: bool, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token cross entropy of ``forward(inputs)`` against ``targets`` (both int64 ``[B, T]``) and the MoE
     auxiliary loss; under bf16 autocast on CUDA when ``autocast``. ``reduction`` as in ``F.cross_entropy``
-    (``"none"``: ``[B * T]``)."""
+    (``"none"``: ``[B * T]``). The model computes the loss itself (``forward(inputs, targets=...)``, a chunk of
+    tokens at a time), so no ``[B, T, V]`` logits are made."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        out = forward(inputs)
-    loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction=reduction)
-    return loss, out.aux_loss
+        out = forward(inputs, targets=targets, loss_reduction=reduction)
+    return (out.loss.flatten() if reduction == "none" else out.loss), out.aux_loss
 
 
 def rank_objective(loss_sum: torch.Tensor, aux: torch.Tensor | None, batch_tokens: int, share: float
@@ -169,6 +172,17 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
     return out
 
 
+# TrainConfig fields a resumed run may change: they alter neither the model nor the batches nor the updates
+# before max_steps (extending a run is what resuming is for; the LR schedule then spans the new max_steps).
+RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "device", "compile", "eval_every", "eval_batches",
+                               "log_every", "save_every", "keep_checkpoints", "tensorboard", "progress"})
+
+
+def _exact_resume_settings(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a ``TrainConfig.to_dict()`` that must not change across a resume."""
+    return {key: value for key, value in train_config.items() if key not in RESUMABLE_CHANGES}
+
+
 class Trainer:
     """Train one model as ``TrainConfig`` says; :meth:`train` returns a summary dict."""
 
@@ -177,12 +191,17 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.device)
         self.console = console or Console(quiet=not self.dist.is_main)
         self.out = Path(cfg.out)
-        with self.dist.main_first():  # rank 0 prepares the corpus, the others then read it
-            self.corpus = load_or_prepare(cfg.data, tokenizer=cfg.tokenizer,
-                                          progress=cfg.progress and self.dist.is_main)
-        self.model_cfg = model_config_for(cfg, self.corpus)
         self.step = 0
         checkpoint = self._existing_checkpoint()
+        for stale in remove_stale_staging(self.out) if self.dist.is_main else []:
+            self.console.print(f"removed {stale}, left by a save that was killed midway")
+        saved = load_checkpoint(checkpoint) if checkpoint is not None else None  # (step, optimizer, trainer)
+        if saved is not None:  # before the corpus, whose preparation may take long
+            self._check_resumable(checkpoint, saved[0], saved[2]["train_config"])
+        with self.dist.main_first():  # rank 0 prepares the corpus, the others then read it
+            self.corpus = load_or_prepare(cfg.data, tokenizer=cfg.tokenizer,
+                                          progress=cfg.progress and self.dist.is_main, console=self.console)
+        self.model_cfg = model_config_for(cfg, self.corpus)
         torch.manual_seed(cfg.seed)
         if checkpoint is not None:
             self.model = self._load_model(checkpoint)
@@ -193,12 +212,12 @@ class Trainer:
             shard_engram_tables(self.model)
         self.model.to(self.device)
         self.optimizer = EngramOptimizer(self.model, cfg.optim)
-        if checkpoint is not None:
-            self._restore(checkpoint)
+        if saved is not None:
+            self._restore(checkpoint, *saved)
         self.micro_batch = cfg.batch_size // cfg.grad_accum
         self.rows = local_rows(self.micro_batch, self.dist)
-        self.batches = TokenBatches(self.corpus.tokens("train"), self.micro_batch, cfg.seq_len, cfg.seed)
-        self.val_batches = validation_batches(self.corpus.tokens("val"), self.micro_batch, cfg.seq_len,
+        self.batches = TokenBatches(self.corpus.tokens("train", cfg.seq_len), self.micro_batch, cfg.seq_len, cfg.seed)
+        self.val_batches = validation_batches(self.corpus.tokens("val", cfg.seq_len), self.micro_batch, cfg.seq_len,
                                               cfg.eval_batches)
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.corpus.tokenizer)).to(self.device)
         self.autocast = self.device.type == "cuda"
@@ -206,11 +225,31 @@ class Trainer:
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
 
     def _existing_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from: refused without ``resume``, required with it."""
         checkpoint = latest_checkpoint(self.out) if self.out.exists() else None
         if checkpoint is not None and not self.cfg.resume:
             raise FileExistsError(f"{self.out} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
                                   "continue it or choose another --out")
+        if checkpoint is None and self.cfg.resume:
+            where = "no checkpoint there" if self.out.exists() else "the folder does not exist"
+            raise FileNotFoundError(f"nothing to resume in {self.out}: {where}; run without --resume to start a "
+                                    "new run")
         return checkpoint
+
+    def _check_resumable(self, checkpoint: Path, step: int, saved: dict[str, Any]) -> None:
+        """Refuse settings that differ from those ``checkpoint`` was trained with where that breaks exact resume
+        (``saved``: its ``TrainConfig.to_dict()``), or a ``max_steps`` the run is already past."""
+        differences = _config_differences(_exact_resume_settings(saved), _exact_resume_settings(self.cfg.to_dict()))
+        if differences:
+            raise ValueError(f"refusing to resume from {checkpoint}: these settings differ from the run's and would "
+                             "break exact resume: " + "; ".join(differences) + ". Pass the run's values (see "
+                             f"{self.out / RUN_FILE}) or choose another --out to start a new run")
+        if step > self.cfg.max_steps:
+            raise ValueError(f"cannot resume {checkpoint} at step {step} with max_steps {self.cfg.max_steps}: "
+                             f"pass --max-steps {step} or more")
+        if saved["max_steps"] != self.cfg.max_steps:
+            self.console.print(f"max_steps {saved['max_steps']} -> {self.cfg.max_steps}: the learning-rate "
+                               f"schedule from step {step} on is that of a {self.cfg.max_steps}-step run")
 
     def _load_model(self, checkpoint: Path) -> EngramLM:
         saved = json.loads((checkpoint / "config.json").read_text())["model"]
@@ -223,10 +262,18 @@ class Trainer:
         if differences:
             raise ValueError(f"refusing to resume from {checkpoint}: it was written for another model config: "
                              + "; ".join(differences))
-        return EngramLM.from_pretrained(checkpoint)
+        model = EngramLM.from_pretrained(checkpoint)
+        tokenizer = Path(self.model_cfg.tokenizer)
+        if model.cfg.tokenizer != self.model_cfg.tokenizer and not filecmp.cmp(model.cfg.tokenizer, tokenizer,
+                                                                                shallow=False):
+            raise ValueError(f"refusing to resume from {checkpoint}: its tokenizer.json differs from the data's "
+                             f"tokenizer {tokenizer}")
+        model.cfg = self.model_cfg  # not the checkpoint's tokenizer copy, which goes when rotation deletes it
+        return model
 
-    def _restore(self, checkpoint: Path) -> None:
-        step, optimizer_state, trainer_state = load_checkpoint(checkpoint)
+    def _restore(self, checkpoint: Path, step: int, optimizer_state: dict[str, Any],
+                 trainer_state: dict[str, Any]) -> None:
+        """Load ``checkpoint``'s optimiser and RNG states and step (as :func:`load_checkpoint` returns them)."""
         self.optimizer.load_state_dict(load_table_moments(optimizer_state, self.model, checkpoint))
         torch.set_rng_state(trainer_state["torch_rng"])
         if self.device.type == "cuda" and trainer_state.get("cuda_rng") is not None:
@@ -289,6 +336,8 @@ class Trainer:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             inputs, targets = self.batches.batch(self.step * cfg.grad_accum + micro)
+            if cfg.compile:  # the compiled model skips its id range check (a host sync): done here on the CPU
+                self.model.check_input_ids(inputs)
             inputs, targets = inputs[self.rows].to(self.device), targets[self.rows].to(self.device)
             loss, aux = self._loss(inputs, targets, reduction="sum")
             (rank_objective(loss, aux, batch_tokens, share) / cfg.grad_accum).backward()

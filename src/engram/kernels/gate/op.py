@@ -25,13 +25,14 @@ def _kernels():
 
 @torch.library.custom_op("engram::gate_fwd", mutates_args=())
 def _gate_fwd(keys: Tensor, hidden: Tensor, value: Tensor, key_norm_weight: Tensor, query_norm_weight: Tensor,
-              key_eps: float, query_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().gate_fwd(keys, hidden, value, key_norm_weight, query_norm_weight, key_eps, query_eps)
+              key_eps: float, query_eps: float, zero_positive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _kernels().gate_fwd(keys, hidden, value, key_norm_weight, query_norm_weight, key_eps, query_eps,
+                               zero_positive)
 
 
 @_gate_fwd.register_fake
 def _(keys: Tensor, hidden: Tensor, value: Tensor, key_norm_weight: Tensor, query_norm_weight: Tensor,
-      key_eps: float, query_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+      key_eps: float, query_eps: float, zero_positive: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     gated = keys.new_empty(keys.shape, dtype=value.dtype)
     return (gated, *(keys.new_empty(keys.shape[:-1], dtype=torch.float32) for _ in range(4)))
 
@@ -52,22 +53,22 @@ def _(grad_gated: Tensor, grad_gates: Tensor, keys: Tensor, hidden: Tensor, valu
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    keys, hidden, value, key_norm_weight, query_norm_weight, _, _ = inputs
+    keys, hidden, value, key_norm_weight, query_norm_weight, *_ = inputs
     _, gates, rstd_k, rstd_q, score = output
     ctx.save_for_backward(keys, hidden, value, key_norm_weight, query_norm_weight, gates, rstd_k, rstd_q, score)
 
 
 def _backward(ctx, grad_gated: Tensor, grad_gates: Tensor, *_: Tensor) -> tuple:
     grads = _gate_bwd(grad_gated, grad_gates, *ctx.saved_tensors)
-    return (*grads, None, None)
+    return (*grads, None, None, None)
 
 
 _gate_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_gate(keys: Tensor, hidden: Tensor, value: Tensor, key_norm_weight: Tensor, query_norm_weight: Tensor,
-               key_eps: float | None = None, query_eps: float | None = None, force: bool | None = None
-               ) -> tuple[Tensor, Tensor]:
+               key_eps: float | None = None, query_eps: float | None = None, zero_positive: bool = False,
+               force: bool | None = None) -> tuple[Tensor, Tensor]:
     """The Engram gate: ``(gated [B, T, M, D] in value's dtype, gates [B, T, M] fp32)``.
 
     Same arguments and result as :func:`~engram.kernels.gate.naive.naive_gate`; ``force`` picks the path as in
@@ -81,8 +82,9 @@ def fused_gate(keys: Tensor, hidden: Tensor, value: Tensor, key_norm_weight: Ten
                          f"[..., M, D], value {tuple(value.shape)} [..., D] and the norm weights "
                          f"{tuple(key_norm_weight.shape)}, {tuple(query_norm_weight.shape)} [M, D]")
     if not use_triton(keys, force):
-        return naive_gate(keys, hidden, value, key_norm_weight, query_norm_weight, key_eps, query_eps)
+        return naive_gate(keys, hidden, value, key_norm_weight, query_norm_weight, key_eps, query_eps,
+                          zero_positive)
     gated, gates, *_ = _gate_fwd(keys, hidden, value, key_norm_weight, query_norm_weight,
                                  _FP32_EPS if key_eps is None else key_eps,
-                                 _FP32_EPS if query_eps is None else query_eps)
+                                 _FP32_EPS if query_eps is None else query_eps, zero_positive)
     return gated, gates

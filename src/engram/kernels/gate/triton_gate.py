@@ -36,7 +36,7 @@ def _gate_fwd_kernel(keys_ptr, hidden_ptr, value_ptr, wk_ptr, wq_ptr,
                      gated_ptr, gates_ptr, rstd_k_ptr, rstd_q_ptr, score_ptr,
                      stride_kn, stride_km, stride_hn, stride_hm, stride_vn,
                      key_eps, query_eps, sqrt_dim,
-                     M: tl.constexpr, D: tl.constexpr, FLOOR: tl.constexpr,
+                     M: tl.constexpr, D: tl.constexpr, FLOOR: tl.constexpr, ZERO_POSITIVE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per token: the score and gate of every branch (first pass over D), then the gated value (second)."""
     n = tl.program_id(0).to(tl.int64)
@@ -61,7 +61,10 @@ def _gate_fwd_kernel(keys_ptr, hidden_ptr, value_ptr, wk_ptr, wq_ptr,
     rstd_q = tl.rsqrt(sum_qq / D + query_eps)
     score = sum_kq * rstd_k * rstd_q / sqrt_dim
     root = tl.sqrt(tl.maximum(tl.abs(score), FLOOR))
-    gate = tl.sigmoid(tl.where(score > 0, root, tl.where(score < 0, -root, 0.0)))
+    if ZERO_POSITIVE:  # sign(0) = +1 (DeepSeek-V4.1's engines)
+        gate = tl.sigmoid(tl.where(score < 0, -root, root))
+    else:
+        gate = tl.sigmoid(tl.where(score > 0, root, tl.where(score < 0, -root, 0.0)))
     tl.store(gates_ptr + n * M + m, gate, mask=m_mask)
     tl.store(rstd_k_ptr + n * M + m, rstd_k, mask=m_mask)
     tl.store(rstd_q_ptr + n * M + m, rstd_q, mask=m_mask)
@@ -162,10 +165,10 @@ def _blocks(branches: int, dim: int, tile: int) -> tuple[int, int]:
 
 
 def gate_fwd(keys: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, key_norm_weight: torch.Tensor,
-             query_norm_weight: torch.Tensor, key_eps: float, query_eps: float
+             query_norm_weight: torch.Tensor, key_eps: float, query_eps: float, zero_positive: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[B, T, M, D]`` keys and hidden, ``[B, T, D]`` value -> ``(gated [B, T, M, D], gates, rstd_k, rstd_q,
-    score)``, the last four ``[B, T, M]`` fp32."""
+    score)``, the last four ``[B, T, M]`` fp32; ``zero_positive`` as in the naive gate."""
     *_, branches, dim = keys.shape
     tokens = keys.numel() // (branches * dim)
     k, h, v = _rows(keys, tokens, branches, dim), _rows(hidden, tokens, branches, dim), _rows(value, tokens, dim)
@@ -178,7 +181,8 @@ def gate_fwd(keys: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, key_
             k, h, v, key_norm_weight.contiguous(), query_norm_weight.contiguous(),
             gated, gates, rstd_k, rstd_q, score,
             k.stride(0), k.stride(1), h.stride(0), h.stride(1), v.stride(0), key_eps, query_eps, math.sqrt(dim),
-            M=branches, D=dim, FLOOR=GATE_FLOOR, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8)
+            M=branches, D=dim, FLOOR=GATE_FLOOR, ZERO_POSITIVE=zero_positive, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=8)
     return gated, gates, rstd_k, rstd_q, score
 
 

@@ -135,7 +135,8 @@ def fp8_gather(table: Tensor, flat_rows: Tensor, force: bool | None = None) -> T
 
     Returns:
         ``[..., H * D]`` fp32, bit-identical to ``dequantize_rows(table[flat_rows]).flatten(-2)`` (NaN where an
-        E4M3 byte is 0x7F/0xFF or a scale byte 255); head ``h`` fills ``[h * D, (h + 1) * D)``.
+        E4M3 byte is 0x7F/0xFF; +-inf, or NaN for an E4M3 zero, where a scale byte is 255); head ``h`` fills
+        ``[h * D, (h + 1) * D)``.
 
     Example:
         >>> from engram.fp8 import quantize_rows

@@ -37,9 +37,9 @@ def _e4m3_to_fp32(code):
 
 @triton.jit
 def _ue8m0_to_fp32(e):
-    """UE8M0 bytes (uint32 in [0, 256)) -> fp32 ``2^(e - 127)`` (e = 0 is the subnormal 2^-127); 255 is NaN."""
-    scale = tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
-    return tl.where(e == 255, float("nan"), scale)
+    """UE8M0 bytes (uint32 in [0, 256)) -> fp32 ``2^(e - 127)`` (e = 0 is the subnormal 2^-127; e = 255, fp32's
+    all-ones exponent, is +inf)."""
+    return tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
