@@ -1,4 +1,4 @@
-"""One flat embedding table holding every hash head's rows back to back (brief §2.4).
+"""One flat embedding table holding every hash head's rows back to back (docs/design.md §3).
 
 The table is a parameter in the compute device's memory (training, and the ``device`` placement), or it
 lives in a :class:`engram.storage.TableStore` (pinned host memory, a memory-mapped file, an HBM cache in front

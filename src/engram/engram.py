@@ -1,6 +1,6 @@
 """The Engram module: hashed n-gram memory, gated by the hidden state, with a short causal convolution.
 
-Per token t and residual branch m of M (brief §2.5-2.6):
+Per token t and residual branch m of M (docs/design.md §4):
     e_t      = concat of the rows read by every hash head                      [B, T, E]
     k_m, v   = W_K^(m) e_t, W_V e_t   (one GEMM for W_V and every W_K^(m))      [B, T, M, D], [B, T, D]
     g_m      = <RMSNorm_m(h_t^(m)), RMSNorm_m(k_m)> / sqrt(D)

@@ -1,4 +1,4 @@
-"""Multi-head n-gram hashing, bit-exact with DeepSeek's public Engram demo (brief §2.2-2.3).
+"""Multi-head n-gram hashing, bit-exact with DeepSeek's public Engram demo (docs/design.md §2).
 
 For a layer ``l`` with odd multipliers ``m_0..m_{N-1}`` (N = max_ngram_size) and compressed ids ``x``:
 ``mix_n(t) = (x_t * m_0) XOR (x_{t-1} * m_1) XOR ... XOR (x_{t-n+1} * m_{n-1})`` for each order

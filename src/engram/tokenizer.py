@@ -1,6 +1,6 @@
 """Tokenizer compression: map every token id to a canonical id shared by tokens that read alike.
 
-Rules (the public demo's, brief §2.1): decode the single token; normalise with NFKC -> NFD -> strip
+Rules (the public demo's, docs/design.md §1): decode the single token; normalise with NFKC -> NFD -> strip
 accents -> lowercase -> collapse ``[ \\t\\r\\n]+`` to one space -> strip (a text that is exactly one space
 stays one space). A token whose normalised text is empty keys on its decoded text; a token whose decoded
 text holds U+FFFD (a partial UTF-8 byte sequence) keys on its raw token string. Equal keys share one new

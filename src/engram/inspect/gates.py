@@ -1,6 +1,6 @@
 """`engram inspect gates`: the gate of every token, Engram layer and residual branch, as a page and a picture.
 
-The gate alpha (brief §2.5) says how much of the memory read for the last n tokens reaches each residual
+The gate alpha (docs/design.md §4) says how much of the memory read for the last n tokens reaches each residual
 branch: near 1 on n-grams the tables learned, near 0 where the retrieved row does not fit the context
 (hash collisions, other senses). Writes ``gates.html`` (self-contained), ``gates.png`` and ``gates.json``.
 """

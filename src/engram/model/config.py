@@ -13,7 +13,7 @@ FFN_KINDS = ("dense", "moe")
 
 @dataclass
 class MoEConfig:
-    """DeepSeek-V3 style fine-grained MoE (brief §3)."""
+    """DeepSeek-V3 style fine-grained MoE (docs/design.md §5)."""
 
     num_experts: int = 8  # routed experts
     num_shared_experts: int = 1  # always-on experts, fused into one wide MLP

@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting, and iso-parameter MoE <-> Engram configurations (brief §5).
+"""Parameter and FLOP accounting, and iso-parameter MoE <-> Engram configurations (docs/design.md §7).
 
 Counts come from the real modules: :func:`param_report` builds the model on PyTorch's ``meta`` device
 (shapes only, no memory), so a 27B-parameter shape is reported in a second without being allocated.

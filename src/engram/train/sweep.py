@@ -1,6 +1,6 @@
 """`engram sweep`: the sparsity-allocation law at small scale, and memory scaling.
 
-``allocation`` mode (brief §5): start from the preset's MoE backbone without Engram (rho = 1, every sparse
+``allocation`` mode (docs/design.md §7): start from the preset's MoE backbone without Engram (rho = 1, every sparse
 parameter in routed experts) and, for each rho, keep ``k + round(rho (E - k))`` routed experts and give the
 freed parameters to Engram tables shaped like the preset's (:func:`engram.model.iso_parameter_config`): the
 same total parameters. Their activated parameters exceed the pure MoE's by the Engram projections (a few percent
