@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engram.kernels.cross_entropy import cross_entropy_rows, naive_cross_entropy_rows
+from kernels.conftest import compile_for_h200
 
 
 def rows(dtype, device, seed=0, count=7, vocab=301):
@@ -51,3 +52,23 @@ def test_bad_shapes_are_named():
     logits, safe, valid, _ = rows(torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"logits must be \[c, V\] with unit stride along V"):
         cross_entropy_rows(logits.T, safe, valid)
+
+
+COMPILE_FOR_H200 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engram.kernels.cross_entropy import triton_cross_entropy as k
+
+for dtype, vocab, grad in (("bf16", 129280, True), ("fp32", 101, False), ("bf16", 4096, True)):
+    constexprs = {"V": vocab, "WRITE_GRAD": grad, "BLOCK": min(k._MAX_BLOCK, triton.next_power_of_2(vocab))}
+    signature = {"logits_ptr": f"*{dtype}", "safe_ptr": "*i64", "valid_ptr": "*i1", "scale_ptr": "*fp32",
+                 "loss_ptr": "*fp32", "stride_row": "i64", **dict.fromkeys(constexprs, "constexpr")}
+    triton.compile(ASTSource(k._cross_entropy_rows_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8})
+"""
+
+
+def test_kernel_compiles_for_an_h200_without_one():
+    """The compiled (not interpreted) kernel lowers to sm_90: loop-carried types, masks and casts hold there too."""
+    compile_for_h200(COMPILE_FOR_H200)
