@@ -9,6 +9,7 @@ import torch
 from engram import Engram, EngramConfig, NgramHasher  # noqa: E402
 from engram.kernels.gate import fused_gate, naive_gate  # noqa: E402
 from engram.kernels.gate.naive import GATE_FLOOR  # noqa: E402
+from kernels.conftest import compile_for_h200  # noqa: E402
 
 CFG = EngramConfig(engram_vocab_size=[211, 307], n_embed_per_ngram=24, n_head_per_ngram=3, layer_ids=[2, 5])
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -208,3 +209,30 @@ def test_opcheck(device):
     # it is checked on the GPU.
     inputs = random_inputs(1, 3, 2, 5, torch.float32, seed=6, device=device)
     torch.library.opcheck(torch.ops.engram.gate_fwd.default, (*inputs, FP32_EPS, 1e-5, True))
+
+
+COMPILE_FOR_H200 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engram.kernels.gate import triton_gate as k
+from engram.kernels.gate.naive import GATE_FLOOR
+
+for dtype, branches, dim, zero_positive in (("bf16", 4, 1024, False), ("fp32", 1, 40, True), ("bf16", 4, 256, True)):
+    block_m, block_d = k._blocks(branches, dim, k._TILE)
+    constexprs = {"M": branches, "D": dim, "FLOOR": GATE_FLOOR, "ZERO_POSITIVE": zero_positive, "BLOCK_M": block_m,
+                  "BLOCK_D": block_d}
+    pointers = {name: f"*{dtype}" for name in ("keys_ptr", "hidden_ptr", "value_ptr", "gated_ptr")}
+    pointers.update({name: "*fp32" for name in ("wk_ptr", "wq_ptr", "gates_ptr", "rstd_k_ptr", "rstd_q_ptr",
+                                                "score_ptr")})
+    scalars = {**{name: "i64" for name in ("stride_kn", "stride_km", "stride_hn", "stride_hm", "stride_vn")},
+               **{name: "fp32" for name in ("key_eps", "query_eps", "sqrt_dim")}}
+    signature = {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}
+    triton.compile(ASTSource(k._gate_fwd_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 8})
+"""
+
+
+def test_forward_kernel_compiles_for_an_h200_without_one():
+    """The compiled gate kernel, V4.1's sign at a zero score included, lowers to sm_90 (no GPU needed)."""
+    compile_for_h200(COMPILE_FOR_H200)
