@@ -5,6 +5,7 @@ from engram.deepseek_v41 import DeepSeekV41Engram, load_deepseek_v41_engram
 from engram.embedding import MultiHeadEmbedding
 from engram.engram import BranchRMSNorm, Engram, ShortConv, convert_demo_state_dict
 from engram.hashing import DEAD_TOKEN, NgramHasher, is_prime, next_prime
+from engram.model import EngramLM, EngramLMConfig
 from engram.tokenizer import NAMED_TOKENIZERS, CompressedTokenizer
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __all__ = [
     "DeepSeekV41Engram",
     "Engram",
     "EngramConfig",
+    "EngramLM",
+    "EngramLMConfig",
     "EngramVariant",
     "MultiHeadEmbedding",
     "NgramHasher",
