@@ -6,9 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engram.train.data import prepare_corpus
 
 from test_distributed_training import free_port
+
+pytestmark = pytest.mark.slow  # benchmark runs under torchrun: deselect with -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = str(ROOT / "benchmarks" / "bench_distributed.py")

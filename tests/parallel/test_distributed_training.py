@@ -27,6 +27,8 @@ from engram.train.data import load_or_prepare
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 
+pytestmark = pytest.mark.slow  # processes started with torchrun/gloo: deselect with -m "not slow"
+
 TOLERANCE = 1e-4
 LR = 3e-3
 TABLE_LR = OptimConfig().table_lr_mult * LR

@@ -8,11 +8,14 @@ import threading
 import time
 
 import httpx
+import pytest
 import uvicorn
 
 from engram.serve.app import create_app
 
 from serve.serve_helpers import bearer, overlay_for, write_patch
+
+pytestmark = pytest.mark.slow  # a load test of a live server: deselect with -m "not slow"
 
 REQUESTS, CLIENTS, MAX_TOKENS = 200, 20, 4
 PROMPTS = ("The zebra code is", "Once upon a time", "def main():", "the king and the queen")
