@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from engram import __version__
 
 if TYPE_CHECKING:
     from engram.train.trainer import TrainConfig
@@ -244,7 +245,7 @@ _PACKAGE_COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description="Conditional memory for language models.")
-    parser.add_argument("--version", action="version", version=f"engram {importlib.metadata.version('engram')}")
+    parser.add_argument("--version", action="version", version=f"engram {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_data, _add_train, _add_sweep, _add_generate):
         add(subparsers)
