@@ -163,14 +163,15 @@ def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, co
             losses.append(float(loss))
     if profile_dir:
         _profile(name, step, batch, seq_len, limit, device, profile_dir)
-    flops = param_report(cfg, seq_len)["flops_per_token"]
+    report = param_report(cfg, seq_len)
+    flops = report["flops_per_token"]
     step_s = statistics.median(times)
     tokens_per_s = batch * seq_len / step_s
     return {"variant": name, "compiled": compile_model, "step_s": step_s, "step_min_s": min(times),
             "step_max_s": max(times), "tokens_per_s": tokens_per_s, "flops_per_token": flops,
             "mfu": 3 * flops * tokens_per_s / DATASHEET_BF16_FLOPS, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "warmup_s": warmup_s,
-            "params": param_report(cfg, seq_len)["total"]}
+            "params": report["total"]}
 
 
 def _profile(name: str, step: Callable, batch: int, seq_len: int, limit: int, device: torch.device,
