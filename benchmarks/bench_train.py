@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from engram.model import EngramLM, EngramLMConfig
 from engram.model.params import param_report
@@ -141,6 +142,7 @@ def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, co
                 device: torch.device, profile_dir: str | None = None) -> dict:
     """Time ``steps`` optimiser steps of variant ``name`` after ``warmup`` ones; peak memory from a fresh count."""
     cfg = variant_config(name, seq_len)
+    graphs_before = counters["stats"]["unique_graphs"]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     step = (_reference_step if name == "reference" else _engram_step)(cfg, device, compile_model)
@@ -171,7 +173,7 @@ def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, co
             "step_max_s": max(times), "tokens_per_s": tokens_per_s, "flops_per_token": flops,
             "mfu": 3 * flops * tokens_per_s / DATASHEET_BF16_FLOPS, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "warmup_s": warmup_s,
-            "params": report["total"]}
+            "params": report["total"], "graphs": counters["stats"]["unique_graphs"] - graphs_before}
 
 
 def _profile(name: str, step: Callable, batch: int, seq_len: int, limit: int, device: torch.device,
@@ -196,13 +198,14 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
              f"Command: `python {' '.join(sys.argv)}`",
              f"Batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after {args.warmup} warm-up, "
              f"bf16 autocast; MFU against {DATASHEET_BF16_FLOPS / 1e12:.0f} TFLOP/s (bf16 datasheet).", "",
-             "| variant | compiled | params | tokens/s | x ref | MFU | peak mem | x ref | step ms (min-max) | warm-up s |"
-             " loss first→last |",
+             "| variant | compiled (graphs) | params | tokens/s | x ref | MFU | peak mem | x ref | step ms (min-max) |"
+             " warm-up s | loss first→last |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
         memory = f"{r['peak_mem_gb'] / ref['peak_mem_gb']:.2f}" if ref else "-"
-        lines.append(f"| {r['variant']} | {'yes' if r['compiled'] else 'no'} | {r['params'] / 1e6:.1f}M | "
+        compiled = f"yes ({r['graphs']})" if r["compiled"] else "no"
+        lines.append(f"| {r['variant']} | {compiled} | {r['params'] / 1e6:.1f}M | "
                      f"{r['tokens_per_s']:,.0f} | {speed} | {r['mfu']:.1%} | {r['peak_mem_gb']:.1f} GB | {memory} | "
                      f"{r['step_s'] * 1e3:.1f} ({r['step_min_s'] * 1e3:.1f}-{r['step_max_s'] * 1e3:.1f}) | "
                      f"{r['warmup_s']:.0f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |")

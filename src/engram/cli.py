@@ -116,7 +116,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed,
                         help="seed of the initial weights and of the batch order" + default)
     parser.add_argument("--device", default=d.device, help="'auto' (CUDA when available), 'cpu', 'cuda', ..." + default)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on CUDA, not on the CPU)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
                         help="steps between validation passes (and one at the end)" + default)
     parser.add_argument("--eval-batches", type=int, default=d.eval_batches,

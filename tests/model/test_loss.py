@@ -19,14 +19,14 @@ def inputs(seed: int = 0, ignored: tuple[int, ...] = (3, *range(8, 16), 36)):
     return hidden, weight, targets
 
 
-def loss_and_grads(fn, hidden, weight, targets, reduction, autocast=False):
-    """``fn``'s loss and the gradients of hidden and weight under a random incoming gradient."""
-    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = fn(hidden, weight, targets, reduction=reduction)
+def loss_and_grads(fn, hidden, weight, targets, reduction, autocast=False, device="cpu"):
+    """``fn``'s loss and the gradients of hidden and weight under a random incoming gradient (on the CPU)."""
+    hidden, weight = hidden.clone().to(device).requires_grad_(), weight.clone().to(device).requires_grad_()
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(hidden, weight, targets.to(device), reduction=reduction)
     incoming = torch.rand(loss.shape, generator=torch.Generator().manual_seed(9)) + 0.5
-    (loss * incoming).sum().backward()
-    return loss.detach(), hidden.grad, weight.grad
+    (loss * incoming.to(device)).sum().backward()
+    return loss.detach().cpu(), hidden.grad.cpu(), weight.grad.cpu()
 
 
 def chunked(hidden, weight, targets, reduction):
@@ -44,11 +44,16 @@ def test_matches_plain_path_in_fp32(reduction):
     assert got[1][8:16].abs().max() == 0 and got[1][:8].abs().max() > 0  # the ignored chunk gets no gradient
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: Triton rows kernel and the fp32-output addmm
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_plain_path_under_bf16_autocast(reduction):
+def test_matches_plain_path_under_bf16_autocast(reduction, device):
     hidden, weight, targets = inputs(seed=1)
-    got = loss_and_grads(chunked, hidden, weight, targets, reduction, autocast=True)
-    want = loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets, reduction, autocast=True)
+    got = loss_and_grads(chunked, hidden, weight, targets, reduction, autocast=True, device=device)
+    want = loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets, reduction, autocast=True,
+                          device=device)
     fp32 = loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets, reduction)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)  # the same bf16 logits, fp32 softmax
     for a, b, exact in zip(got[1:], want[1:], fp32[1:]):
@@ -120,8 +125,8 @@ def test_bad_arguments_are_named():
 
 
 def test_default_chunk_bounds_the_logits():
-    assert default_chunk_size(129_280) == 2048  # 2^28 / V = 2,076 tokens, rounded down to a multiple of 64
-    assert default_chunk_size(101) * 101 <= 2**28
+    assert default_chunk_size(129_280) == 4096  # 2^29 / V = 4,152 tokens, rounded down to a multiple of 64
+    assert default_chunk_size(101) * 101 <= 2**29
     assert default_chunk_size(2**30) == 1
 
 

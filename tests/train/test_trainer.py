@@ -147,3 +147,31 @@ def test_start_of_a_run_removes_staging_folders_of_killed_saves(text_dir, tmp_pa
         (folder / "optimizer.safetensors").write_bytes(b"partial")
     Trainer(config(text_dir, tmp_path, max_steps=2))
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_compile_defaults_to_cuda_only_and_checks_ids_on_the_host(text_dir, tmp_path, monkeypatch):
+    """``compile=None`` compiles on CUDA only; a compiled run checks every batch's ids on the CPU (the compiled
+    model skips its own check, a host sync). ``torch.compile`` is replaced by a recording identity here, so the
+    model still checks too: a compiled step checks twice, an eager one once."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    eager = Trainer(config(text_dir, tmp_path / "auto", max_steps=1))  # CPU
+    assert not eager.compiled and compiled == []
+    trainer = Trainer(config(text_dir, tmp_path / "on", max_steps=1, compile=True))
+    assert trainer.compiled and compiled == [trainer.model]
+    for run, checks in ((eager, 1), (trainer, 2)):
+        checked = []
+        real = run.model.check_input_ids
+        monkeypatch.setattr(run.model, "check_input_ids", lambda ids: checked.append(ids.device.type) or real(ids))
+        run.train_step()
+        assert checked == ["cpu"] * checks
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--compile"], True), (["--no-compile"], False)])
+def test_cli_compile_flag(flag, expected, monkeypatch):
+    seen = []
+    monkeypatch.setattr("engram.train.trainer.Trainer.__init__",
+                        lambda self, cfg, **kw: seen.append(cfg.compile) or (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        main(["train", "--no-baseline", "--no-progress", *flag])
+    assert seen == [expected]

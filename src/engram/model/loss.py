@@ -2,7 +2,7 @@
 
 :func:`linear_cross_entropy` equals :func:`linear_cross_entropy_reference` (its plain twin,
 ``F.cross_entropy(F.linear(hidden, weight).float(), targets)``) within the rounding of the compute dtype, but
-holds the logits of one chunk of tokens at a time (``chunk_size`` rows, by default about 2^28 logits,
+holds the logits of one chunk of tokens at a time (``chunk_size`` rows, by default about 2^29 logits,
 :func:`default_chunk_size`). With V = 129,280 and 16 x 1024 tokens the plain path's fp32 logits alone are
 8.5 GB.
 
@@ -29,15 +29,18 @@ Shapes are static, so the op traces under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engram.kernels.cross_entropy import cross_entropy_rows
 
-# Logits of one chunk: 2^28 elements, 0.5 GB in bf16 (2,048 tokens at V = 129,280). Smaller chunks cost time: each
-# chunk adds its [V, D] product into the weight's fp32 gradient (on an H100, 512-token chunks were 18% slower).
-LOGIT_CHUNK_ELEMENTS = 2**28
+# Logits of one chunk: 2^29 elements, 1 GB in bf16 (4,096 tokens at V = 129,280). Smaller chunks cost time: each
+# chunk adds its [V, D] product into the weight's fp32 gradient (H200, 16,384 tokens, D 512, compiled: 4,096-token
+# chunks 14.7 ms and 2.6 GB, 2,048 16.0 ms and 1.5 GB, 512 23.5 ms and 0.7 GB; benchmarks/results/bench_loss.md).
+LOGIT_CHUNK_ELEMENTS = 2**29
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -120,6 +123,20 @@ def _autocast_off(hidden: Tensor) -> torch.autocast:
     return torch.autocast(hidden.device.type, enabled=False)
 
 
+@functools.cache
+def _addmm_to_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(fp32, a, b, out_dtype=torch.float32)`` runs for ``dtype`` operands on ``device``
+    (CUDA with a torch that has ``out_dtype``; probed once per device and dtype)."""
+    if device.type != "cuda":
+        return False
+    a = torch.ones(16, 16, dtype=dtype, device=device)
+    try:
+        out = torch.addmm(torch.ones(16, 16, device=device), a, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return out.dtype == torch.float32 and bool((out == 17).all())
+
+
 class _Grads:
     """Gradients of ``hidden`` (written per chunk, in its dtype) and ``weight`` (an fp32 sum over the chunks, cast
     to its dtype at the end) from the chunks' logit gradients; an unwanted one is an empty tensor."""
@@ -136,6 +153,9 @@ class _Grads:
         if self.weight is not None:
             if logit_grad.dtype == torch.float32:
                 self.weight.addmm_(logit_grad.T, hidden)
+            elif _addmm_to_fp32(logit_grad.device, logit_grad.dtype):
+                # the fp32 sum is added in the GEMM's epilogue instead of a separate [V, D] add kernel
+                self.weight = torch.addmm(self.weight, logit_grad.T, hidden, out_dtype=torch.float32)
             else:
                 self.weight += logit_grad.T @ hidden
 
