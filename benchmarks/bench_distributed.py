@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engram.data.batches import TokenBatches
+from engram.data.corpus import load_or_prepare
 from engram.model import EngramLM
 from engram.parallel import finish_distributed, init_distributed, local_rows, shard_engram_tables, wrap_ddp
-from engram.train.data import TokenBatches, load_or_prepare
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 from engram.train.trainer import TrainConfig, lm_loss, model_config_for, optimizer_step, rank_objective
 

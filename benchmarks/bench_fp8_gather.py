@@ -1,7 +1,7 @@
 """Reading FP8 Engram rows on the GPU: the fused gather + dequantise kernel against gathering the packed rows and
 then dequantising them (``dequantize_rows``), and against a bf16 ``multi_head_gather`` of the same rows.
 
-One table of packed FP8 rows (``engram.fp8``: D E4M3 bytes + D / 32 UE8M0 scale bytes, 264 B for D = 256) and
+One table of packed FP8 rows (``engram.kernels.fp8``: D E4M3 bytes + D / 32 UE8M0 scale bytes, 264 B for D = 256) and
 its bf16 twin holding the same values (exact: an E4M3 value times a power of two fits bf16), both in GPU memory
 (a few GB each by default). Per call: ``tokens`` x H uniformly random row ids (no repeats to exploit, the
 worst case for the caches), for a prefill-sized call (16,384 tokens) and a decode-sized one (256). Reported per
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from engram.embedding import MultiHeadEmbedding
-from engram.fp8 import dequantize_rows, packed_row_bytes, quantize_rows
+from engram.kernels.fp8 import dequantize_rows, packed_row_bytes, quantize_rows
 from engram.kernels.gather import fp8_gather, multi_head_gather
 from engram.storage import HostStore, private_host_table
 

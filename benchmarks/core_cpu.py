@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
-from engram.hashing import table_sizes_for
+from engram.config import table_sizes_for
 
 
 def best_of(fn, repeats: int = 3) -> float:

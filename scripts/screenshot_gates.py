@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from engram.inspect.gates import run_gates
+    from engram.inspection.gates import run_gates
 
     report = run_gates(args.checkpoint, args.text, args.out, args.device)
     shot = screenshot(report.html, Path(args.out) / SCREENSHOT_FILE, args.width, args.height)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from engram import VARIANTS, EngramConfig
-from engram.config import FP8_SCALE_BLOCK
+from engram.kernels.fp8 import FP8_SCALE_BLOCK
 
 
 def test_demo_defaults():

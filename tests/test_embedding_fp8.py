@@ -6,7 +6,7 @@ import torch
 
 from engram import MultiHeadEmbedding
 from engram.embedding import quantize_tables
-from engram.fp8 import dequantize_blocks, dequantize_rows, quantize_rows, scale_values
+from engram.kernels.fp8 import dequantize_blocks, dequantize_rows, quantize_rows, scale_values
 from engram.storage import CachedStore, open_table_store, write_table
 
 SIZES, HEAD_DIM = [101, 103, 107], 64

@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engram import DEAD_TOKEN, CompressedTokenizer, EngramConfig, NgramHasher, is_prime, next_prime
-from engram.hashing import complete_fingerprint, table_sizes_for
+from engram.config import table_sizes_for
+from engram.hashing import complete_fingerprint
 
 
 @lru_cache(maxsize=None)

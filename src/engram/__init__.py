@@ -1,11 +1,12 @@
 """engram: conditional memory for language models (DeepSeek's Engram), exact, fast and trainable."""
 
 from engram.config import VARIANTS, EngramConfig, EngramVariant
-from engram.deepseek_v41 import DeepSeekV41Engram, load_deepseek_v41_engram
 from engram.embedding import MultiHeadEmbedding
-from engram.engram import BranchRMSNorm, Engram, ShortConv, convert_demo_state_dict
-from engram.hashing import DEAD_TOKEN, NgramHasher, is_prime, next_prime
+from engram.hashing import DEAD_TOKEN, NgramHasher
+from engram.layer import BranchRMSNorm, Engram, ShortConv, convert_demo_state_dict
 from engram.model import EngramLM, EngramLMConfig
+from engram.models.deepseek_v41 import DeepSeekV41Engram, load_deepseek_v41_engram
+from engram.primes import is_prime, next_prime
 from engram.tokenizer import NAMED_TOKENIZERS, CompressedTokenizer
 
 __version__ = "0.1.0"

@@ -66,7 +66,7 @@ def _run_data(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    from engram.train.data import prepare_corpus
+    from engram.data.corpus import prepare_corpus
 
     info = prepare_corpus(args.sources, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                           seed=args.seed, workers=args.workers, console=Console())
@@ -76,9 +76,9 @@ def _run_data(args: argparse.Namespace) -> int:
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of one training run (``engram train`` and every run of ``engram sweep``)."""
+    from engram.data.sources import PRESETS as DATA_PRESETS
     from engram.model import PRESETS
     from engram.train.optim import OptimConfig
-    from engram.train.sources import PRESETS as DATA_PRESETS
     from engram.train.trainer import TrainConfig
 
     d, o = TrainConfig(), OptimConfig()
@@ -227,7 +227,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from engram.train.generate import generate_text
+    from engram.serve.generate import generate_text
 
     print(generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -240,7 +240,7 @@ _PACKAGE_COMMANDS = {
     "tune": ("engram.memory.cli", "add_tune_parser", "run_tune"),
     "memory": ("engram.memory.cli", "add_memory_parser", "run_memory"),
     "serve": ("engram.serve.cli", "add_serve_parser", "run_serve"),
-    "inspect": ("engram.inspect.cli", "add_inspect_parser", "run_inspect"),
+    "inspect": ("engram.inspection.cli", "add_inspect_parser", "run_inspect"),
 }
 
 

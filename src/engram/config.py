@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from engram.kernels.fp8 import FP8_SCALE_BLOCK
+from engram.primes import next_prime
 from engram.tokenizer import NAMED_TOKENIZERS
 
-FP8_SCALE_BLOCK = 32  # values per UE8M0 scale in an "fp8-e4m3-ue8m0" table row
 DEEPSEEK_V41_IMAGE_TOKEN_ID = 129264  # the image placeholder of DeepSeek-V4.1's tokenizer, dead in its engines
 
 
@@ -292,8 +293,6 @@ class EngramConfig:
         )
         published = text.get("engram_num_embeddings")
         if published is not None:
-            from engram.hashing import table_sizes_for  # engram.hashing imports this module
-
             sizes = table_sizes_for(cfg)
             computed = [sum(sum(order) for order in sizes[layer]) for layer in cfg.layer_ids]
             if not isinstance(published, (list, tuple)) or [int(n) for n in published] != computed:
@@ -307,3 +306,26 @@ class EngramConfig:
     @classmethod
     def from_json(cls, text: str) -> "EngramConfig":
         return cls.from_dict(json.loads(text))
+
+
+def table_sizes_for(cfg: EngramConfig) -> dict[int, list[list[int]]]:
+    """Prime table size per layer (``layer_ids`` order), per order, per head; no prime is used twice.
+
+    Each order's search starts at ``engram_vocab_size[n - 2] - 1`` and each head takes the next prime
+    strictly above the previous head's, skipping primes already taken by earlier layers.
+    """
+    taken: set[int] = set()
+    sizes: dict[int, list[list[int]]] = {}
+    for layer_id in cfg.layer_ids:
+        per_order = []
+        for order_index in range(cfg.num_orders):
+            start = cfg.engram_vocab_size[order_index] - 1
+            heads = []
+            for _ in range(cfg.n_head_per_ngram):
+                prime = next_prime(start, taken)
+                taken.add(prime)
+                heads.append(prime)
+                start = prime
+            per_order.append(heads)
+        sizes[layer_id] = per_order
+    return sizes

@@ -16,8 +16,8 @@ from rich.table import Table
 from torch import nn
 
 from engram.config import EngramConfig
-from engram.engram import Engram
 from engram.hashing import NgramHasher
+from engram.layer import Engram
 from engram.tokenizer import CompressedTokenizer
 
 DEMO_TEXT = "Only Alexander the Great could tame the horse Bucephalus."

@@ -13,7 +13,7 @@ import itertools
 import torch
 from torch import nn
 
-from engram.fp8 import ROW_FORMATS, packed_row_bytes, quantize_rows, quantize_table
+from engram.kernels.fp8 import ROW_FORMATS, packed_row_bytes, quantize_rows, quantize_table
 from engram.kernels.gather import fp8_gather, multi_head_gather
 from engram.storage import PendingRows, TableStore
 
@@ -34,7 +34,7 @@ def head_offsets(table_sizes: list[int]) -> torch.Tensor:
 def _dequantize_fetched(packed: torch.Tensor) -> torch.Tensor:
     """Packed FP8 rows ``[..., H, D + D / 32]`` as a store delivered them -> ``[..., H * D]`` fp32 on their device.
 
-    :func:`fp8_gather` over the rows in their order: one kernel on a GPU, :func:`engram.fp8.dequantize_rows`
+    :func:`fp8_gather` over the rows in their order: one kernel on a GPU, :func:`engram.kernels.fp8.dequantize_rows`
     elsewhere.
     """
     positions = torch.arange(packed[..., 0].numel(), device=packed.device).view(packed.shape[:-1])
@@ -72,7 +72,7 @@ class MultiHeadEmbedding(nn.Module):
     materialise a dense gradient (use an optimiser that accepts sparse gradients, e.g. ``SparseAdam``).
     ``device="meta"`` allocates no table (for a store attached later).
 
-    ``row_format="fp8"`` keeps every row as packed FP8 (``engram.fp8``: ``head_dim`` E4M3 bytes and one UE8M0
+    ``row_format="fp8"`` keeps every row as packed FP8 (``engram.kernels.fp8``: ``head_dim`` E4M3 bytes and one UE8M0
     scale per 32 values, ``head_dim + head_dim / 32`` bytes): ``weight`` is then a frozen uint8
     ``[R, head_dim + head_dim / 32]`` parameter, initialised by quantising N(0, init_std) rows, and lookups return
     the dequantised fp32 rows (:func:`engram.kernels.gather.fp8_gather`: one fused kernel on a GPU). FP8 tables
@@ -166,7 +166,7 @@ class MultiHeadEmbedding(nn.Module):
 
     @torch.no_grad()
     def quantize_(self) -> None:
-        """Turn the float rows into packed FP8 rows in place (:func:`engram.fp8.quantize_table`, chunk by chunk;
+        """Turn the float rows into packed FP8 rows in place (:func:`engram.kernels.fp8.quantize_table`, chunk by chunk;
         the float table is released); ``row_format`` becomes ``"fp8"``. A ``meta`` table (nothing allocated, a
         table to load later) only changes format. A table in a store is refused: quantise it while loading
         (``open_table_store(row_format="fp8")``)."""

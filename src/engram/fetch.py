@@ -3,7 +3,7 @@
 A fetch runs the registry tool into a staging folder next to its destination, extracts what it needs from
 the one archive the tool downloaded, marks the result finished with a ``.complete`` file and renames it into
 place. Later calls find the marker and touch no network; an unfinished folder from an interrupted run is
-replaced. Corpus presets (:mod:`engram.train.sources`) and the tokenizers that no installed package ships
+replaced. Corpus presets (:mod:`engram.data.sources`) and the tokenizers that no installed package ships
 (:mod:`engram.tokenizer`) come this way.
 """
 

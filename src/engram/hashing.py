@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engram.config import EngramConfig
+from engram.config import EngramConfig, table_sizes_for
 from engram.kernels.hash import DEAD_TOKEN, ngram_hash
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
@@ -25,8 +25,6 @@ _LAYER_SEED_STRIDE = 10007
 # Token ids are int32 or int64: a narrower integer cannot hold a large vocabulary's ids, which wrapped around silently
 # when they were cast to it.
 TOKEN_ID_DTYPES = (torch.int32, torch.int64)
-# Deterministic Miller-Rabin witnesses for every n < 3.3e24 (covers all int64 table sizes).
-_MR_WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
 
 
 def check_token_batch(ids: torch.Tensor, name: str = "input_ids", allow_no_tokens: bool = False) -> None:
@@ -40,61 +38,6 @@ def check_token_batch(ids: torch.Tensor, name: str = "input_ids", allow_no_token
                          "around): pass int32 or int64")
     if ids.shape[0] == 0 or (ids.shape[-1] == 0 and not allow_no_tokens):
         raise ValueError(f"{name} is an empty batch of shape {tuple(ids.shape)}: B and T must both be >= 1")
-
-
-def is_prime(n: int) -> bool:
-    """Exact primality for any ``n < 3.3e24`` (deterministic Miller-Rabin)."""
-    if n < 2:
-        return False
-    for p in _MR_WITNESSES:
-        if n % p == 0:
-            return n == p
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d //= 2
-        s += 1
-    for a in _MR_WITNESSES:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def next_prime(after: int, taken: set[int] | frozenset[int] = frozenset()) -> int:
-    """Smallest prime strictly greater than ``after`` that is not in ``taken``."""
-    candidate = after + 1
-    while not (is_prime(candidate) and candidate not in taken):
-        candidate += 1
-    return candidate
-
-
-def table_sizes_for(cfg: EngramConfig) -> dict[int, list[list[int]]]:
-    """Prime table size per layer (``layer_ids`` order), per order, per head; no prime is used twice.
-
-    Each order's search starts at ``engram_vocab_size[n - 2] - 1`` and each head takes the next prime
-    strictly above the previous head's, skipping primes already taken by earlier layers.
-    """
-    taken: set[int] = set()
-    sizes: dict[int, list[list[int]]] = {}
-    for layer_id in cfg.layer_ids:
-        per_order = []
-        for order_index in range(cfg.num_orders):
-            start = cfg.engram_vocab_size[order_index] - 1
-            heads = []
-            for _ in range(cfg.n_head_per_ngram):
-                prime = next_prime(start, taken)
-                taken.add(prime)
-                heads.append(prime)
-                start = prime
-            per_order.append(heads)
-        sizes[layer_id] = per_order
-    return sizes
 
 
 def multipliers_for(cfg: EngramConfig, compressed_vocab_size: int) -> dict[int, list[int]]:

@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engram.inspect.ablate import in_frequent_ngram, run_ablate, starts_word
-from engram.inspect.ngrams import frequent_ngrams, ngram_keys
+from engram.inspection.ablate import in_frequent_ngram, run_ablate, starts_word
+from engram.inspection.ngrams import frequent_ngrams, ngram_keys
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])

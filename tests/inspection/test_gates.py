@@ -1,5 +1,4 @@
 import html
-import importlib.util
 import json
 import os
 import re
@@ -10,10 +9,11 @@ import numpy as np
 import pytest
 from inspection.inspect_helpers import variant
 from matplotlib import image as mpimg
+from repo_scripts import load_script
 
-from engram.inspect.gate_page import gate_colour, render_gate_page
-from engram.inspect.gates import plot_gates, run_gates, text_gates
-from engram.inspect.loading import model_tokenizer, token_pieces
+from engram.inspection.gate_page import gate_colour, render_gate_page
+from engram.inspection.gates import plot_gates, run_gates, text_gates
+from engram.inspection.loading import model_tokenizer, token_pieces
 
 REPO = Path(__file__).resolve().parents[2]
 ENGLISH = "By the way, Alexander the Great tamed the horse.\nThe Milky Way"
@@ -102,14 +102,7 @@ def test_bad_input_is_refused(engram_checkpoint, baseline_checkpoint, trained_mo
         run_gates(engram_checkpoint, ["the king"], tmp_path / "file")
 
 
-def _screenshot_script():
-    spec = importlib.util.spec_from_file_location("screenshot_gates", REPO / "scripts" / "screenshot_gates.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-SCREENSHOT_SCRIPT = _screenshot_script()
+SCREENSHOT_SCRIPT = load_script("screenshot_gates")
 
 
 # .ci/run installs Debian's chromium and sets ENGRAM_REQUIRE_CHROMIUM: in CI this runs, or fails.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from inspection.inspect_helpers import variant
 
-from engram.inspect.hooks import recorded_gates, recorded_residuals, replaced_engram_output, zeroed_engram
+from engram.inspection.hooks import recorded_gates, recorded_residuals, replaced_engram_output, zeroed_engram
 
 
 def random_ids(model, batch=3, length=29, seed=0):

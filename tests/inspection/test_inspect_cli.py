@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from engram.inspect.cli import add_inspect_parser, run_inspect
+from engram.inspection.cli import add_inspect_parser, run_inspect
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

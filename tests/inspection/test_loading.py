@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engram.inspect.loading import checkpoint_folder, load_model, model_corpus, resolve_data
-from engram.train.data import load_or_prepare, prepare_corpus
+from engram.data.corpus import load_or_prepare, prepare_corpus
+from engram.inspection.loading import checkpoint_folder, load_model, model_corpus, resolve_data
 
 
 def test_checkpoint_and_data_of_a_run(trained_runs, engram_checkpoint, text_dir, tmp_path):

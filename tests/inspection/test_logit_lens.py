@@ -4,7 +4,7 @@ import pytest
 import torch
 from inspection.inspect_helpers import variant
 
-from engram.inspect.logit_lens import logit_lens, run_logit_lens
+from engram.inspection.logit_lens import logit_lens, run_logit_lens
 
 
 @pytest.mark.parametrize("hc_mult", [1, 4], ids=["plain-residual", "mhc-4"])

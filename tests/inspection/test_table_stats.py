@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from inspection.inspect_helpers import variant
 
-import engram.inspect.table_stats as table_module
-from engram.inspect.table_stats import run_table_stats, table_statistics
-from engram.inspect.loading import model_tokenizer
-from engram.train.data import bos_id
+import engram.inspection.table_stats as table_module
+from engram.data.corpus import bos_id
+from engram.inspection.loading import model_tokenizer
+from engram.inspection.table_stats import run_table_stats, table_statistics
 
 
 @pytest.mark.parametrize("chunk, table_rows", [(7, None), (1 << 16, None), (5, 11)],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram.fp8 import quantize_rows
+from engram.kernels.fp8 import quantize_rows
 from engram.kernels.gather import fp8_gather, fp8_gather_naive, multi_head_gather
 from engram.kernels.gather.op import _fp8_gather
 from kernels.conftest import compile_for_h200

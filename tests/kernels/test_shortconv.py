@@ -1,6 +1,6 @@
 """The Triton ShortConv against its naive twin, on the GPU, or on CPU through Triton's interpreter without one
 (``device`` and TRITON_INTERPRET come from conftest.py). The naive twin is ``ShortConv.forward`` itself off the GPU,
-checked against an independent statement of the demo's ShortConv in tests/test_engram.py."""
+checked against an independent statement of the demo's ShortConv in tests/test_layer.py."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ from its ``conftest.py`` with ``from memory.fact import fact_memory  # noqa: F40
 :func:`build_fact_memory` yourself.
 
 The base is the tiny preset shrunk (d_model 32, 2 blocks, Engram at block 1) trained for a few steps on the
-session's ``text_dir``; the patch is :func:`engram.train.tune.tune_memory` on documents repeating
+session's ``text_dir``; the patch is :func:`engram.memory.tune.tune_memory` on documents repeating
 :data:`FACT_TEXT`. Greedy decoding of :data:`PROMPT` gives :data:`ANSWER` with the patch (applied or as an
 overlay) and something else without it.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engram.data.corpus import bos_id
+from engram.memory.tune import tune_memory
 from engram.model import EngramLM, RowOverlay
 from engram.tokenizer import load_tokenizer
-from engram.train.data import bos_id
 from engram.train.optim import OptimConfig
 from engram.train.trainer import Trainer, TrainConfig
-from engram.train.tune import tune_memory
 
 FACT_TEXT = "the zebra code is 4217."
 PROMPT = "the zebra code is"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from engram.data.corpus import load_or_prepare
 from engram.memory import (apply_patch, engram_tables, frequent_ngrams, lookup, model_fingerprint, ngram_rows,
                            write_ngram)
 from engram.model import EngramLM
-from engram.train.data import load_or_prepare
 
 TEXT = "the king and the queen went to the sea"
 TOP = 60

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from engram.data.batches import TokenBatches
+from engram.data.corpus import load_or_prepare
 from engram.memory import apply_patch, diff, engram_tables, load_patch
+from engram.memory.tune import freeze_for_memory_tuning, tune_memory
 from engram.model import EngramLM, EngramLMConfig
-from engram.train.data import TokenBatches, load_or_prepare
-from engram.train.tune import freeze_for_memory_tuning, tune_memory
 
 from memory.fact import ANSWER, TUNE
 

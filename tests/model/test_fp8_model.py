@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engram.embedding import quantize_tables
-from engram.fp8 import dequantize_rows, quantize_rows
+from engram.kernels.fp8 import dequantize_rows, quantize_rows
 from engram.model import EngramLM
 from engram.storage import read_header
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engram.train.data import prepare_corpus
+from engram.data.corpus import prepare_corpus
 
 from test_distributed_training import free_port
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from engram.data.corpus import load_or_prepare
 from engram.model import EngramLM
 from engram.parallel import finish_distributed, init_distributed
-from engram.train.data import load_or_prepare
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 

@@ -1,5 +1,5 @@
-"""Packed FP8 rows (uint8 ``[R, D + D / 32]``, :mod:`engram.fp8`) through table files and every store, bit for bit;
-float table files quantised while loading into host memory."""
+"""Packed FP8 rows (uint8 ``[R, D + D / 32]``, :mod:`engram.kernels.fp8`) through table files and every store, bit for
+bit; float table files quantised while loading into host memory."""
 
 import json
 import struct
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engram.fp8 import quantize_rows, quantize_table
+from engram.kernels.fp8 import quantize_rows, quantize_table
 from engram.storage import (CachedStore, DiskStore, HostStore, TableFileError, load_table, map_table,
                             open_table_store, read_header, share_in_shm, write_table)
 

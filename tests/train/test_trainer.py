@@ -8,10 +8,10 @@ import torch
 
 from engram.cli import main
 from engram.model import EngramLM
+from engram.serve.generate import generate_text
 from engram.train import checkpoint as checkpoint_module
 from engram.train.checkpoint import flatten_state, latest_checkpoint, unflatten_state
 from engram.train.compare import COMPARISON_FILE, PLOT_FILE, run_comparison
-from engram.train.generate import generate_text
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 

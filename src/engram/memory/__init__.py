@@ -3,8 +3,8 @@
 - :mod:`~engram.memory.patch`: :class:`MemoryPatch` (the rows that changed, with the base's fingerprint), its
   file format and the operations on it;
 - :mod:`~engram.memory.edit`: :func:`lookup` (what a text reads, collisions, gates) and :func:`write_ngram`;
-- memory-only fine-tuning itself is :func:`engram.train.tune.tune_memory`; serving a patch per request without
-  applying it is :class:`engram.model.RowOverlay`.
+- :mod:`~engram.memory.tune`: memory-only fine-tuning into a patch (:func:`~engram.memory.tune.tune_memory`);
+  serving a patch per request without applying it is :class:`engram.model.RowOverlay`.
 """
 
 from engram.memory.edit import (Collision, FrequentNgrams, HeadRead, LayerRead, LookupResult, PositionRead,

@@ -16,14 +16,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from engram.deepseek_v41 import load_deepseek_v41_engram
 from engram.memory.edit import (DEFAULT_CORPUS_TOKENS, DEFAULT_TOP_NGRAMS, WRITE_MODES, LookupResult, lookup,
                                 lookup_deepseek_v41, write_ngram)
 from engram.memory.patch import MemoryPatch, apply_patch, diff, load_patch, merge, revert, save_patch
+from engram.memory.tune import DEFAULT_LR, DEFAULT_STEPS, tune_memory
 from engram.model import EngramLM
+from engram.models.deepseek_v41 import load_deepseek_v41_engram
 from engram.parallel import resolve_device
 from engram.storage import PLACEMENTS
-from engram.train.tune import DEFAULT_LR, DEFAULT_STEPS, tune_memory
 
 COLLISIONS_SHOWN = 3  # per head, in the lookup table
 

@@ -23,13 +23,13 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import Tensor
 
-from engram.deepseek_v41 import DeepSeekV41Engram
+from engram.data.corpus import Corpus, bos_id, load_or_prepare
 from engram.embedding import MultiHeadEmbedding
 from engram.hashing import NgramHasher
-from engram.inspect.hooks import recorded_gates
+from engram.inspection.hooks import recorded_gates
 from engram.memory.patch import MemoryPatch, engram_tables, model_fingerprint
 from engram.model import EngramLM
-from engram.train.data import Corpus, bos_id, load_or_prepare
+from engram.models.deepseek_v41 import DeepSeekV41Engram
 
 DEFAULT_TOP_NGRAMS = 5000  # most frequent n-grams per order whose rows are known
 DEFAULT_CORPUS_TOKENS = 2_000_000  # tokens of the corpus counted (from the start of its train split)
@@ -260,7 +260,7 @@ def lookup_deepseek_v41(engram: DeepSeekV41Engram, text: str,
                         corpus: Corpus | str | os.PathLike[str] | list[str] | None = None,
                         top_ngrams: int = DEFAULT_TOP_NGRAMS, corpus_tokens: int = DEFAULT_CORPUS_TOKENS
                         ) -> LookupResult:
-    """:func:`lookup` for the Engram layers of a DeepSeek-V4.1 checkpoint (:func:`engram.deepseek_v41.
+    """:func:`lookup` for the Engram layers of a DeepSeek-V4.1 checkpoint (:func:`engram.models.deepseek_v41.
     load_deepseek_v41_engram`): per position and loaded layer, the flat row of every head and the L2 norm of its
     dequantised values. Gates are left empty: they need the backbone's hidden states, which an Engram-only
     checkpoint does not give. Tokens of the loaded ``dead_token_ids`` are dead (hashed as pad, see

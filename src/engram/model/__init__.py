@@ -1,13 +1,12 @@
 """EngramLM: attention, fine-grained MoE, mHC hyper-connections and Engram in one language model."""
 
 from engram.model.attention import Attention, KVCache, RotaryEmbedding
-from engram.model.config import EngramLMConfig, MoEConfig
+from engram.model.config import PRESETS, EngramLMConfig, MoEConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, sinkhorn_knopp
 from engram.model.lm import Block, Decoding, EngramLM, LMOutput
 from engram.model.moe import FeedForward, MoE
 from engram.model.overlay import RowOverlay, StackedOverlays, overlay_rows
 from engram.model.params import baseline_config, count_parameters, iso_parameter_config, param_report
-from engram.model.presets import PRESETS
 
 __all__ = [
     "PRESETS",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.engram import Engram
 from engram.hashing import NgramHasher, check_token_batch
+from engram.layer import Engram
 from engram.model.attention import Attention, KVCache
 from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
 from engram.model.loss import linear_cross_entropy
 from engram.model.moe import FeedForward, MoE
 from engram.model.overlay import RowOverlay, StackedOverlays, replace_rows, stack_overlays
-from engram.model.params import count_parameters
 from engram.model.sampling import sample_next
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
 from engram.storage import PendingRows
@@ -350,8 +350,8 @@ class EngramLM(nn.Module):
                 (frequency-based admission); 0 for no cache.
             engram_table_format: the tables' rows: ``None`` as saved (``config.json``'s ``engram_table_format``,
                 ``"float"`` for older folders); ``"fp8"`` quantises a float folder's tables to packed FP8 rows
-                while loading them (``engram.fp8``: E4M3 with a power-of-two scale per 32 values, 264 bytes for a
-                256-wide row against 512 in bf16; read-only: for serving), with placement ``device`` or ``host``.
+                while loading them (``engram.kernels.fp8``: E4M3 with a power-of-two scale per 32 values, 264 bytes
+                for a 256-wide row against 512 in bf16; read-only: for serving), with placement ``device`` or ``host``.
                 An FP8 folder loads as FP8 in every placement (``"float"`` is refused).
             placement_options: see :func:`engram.storage.open_table_store` (``host_method``, ``workers``,
                 ``share_memory``, ``host_memory_budget``, ``verify``).
@@ -446,3 +446,60 @@ class Decoding:
         self.logits = self.model(next_ids[:, None], attention_mask=self.mask, cache=self.cache,
                                  engram_history=history, row_overlays=self.row_overlays).logits[:, -1]
         return self.logits
+
+
+def _numel(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def count_parameters(model: EngramLM, seq_len: int | None = None) -> dict[str, int]:
+    """Counts of ``model`` by component, plus ``total``, ``activated``, ``engram`` and ``flops_per_token``
+    (docs/design.md §7).
+
+    ``activated`` = parameters a token uses: everything except the routed experts it does not pick (a fraction
+    ``(E - k) / E`` of every MoE layer's routed experts) and the Engram table rows it does not read (it reads
+    ``(max_ngram_size - 1) * n_head_per_ngram`` rows of ``head_dim`` per Engram layer). Embedding and LM head
+    count as activated.
+
+    ``flops_per_token`` is the forward pass of one token in a causal sequence of ``seq_len`` tokens
+    (default ``max_position_embeddings``): 2 FLOPs per activated matmul weight plus the attention
+    scores and weighted sum over the average causal context ``(seq_len + 1) / 2``.
+    """
+    cfg = model.cfg
+    seq_len = seq_len or cfg.max_position_embeddings
+    counts: dict[str, int] = defaultdict(int)
+    counts["embedding"] = _numel(model.embed)
+    counts["lm_head"] = _numel(model.lm_head)
+    counts["norms"] = _numel(model.norm)
+    counts["mhc"] = _numel(model.merge)
+    unused_experts = 0
+    rows_read = 0
+    for block in model.blocks:
+        counts["attention"] += _numel(block.attn)
+        counts["norms"] += _numel(block.attn_norm) + _numel(block.ffn_norm)
+        if cfg.hc_mult > 1:
+            counts["mhc"] += _numel(block.attn_hc) + _numel(block.ffn_hc)
+        if isinstance(block.ffn, MoE):
+            routed = block.ffn.w1.numel() + block.ffn.w2.numel() + block.ffn.w3.numel()
+            counts["moe_routed_experts"] += routed
+            counts["moe_shared_experts"] += _numel(block.ffn.shared)
+            counts["moe_router"] += _numel(block.ffn.router)
+            unused_experts += routed * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
+        else:
+            counts["dense_ffn"] += _numel(block.ffn)
+        if block.engram is not None:
+            embedding = block.engram.multi_head_embedding
+            tables = embedding.num_rows * embedding.head_dim  # also when a store holds them (not a parameter)
+            counts["engram_tables"] += tables
+            counts["engram_dense"] += _numel(block.engram) - _numel(embedding)
+            rows_read += cfg.engram.num_heads * cfg.engram.head_dim
+    report = dict(counts)
+    report["total"] = sum(counts.values())
+    report["engram"] = counts["engram_tables"]
+    report["activated"] = report["total"] - unused_experts - counts["engram_tables"] + rows_read
+    # The embedding is a lookup (no FLOPs) unless it doubles as the LM head.
+    matmul = report["activated"] - counts["norms"] - rows_read - (0 if cfg.tie_embeddings else counts["embedding"])
+    attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (seq_len + 1) / 2
+    report["flops_per_token"] = int(2 * matmul + attention)
+    report["seq_len"] = seq_len
+    return report

@@ -1,80 +1,20 @@
-"""Parameter and FLOP accounting, and iso-parameter MoE <-> Engram configurations (docs/design.md §7).
+"""Parameter and FLOP accounting of a configuration, and iso-parameter MoE <-> Engram configurations
+(docs/design.md §7).
 
 Counts come from the real modules: :func:`param_report` builds the model on PyTorch's ``meta`` device
-(shapes only, no memory), so a 27B-parameter shape is reported in a second without being allocated.
-
-``activated`` = parameters a token uses: everything except the routed experts it does not pick
-(a fraction ``(E - k) / E`` of every MoE layer's routed experts) and the Engram table rows it does not
-read (it reads ``(max_ngram_size - 1) * n_head_per_ngram`` rows of ``head_dim`` per Engram layer).
-Embedding and LM head count as activated.
+(shapes only, no memory) and counts it with :func:`engram.model.lm.count_parameters`, so a 27B-parameter shape
+is reported in a second without being allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from engram.config import EngramConfig
 from engram.model.config import EngramLMConfig
-from engram.model.moe import MoE
-
-if TYPE_CHECKING:
-    from engram.model.lm import EngramLM
-
-
-def _numel(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
-
-
-def count_parameters(model: "EngramLM", seq_len: int | None = None) -> dict[str, int]:
-    """Counts of ``model`` by component, plus ``total``, ``activated``, ``engram`` and ``flops_per_token``.
-
-    ``flops_per_token`` is the forward pass of one token in a causal sequence of ``seq_len`` tokens
-    (default ``max_position_embeddings``): 2 FLOPs per activated matmul weight plus the attention
-    scores and weighted sum over the average causal context ``(seq_len + 1) / 2``.
-    """
-    cfg = model.cfg
-    seq_len = seq_len or cfg.max_position_embeddings
-    counts: dict[str, int] = defaultdict(int)
-    counts["embedding"] = _numel(model.embed)
-    counts["lm_head"] = _numel(model.lm_head)
-    counts["norms"] = _numel(model.norm)
-    counts["mhc"] = _numel(model.merge)
-    unused_experts = 0
-    rows_read = 0
-    for block in model.blocks:
-        counts["attention"] += _numel(block.attn)
-        counts["norms"] += _numel(block.attn_norm) + _numel(block.ffn_norm)
-        if cfg.hc_mult > 1:
-            counts["mhc"] += _numel(block.attn_hc) + _numel(block.ffn_hc)
-        if isinstance(block.ffn, MoE):
-            routed = block.ffn.w1.numel() + block.ffn.w2.numel() + block.ffn.w3.numel()
-            counts["moe_routed_experts"] += routed
-            counts["moe_shared_experts"] += _numel(block.ffn.shared)
-            counts["moe_router"] += _numel(block.ffn.router)
-            unused_experts += routed * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
-        else:
-            counts["dense_ffn"] += _numel(block.ffn)
-        if block.engram is not None:
-            embedding = block.engram.multi_head_embedding
-            tables = embedding.num_rows * embedding.head_dim  # also when a store holds them (not a parameter)
-            counts["engram_tables"] += tables
-            counts["engram_dense"] += _numel(block.engram) - _numel(embedding)
-            rows_read += cfg.engram.num_heads * cfg.engram.head_dim
-    report = dict(counts)
-    report["total"] = sum(counts.values())
-    report["engram"] = counts["engram_tables"]
-    report["activated"] = report["total"] - unused_experts - counts["engram_tables"] + rows_read
-    # The embedding is a lookup (no FLOPs) unless it doubles as the LM head.
-    matmul = report["activated"] - counts["norms"] - rows_read - (0 if cfg.tie_embeddings else counts["embedding"])
-    attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (seq_len + 1) / 2
-    report["flops_per_token"] = int(2 * matmul + attention)
-    report["seq_len"] = seq_len
-    return report
+from engram.model.lm import EngramLM, count_parameters
 
 
 def param_report(cfg: EngramLMConfig, seq_len: int | None = None) -> dict[str, int]:
@@ -85,8 +25,6 @@ def param_report(cfg: EngramLMConfig, seq_len: int | None = None) -> dict[str, i
         >>> round(report["total"] / 1e9, 1), round(report["engram"] / 1e9, 1)   # doctest: +SKIP
         (26.7, 5.7)
     """
-    from engram.model.lm import EngramLM
-
     with torch.device("meta"):
         model = EngramLM(cfg)
     return count_parameters(model, seq_len)

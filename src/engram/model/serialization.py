@@ -3,7 +3,7 @@ one table file per Engram layer (``engram-layer-{L}.safetensors``, :mod:`engram.
 safetensors file with per-chunk checksums that loads into any placement — device, host, disk — as is).
 Folders written before table files existed (tables inside ``model.safetensors``) still load.
 
-Tables keep the row format they have in memory: float, or packed FP8 (``engram.fp8``, uint8 table files that
+Tables keep the row format they have in memory: float, or packed FP8 (``engram.kernels.fp8``, uint8 table files that
 say so); ``config.json`` names it under ``engram_table_format`` (absent: float), and ``from_pretrained`` can
 quantise a float folder's tables to FP8 while loading them.
 
@@ -25,22 +25,20 @@ import os
 import shutil
 from pathlib import Path
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from engram.atomic import atomic_path, atomic_write_text
 from engram.embedding import MultiHeadEmbedding, quantize_tables
-from engram.fp8 import ROW_FORMATS, quantize_table
 from engram.hashing import complete_fingerprint
+from engram.kernels.fp8 import ROW_FORMATS, quantize_table
 from engram.model.config import EngramLMConfig
 from engram.storage import (PLACEMENTS, TableHeader, load_table, map_table, open_table_store, read_header,
                             record_checksums, verify_recorded, verify_safetensors, write_safetensors, write_table)
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
-
-if TYPE_CHECKING:
-    from engram.model.lm import EngramLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -51,6 +49,8 @@ MAX_SHARD_BYTES = 5 * 1024**3
 _FINGERPRINT_KEY = "engram_fingerprint"
 _TABLES_KEY = "engram_tables"
 _TABLE_FORMAT_KEY = "engram_table_format"
+# An EngramLM, named by its base class: engram.model.lm builds on this module, not the other way round.
+Model = TypeVar("Model", bound=nn.Module)
 
 
 def table_file_name(layer_id: int, rows: tuple[int, int] | None = None) -> str:
@@ -59,18 +59,18 @@ def table_file_name(layer_id: int, rows: tuple[int, int] | None = None) -> str:
         f"engram-layer-{layer_id}.rows-{rows[0]}-{rows[1]}.safetensors"
 
 
-def _weights_metadata(model: "EngramLM") -> dict[str, str]:
+def _weights_metadata(model: nn.Module) -> dict[str, str]:
     """The safetensors metadata of every weights file of ``model``: format version and hashing fingerprint."""
     fingerprint = model.hasher.fingerprint() if model.hasher is not None else None
     return {"format_version": str(FORMAT_VERSION), _FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
 
 
-def table_metadata(model: "EngramLM", layer_id: int) -> dict[str, str]:
+def table_metadata(model: nn.Module, layer_id: int) -> dict[str, str]:
     """The safetensors metadata of a table file of ``model``'s Engram layer ``layer_id``."""
     return {**_weights_metadata(model), "layer_id": str(layer_id)}
 
 
-def table_format(model: "EngramLM") -> str:
+def table_format(model: nn.Module) -> str:
     """The row format of ``model``'s Engram tables, ``"float"`` or ``"fp8"`` (``"float"`` without Engram)."""
     formats = {block.engram.multi_head_embedding.row_format for block in model.blocks if block.engram is not None}
     if len(formats) > 1:
@@ -101,9 +101,10 @@ def _pack_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[st
     return shards
 
 
-def save_pretrained(model: "EngramLM", directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES,
+def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], max_shard_bytes: int = MAX_SHARD_BYTES,
                     table_parts: Mapping[int, list[list[Any]]] | None = None) -> Path:
-    """Write ``model`` into ``directory`` (created if needed); files are replaced atomically.
+    """Write ``model`` (an :class:`~engram.model.EngramLM`) into ``directory`` (created if needed); files are replaced
+    atomically.
 
     ``table_parts``: Engram layers whose table is already written as row parts (``[file, start, end]``, one per
     rank of a distributed run, see :mod:`engram.parallel.checkpoint`), listed in ``config.json`` instead.
@@ -227,9 +228,9 @@ def _load_device_table(header: TableHeader, embedding: MultiHeadEmbedding, verif
     return load_table(header.path, verify=verify)
 
 
-def load_pretrained(cls: type["EngramLM"], directory: str | os.PathLike[str], engram_placement: str = "device",
+def load_pretrained(cls: type[Model], directory: str | os.PathLike[str], engram_placement: str = "device",
                     engram_cache_rows: int = 0, engram_table_format: str | None = None,
-                    **placement_options: Any) -> "EngramLM":
+                    **placement_options: Any) -> Model:
     """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch.
 
     Engram tables go where ``engram_placement`` says, in ``engram_table_format`` (see

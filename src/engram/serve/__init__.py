@@ -1,7 +1,8 @@
 """Serving one model to many tenants, each reading its own memory patch (``engram serve``, see docs/serve.md).
 
 :mod:`engram.serve.app` (the HTTP API) and :mod:`engram.serve.cli` need the ``serve`` extra (FastAPI, uvicorn);
-the engine, the tenants file and the metrics imported here do not.
+the engine, the tenants file and the metrics imported here do not, nor does :mod:`engram.serve.generate` (``engram
+generate``: one prompt sampled in this process, no server).
 """
 
 from engram.serve.engine import (

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from engram.data.corpus import bos_id
 from engram.memory.patch import load_patch, model_fingerprint
 from engram.model import Decoding, EngramLM
 from engram.model.overlay import RowOverlay
@@ -42,7 +43,6 @@ from engram.model.sampling import GREEDY_BELOW, broken_rows, sample_next
 from engram.parallel import resolve_device
 from engram.serve.metrics import Metrics
 from engram.tokenizer import load_tokenizer
-from engram.train.data import bos_id
 
 logger = logging.getLogger("engram.serve")
 

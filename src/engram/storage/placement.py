@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engram.fp8 import ROW_FORMATS, packed_row_bytes, quantize_table
+from engram.kernels.fp8 import ROW_FORMATS, packed_row_bytes, quantize_table
 from engram.storage.cache import CachedStore
 from engram.storage.disk import DiskStore
 from engram.storage.host import HostStore
@@ -48,7 +48,7 @@ def open_table_store(path: str | os.PathLike[str], placement: str, cache_rows: i
     Args:
         cache_rows: > 0 puts a :class:`CachedStore` of that many rows (in the compute device's memory) in front.
         row_format: the rows the store serves: ``None`` as the file holds them; ``"fp8"`` for a float file
-            quantises it while loading into a private ``host`` copy of packed FP8 rows (``engram.fp8``, about a
+            quantises it while loading into a private ``host`` copy of packed FP8 rows (``engram.kernels.fp8``, about a
             quarter of fp32's bytes; chunk by chunk, no fp32 copy of the table); an FP8 file is served as is.
         host_method: how host rows reach the GPU, see :class:`HostStore`.
         workers: threads gathering rows on the CPU.

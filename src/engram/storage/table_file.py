@@ -3,7 +3,7 @@
 A table file is a valid safetensors file (``safetensors.safe_open`` reads it) holding exactly one 2-D
 tensor, ``"weight"`` (fp32, bf16 or fp16; or uint8 packed FP8 rows), whose ``__metadata__`` carries a CRC-32 of
 every ``chunk_bytes`` of the data region beside the caller's own string metadata. A uint8 table holds packed
-FP8 rows (:mod:`engram.fp8`: ``D`` E4M3 bytes, then one UE8M0 scale byte per 32 values) and says so under
+FP8 rows (:mod:`engram.kernels.fp8`: ``D`` E4M3 bytes, then one UE8M0 scale byte per 32 values) and says so under
 ``engram_table_row_format`` = ``"fp8-e4m3-ue8m0"``; a float table has no such key (files from before it
 existed read as float). The header is padded so the
 data starts at a multiple of 64 bytes. The same file is read into GPU or pinned host memory
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from engram.atomic import atomic_path
-from engram.fp8 import row_dim
+from engram.kernels.fp8 import row_dim
 from engram.storage.checksums import (CHUNK_BYTES, SAFETENSORS_DTYPES, ChunkChecksums, FileIntegrityError,
                                       checked_metadata, read_chunks, read_safetensors_header, write_checked_safetensors)
 
@@ -104,7 +104,7 @@ def write_table(
 ) -> TableHeader:
     """Write ``weight`` ``[R, D]`` (a contiguous CPU fp32/bf16/fp16 tensor, possibly a memory map) to ``path``.
 
-    A uint8 ``weight`` is a table of packed FP8 rows ``[R, D + D / 32]`` (:func:`engram.fp8.quantize_rows`), and
+    A uint8 ``weight`` is a table of packed FP8 rows ``[R, D + D / 32]`` (:func:`engram.kernels.fp8.quantize_rows`), and
     its file records that row format. The file is replaced atomically: readers see the old file or the complete
     new one.
     Example: ``write_table("layer2.safetensors", table, {"layer": "2"})``.

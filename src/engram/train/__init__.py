@@ -1,1 +1,1 @@
-"""Training: corpus sources and preparation, token batches, optimisers, the trainer and checkpoints."""
+"""Training: optimisers, the trainer and its checkpoints, Engram-vs-baseline comparisons and sweeps."""

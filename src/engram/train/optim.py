@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from engram.embedding import require_float_rows
-from engram.engram import BranchRMSNorm
+from engram.layer import BranchRMSNorm
 from engram.model.hyper_connections import HyperConnection, StreamMerge
 from engram.model.moe import MoE
 from engram.parallel.sharded_embedding import TABLE_MODULES

@@ -31,11 +31,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from engram.data.corpus import load_or_prepare
 from engram.model import EngramLMConfig, iso_parameter_config, param_report
 from engram.parallel import init_distributed
 from engram.train.checkpoint import latest_checkpoint
 from engram.train.compare import run_summary
-from engram.train.data import load_or_prepare
 from engram.train.trainer import Trainer, TrainConfig, model_config_for
 
 CSV_FILE = "sweep.csv"

@@ -34,13 +34,14 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from engram.data.batches import TokenBatches, token_byte_lengths, validation_batches
+from engram.data.corpus import Corpus, load_or_prepare
 from engram.model import EngramLM, EngramLMConfig, LMOutput
 from engram.parallel import (DistContext, all_reduce_sum, gather_full_model, init_distributed, load_table_moments,
                              local_rows, shard_engram_tables, sharded_tables, sync_router_load, wrap_ddp,
                              write_table_shards)
 from engram.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_staging, save_checkpoint,
-                                    staging_folder)
-from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
+                                     staging_folder)
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 
 METRICS_FILE = "metrics.jsonl"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from engram.fp8 import dequantize_rows
+from engram.kernels.fp8 import dequantize_rows
 
 
 def multi_head_gather_naive(weight: Tensor, flat_rows: Tensor, sparse_grad: bool = True) -> Tensor:
@@ -27,7 +27,7 @@ def fp8_gather_naive(table: Tensor, flat_rows: Tensor) -> Tensor:
     """Dequantise, for every token, the packed FP8 rows of its ``H`` heads and concatenate them.
 
     Args:
-        table: uint8 ``[R, D + D / 32]`` packed FP8 rows (:mod:`engram.fp8`: ``D`` E4M3 bytes, then one UE8M0
+        table: uint8 ``[R, D + D / 32]`` packed FP8 rows (:mod:`engram.kernels.fp8`: ``D`` E4M3 bytes, then one UE8M0
             scale byte per 32 values).
         flat_rows: ``[..., H]`` int rows of the flat table (head offsets already added), in ``[0, R)``
             (``IndexError`` otherwise).

@@ -15,9 +15,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from engram.config import FP8_SCALE_BLOCK
-from engram.fp8 import row_dim
 from engram.kernels.dispatch import use_triton
+from engram.kernels.fp8 import FP8_SCALE_BLOCK, row_dim
 from engram.kernels.gather.naive import fp8_gather_naive, multi_head_gather_naive
 
 
@@ -127,7 +126,7 @@ def fp8_gather(table: Tensor, flat_rows: Tensor, force: bool | None = None) -> T
     """Gather packed FP8 rows and dequantise them in one pass (see :func:`fp8_gather_naive`).
 
     Args:
-        table: uint8 ``[R, D + D / 32]`` packed FP8 rows (:mod:`engram.fp8`: ``D`` E4M3 bytes, then one UE8M0
+        table: uint8 ``[R, D + D / 32]`` packed FP8 rows (:mod:`engram.kernels.fp8`: ``D`` E4M3 bytes, then one UE8M0
             scale byte per 32 values; 264 bytes for ``D = 256``), e.g. a DeepSeek-V4.1 Engram table.
         flat_rows: ``[..., H]`` int rows of the flat table, head offsets already added. They must lie in
             ``[0, R)``: the Triton path does not check (the naive path raises ``IndexError``).
@@ -139,7 +138,7 @@ def fp8_gather(table: Tensor, flat_rows: Tensor, force: bool | None = None) -> T
         ``[h * D, (h + 1) * D)``.
 
     Example:
-        >>> from engram.fp8 import quantize_rows
+        >>> from engram.kernels.fp8 import quantize_rows
         >>> table = quantize_rows(torch.randn(10, 64))        # [10, 66] uint8
         >>> fp8_gather(table, torch.tensor([[[1, 7]]])).shape  # [B, T, H] -> [B, T, H * D]
         torch.Size([1, 1, 128])

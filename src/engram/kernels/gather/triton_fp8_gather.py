@@ -1,8 +1,8 @@
-"""Triton kernel of the fused FP8 gather: read packed FP8 rows (:mod:`engram.fp8`) and write them dequantised.
+"""Triton kernel of the fused FP8 gather: read packed FP8 rows (:mod:`engram.kernels.fp8`) and write them dequantised.
 
 E4M3 and UE8M0 are decoded from their bits with integer arithmetic (no float8 types: the same code runs in
 Triton's interpreter and on any GPU), and every value is one fp32 product ``e4m3 * 2^(e - 127)``, rounded once
-like the plain :func:`engram.fp8.dequantize_rows`, so the two agree bit for bit.
+like the plain :func:`engram.kernels.fp8.dequantize_rows`, so the two agree bit for bit.
 
 Offsets into the table are computed in int64: tables exceed 2**31 bytes.
 """
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engram.fp8 import row_dim
+from engram.kernels.fp8 import row_dim
 
 # Widest tile along D; wider rows loop over D in chunks of this.
 MAX_BLOCK_D = 256

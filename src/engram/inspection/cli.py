@@ -91,7 +91,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Run the parsed ``engram inspect ...`` arguments; prints a short summary and the files written."""
     command = args.inspect_command
     if command == "gates":
-        from engram.inspect.gates import run_gates
+        from engram.inspection.gates import run_gates
 
         report = run_gates(args.checkpoint, args.text, args.out, args.device)
         for text in report.texts:
@@ -99,7 +99,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         files = [report.html, report.png, report.summary]
         note = report.font_note
     elif command == "ablate":
-        from engram.inspect.ablate import run_ablate
+        from engram.inspection.ablate import run_ablate
 
         report = run_ablate(args.checkpoint, args.out, args.data, args.device, args.batches, args.batch_size,
                             args.seq_len, args.top_ngrams, args.ngram_tokens, args.top_tokens, args.min_count)
@@ -108,7 +108,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                   f"{category.loss_off:.4f} without Engram ({category.increase:+.4f})")
         files, note = [report.png, report.summary], report.font_note
     elif command == "logit-lens":
-        from engram.inspect.logit_lens import run_logit_lens
+        from engram.inspection.logit_lens import run_logit_lens
 
         report = run_logit_lens(args.checkpoint, args.out, args.baseline, args.data, args.device, args.batches,
                                 args.batch_size, args.seq_len)
@@ -116,7 +116,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             print(f"{curve.name}: KL to final by depth " + " ".join(f"{value:.3f}" for value in curve.kl))
         files, note = [report.png, report.summary], None
     elif command == "table":
-        from engram.inspect.table_stats import run_deepseek_v41_table_stats, run_table_stats
+        from engram.inspection.table_stats import run_deepseek_v41_table_stats, run_table_stats
 
         if args.deepseek_v41 is not None:
             report = run_deepseek_v41_table_stats(args.deepseek_v41, args.out, args.data, args.tokens, args.top_ngrams,

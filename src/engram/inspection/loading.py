@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from engram.inspect.hooks import engram_blocks
+from engram.data.batches import validation_batches
+from engram.data.corpus import INDEX_FILE, Corpus, load_or_prepare
+from engram.inspection.hooks import engram_blocks
 from engram.model import EngramLM
 from engram.parallel import resolve_device
 from engram.tokenizer import load_tokenizer, resolve_tokenizer_path
 from engram.train.checkpoint import checkpoint_folder
-from engram.train.data import INDEX_FILE, Corpus, load_or_prepare, validation_batches
 
 RUN_FILE = "run.json"
 _MAX_CHAR_PARTS = 4  # a UTF-8 character has at most 4 bytes, and every token holds at least one
@@ -71,7 +72,7 @@ def tokenizer_corpus(tokenizer: str, data: list[str]) -> Corpus:
 
 def eval_batches(model: EngramLM, corpus: Corpus, batch_size: int, seq_len: int, max_batches: int
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows of the validation split (:func:`engram.train.data.validation_batches`): int64
+    """Consecutive windows of the validation split (:func:`engram.data.batches.validation_batches`): int64
     ``[B, T]`` (inputs, targets) pairs on the model's device."""
     if seq_len > model.cfg.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings="

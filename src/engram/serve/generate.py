@@ -6,11 +6,11 @@ import os
 
 import torch
 
+from engram.data.corpus import bos_id
 from engram.model import EngramLM
 from engram.parallel import resolve_device
 from engram.tokenizer import load_tokenizer
 from engram.train.checkpoint import checkpoint_folder
-from engram.train.data import bos_id
 
 
 def generate_text(checkpoint: str | os.PathLike[str], prompt: str, max_new_tokens: int = 64,

@@ -11,8 +11,8 @@ from test_deepseek_v41 import reference_rows
 from v41_checkpoint import LAYERS, VOCAB, decoded_rows, engram_tensors, flat_offsets, table_rows, write_checkpoint
 
 from engram.cli import main
-from engram.inspect.loading import tokenizer_corpus
-from engram.train.data import bos_id
+from engram.data.corpus import bos_id
+from engram.inspection.loading import tokenizer_corpus
 
 TEXT = "The zebra code is 42, the zebra code."
 

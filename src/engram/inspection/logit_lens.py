@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from engram.atomic import atomic_write_text
-from engram.inspect.hooks import recorded_residuals
-from engram.inspect.loading import (checkpoint_folder, eval_batches, load_model, model_corpus, output_folder,
-                                    resolve_data)
-from engram.inspect.plotting import Figure, choose_fonts, figure_style, save_figure
+from engram.inspection.hooks import recorded_residuals
+from engram.inspection.loading import (checkpoint_folder, eval_batches, load_model, model_corpus, output_folder,
+                                       resolve_data)
+from engram.inspection.plotting import Figure, choose_fonts, figure_style, save_figure
 from engram.model import EngramLM
 
 JSON_FILE = "logit_lens.json"

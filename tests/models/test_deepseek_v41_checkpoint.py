@@ -17,8 +17,8 @@ from v41_checkpoint import (BRANCHES, HEAD_DIM, HIDDEN, LAYERS, RMS_EPS, VOCAB, 
                             write_checkpoint)
 
 from engram import Engram, EngramConfig, NgramHasher
-from engram.deepseek_v41 import (DeepSeekV41Engram, backbone_dims, load_deepseek_v41_engram, read_engram_config,
-                                 read_text_config)
+from engram.models.deepseek_v41 import (DeepSeekV41Engram, backbone_dims, load_deepseek_v41_engram, read_engram_config,
+                                        read_text_config)
 
 
 def flat_reference_rows(ids: torch.Tensor, dead: torch.Tensor, layer: int) -> np.ndarray:

@@ -17,13 +17,13 @@ import torch
 from tokenizers import Tokenizer
 
 from engram.atomic import atomic_write_text
-from engram.inspect.gate_page import render_gate_page, shown_text
-from engram.inspect.hooks import engram_blocks, recorded_gates
-from engram.inspect.loading import (TokenPiece, checkpoint_folder, load_model, model_tokenizer, output_folder,
-                                    text_ids, token_pieces)
-from engram.inspect.plotting import GATE_CMAP, Figure, choose_fonts, figure_style, save_figure
+from engram.data.corpus import bos_id
+from engram.inspection.gate_page import render_gate_page, shown_text
+from engram.inspection.hooks import engram_blocks, recorded_gates
+from engram.inspection.loading import (TokenPiece, checkpoint_folder, load_model, model_tokenizer, output_folder,
+                                       text_ids, token_pieces)
+from engram.inspection.plotting import GATE_CMAP, Figure, choose_fonts, figure_style, save_figure
 from engram.model import EngramLM
-from engram.train.data import bos_id
 
 HTML_FILE = "gates.html"
 PNG_FILE = "gates.png"

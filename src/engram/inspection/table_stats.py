@@ -26,16 +26,16 @@ import numpy as np
 import torch
 
 from engram.atomic import atomic_write_text
-from engram.deepseek_v41 import TOKENIZER, read_engram_config
+from engram.data.corpus import Corpus
 from engram.embedding import head_offsets
 from engram.hashing import NgramHasher
-from engram.inspect.hooks import engram_blocks
-from engram.inspect.loading import (check_positive, checkpoint_folder, model_corpus, open_inspection, output_folder,
-                                    tokenizer_corpus)
-from engram.inspect.ngrams import frequent_ngrams
-from engram.inspect.plotting import Figure, choose_fonts, figure_style, save_figure
+from engram.inspection.hooks import engram_blocks
+from engram.inspection.loading import (check_positive, checkpoint_folder, model_corpus, open_inspection, output_folder,
+                                       tokenizer_corpus)
+from engram.inspection.ngrams import frequent_ngrams
+from engram.inspection.plotting import Figure, choose_fonts, figure_style, save_figure
 from engram.model import EngramLM
-from engram.train.data import Corpus
+from engram.models.deepseek_v41 import TOKENIZER, read_engram_config
 
 JSON_FILE = "table.json"
 PNG_FILE = "table.png"

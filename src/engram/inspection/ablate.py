@@ -29,12 +29,12 @@ import torch
 from tokenizers import Tokenizer
 
 from engram.atomic import atomic_write_text
-from engram.inspect.gate_page import shown_text
-from engram.inspect.hooks import zeroed_engram
-from engram.inspect.loading import (check_positive, checkpoint_folder, eval_batches, model_corpus, model_tokenizer,
-                                    open_inspection)
-from engram.inspect.ngrams import FrequentNgrams, frequent_ngrams, ngram_keys
-from engram.inspect.plotting import Figure, choose_fonts, figure_style, save_figure
+from engram.inspection.gate_page import shown_text
+from engram.inspection.hooks import zeroed_engram
+from engram.inspection.loading import (check_positive, checkpoint_folder, eval_batches, model_corpus, model_tokenizer,
+                                       open_inspection)
+from engram.inspection.ngrams import FrequentNgrams, frequent_ngrams, ngram_keys
+from engram.inspection.plotting import Figure, choose_fonts, figure_style, save_figure
 from engram.model import EngramLM
 
 JSON_FILE = "ablate.json"

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engram.config import FP8_SCALE_BLOCK
-
+FP8_SCALE_BLOCK = 32  # values per UE8M0 scale in an "fp8-e4m3-ue8m0" table row
 ROW_FORMATS = ("float", "fp8")  # how a table stores its rows: a float dtype, or packed FP8 (uint8)
 E4M3_MAX = 448.0
 SCALE_BIAS = 127

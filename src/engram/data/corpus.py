@@ -1,4 +1,5 @@
-"""Prepared corpora: tokenise sources once into memory-mappable token files, then draw batches from them.
+"""Prepared corpora: tokenise sources once into memory-mappable token files (:mod:`engram.data.batches` draws batches
+from them).
 
 A prepared corpus is a folder holding, per split (``train``, ``val``):
 
@@ -33,15 +34,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from rich import filesize
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-from tokenizers import Tokenizer, decoders
+from tokenizers import Tokenizer
 
+from engram.data.sources import Document, ResolvedSource, SourceFile, read_documents, resolve_sources
 from engram.fetch import staging_dir
 from engram.tokenizer import default_cache_dir, load_tokenizer, resolve_tokenizer_path
-from engram.train.sources import Document, ResolvedSource, SourceFile, read_documents, resolve_sources
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -268,7 +268,7 @@ class _SplitWriter:
 
 
 def _train_bpe(files: list[SourceFile], vocab_size: int, out_path: Path) -> Path:
-    from engram.train.bpe import train_bpe_tokenizer
+    from engram.data.bpe import train_bpe_tokenizer
 
     texts = (doc.text for file in files for doc in read_documents(file))
     return train_bpe_tokenizer(texts, vocab_size, out_path)
@@ -325,7 +325,7 @@ def prepare_corpus(sources: list[str], out_dir: str | os.PathLike[str], tokenize
     """Tokenise ``sources`` into a prepared corpus at ``out_dir`` (see the module docstring).
 
     Args:
-        sources: paths (files or folders) and preset names, see :mod:`engram.train.sources`.
+        sources: paths (files or folders) and preset names, see :mod:`engram.data.sources`.
         out_dir: the corpus folder; built in a sibling temporary folder and renamed into place, so it is
             either absent, the previous corpus, or complete. A non-empty folder that is not a prepared
             corpus is refused.
@@ -584,71 +584,3 @@ def _announced(corpus: Corpus, note: str, console: Console | None) -> Corpus:
         console.print(f"corpus {corpus.path}{note}: {train.tokens:,} training and {val.tokens:,} validation tokens "
                       f"({corpus.info.tokenizer}, split by {corpus.info.split_by})", markup=False, soft_wrap=True)
     return corpus
-
-
-
-def token_byte_lengths(tokenizer: Any) -> np.ndarray:
-    """int64 [V]: the UTF-8 bytes each token id stands for (added/special tokens 0), for bits per byte.
-
-    ``tokenizer`` is anything :func:`engram.tokenizer.load_tokenizer` takes; it must be byte-level
-    (every character of a token string is one byte). ``V`` counts added tokens.
-    """
-    tok = load_tokenizer(tokenizer)
-    if not isinstance(tok.decoder, decoders.ByteLevel):
-        raise ValueError(f"token_byte_lengths needs a byte-level tokenizer, got decoder {tok.decoder!r}")
-    size = tok.get_vocab_size(with_added_tokens=True)
-    lengths = np.zeros(size, dtype=np.int64)
-    for token, token_id in tok.get_vocab(with_added_tokens=False).items():
-        lengths[token_id] = len(token)
-    lengths[list(tok.get_added_tokens_decoder())] = 0
-    return lengths
-
-
-def _check_window(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-    if len(tokens) < seq_len + 1:
-        raise ValueError(f"the split holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-
-
-def _as_pair(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint32 [B, T+1] windows -> (inputs, targets) int64 [B, T], targets shifted by one."""
-    return torch.from_numpy(windows[:, :-1].astype(np.int64)), torch.from_numpy(windows[:, 1:].astype(np.int64))
-
-
-class TokenBatches:
-    """Random training windows whose batch at step ``s`` is a pure function of (seed, s).
-
-    Resuming at step ``s`` needs no other state, and every model trained with the same seed sees the
-    same data in the same order.
-    """
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
-        _check_window(tokens, batch_size, seq_len)
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets): int64 [B, T] each, B windows of T+1 tokens at uniform random starts."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        return _as_pair(np.asarray(self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]))
-
-
-def validation_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                       max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive windows from the start of ``tokens``, each target predicted once, in batches.
-
-    Window ``i`` covers tokens ``[i*T, (i+1)*T]``; at most ``max_batches`` batches of ``batch_size``
-    windows (the last batch may be smaller). Returns (inputs, targets) int64 [B, T] pairs.
-    """
-    _check_window(tokens, batch_size, seq_len)
-    if max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    count = min((len(tokens) - 1) // seq_len, max_batches * batch_size)
-    starts = np.arange(count) * seq_len
-    windows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)])
-    return [_as_pair(windows[i:i + batch_size]) for i in range(0, count, batch_size)]

@@ -6,7 +6,7 @@ backbone's ``hidden_size`` and ``hc_mult``, at the top level or in ``text_config
 ``L`` six tensors are read, nothing else (shapes of V4.1-Flash: hidden 5120, M = 4 mHC branches, 24 heads of 256):
 
 - ``layers.{L}.engram.embed.weight`` F8_E4M3 ``[rows, head_dim]`` and ``embed.scale`` F8_E8M0
-  ``[rows, head_dim / 32]``: the table, as packed FP8 rows (:mod:`engram.fp8`); ``rows`` must be the sum of the
+  ``[rows, head_dim / 32]``: the table, as packed FP8 rows (:mod:`engram.kernels.fp8`); ``rows`` must be the sum of the
   layer's prime table sizes (``engram_num_embeddings``);
 - ``layers.{L}.engram.wkv.weight`` F8_E4M3 ``[(M + 1) * hidden, heads * head_dim]`` with ``wkv.scale`` F8_E8M0,
   one per 32x32 block: ``value_key_proj.weight``, the M keys (one per branch) then the shared value;
@@ -42,10 +42,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from engram.config import FP8_SCALE_BLOCK, EngramConfig
-from engram.engram import Engram
-from engram.fp8 import dequantize_blocks, pack_rows, packed_row_bytes
+from engram.config import EngramConfig
 from engram.hashing import NgramHasher
+from engram.kernels.fp8 import FP8_SCALE_BLOCK, dequantize_blocks, pack_rows, packed_row_bytes
+from engram.layer import Engram
 from engram.storage import PLACEMENTS, TableFileError, TableStore, open_table_store, read_header, write_table
 from engram.tokenizer import CompressedTokenizer
 

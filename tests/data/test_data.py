@@ -15,13 +15,13 @@ from rich import filesize
 from rich.console import Console
 from tokenizers import Tokenizer, models
 
-from engram.tokenizer import load_tokenizer
-from engram.train import data as data_module
+from engram.data import corpus as data_module
+from engram.data.batches import TokenBatches, token_byte_lengths, validation_batches
+from engram.data.corpus import load_or_prepare, open_corpus, prepare_corpus, split_hash
+from engram.data.sources import (PRESETS, decode, fetch_preset, iter_documents, python_code_files,
+                                 resolve_sources)
 from engram.fetch import COMPLETE_MARKER
-from engram.train.data import (TokenBatches, load_or_prepare, open_corpus, prepare_corpus, split_hash,
-                               token_byte_lengths, validation_batches)
-from engram.train.sources import (PRESETS, decode, fetch_preset, iter_documents, python_code_files,
-                                  resolve_sources)
+from engram.tokenizer import load_tokenizer
 
 LATIN1 = "Voilà un café crème, naïve.\n"  # 4 non-ASCII characters: 4 invalid bytes in Latin-1
 WORDS = "the quick brown fox jumps over a lazy dog while rain falls on old stone walls".split()

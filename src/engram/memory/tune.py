@@ -17,10 +17,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from engram.data.batches import TokenBatches, token_byte_lengths, validation_batches
+from engram.data.corpus import Corpus, load_or_prepare
 from engram.memory.patch import MemoryPatch, diff, engram_tables, save_patch
 from engram.model import EngramLM
 from engram.parallel import resolve_device
-from engram.train.data import Corpus, TokenBatches, load_or_prepare, token_byte_lengths, validation_batches
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 from engram.train.trainer import evaluate_loss, lm_loss
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib import colormaps
 
-from engram.inspect.loading import TokenPiece
-from engram.inspect.plotting import GATE_CMAP
+from engram.inspection.loading import TokenPiece
+from engram.inspection.plotting import GATE_CMAP
 
 _FONTS = ('system-ui, "DejaVu Sans", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "PingFang SC", '
           '"Microsoft YaHei", "WenQuanYi Zen Hei", sans-serif')

@@ -9,8 +9,8 @@ import torch
 from test_deepseek_v41 import random_sequences, stand_in_tokenizer
 from v41_checkpoint import BRANCHES, HIDDEN, LAYERS, write_checkpoint
 
-import engram.deepseek_v41 as v41
-from engram.deepseek_v41 import DeepSeekV41Engram, converted_table_name, load_deepseek_v41_engram
+import engram.models.deepseek_v41 as v41
+from engram.models.deepseek_v41 import DeepSeekV41Engram, converted_table_name, load_deepseek_v41_engram
 from engram.storage import read_header
 
 
