@@ -35,7 +35,8 @@ import torch
 from engram.embedding import MultiHeadEmbedding
 from engram.kernels.fp8 import dequantize_rows, packed_row_bytes, quantize_rows
 from engram.kernels.gather import fp8_gather, multi_head_gather
-from engram.storage import HostStore, private_host_table
+from engram.storage import HostStore
+from engram.storage.placement import private_host_table
 
 CHUNK_ROWS = 1 << 20
 

@@ -36,7 +36,8 @@ import torch
 
 from engram import EngramConfig, NgramHasher
 from engram.model import EngramLM, EngramLMConfig
-from engram.storage import CachedStore, DiskStore, HostStore, map_table, pin_in_place, write_table
+from engram.storage import CachedStore, DiskStore, HostStore, map_table, write_table
+from engram.storage.host import pin_in_place
 from engram.tokenizer import resolve_tokenizer_path
 
 ROW_DIM = 64  # bf16 values per row: 128-byte rows

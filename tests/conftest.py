@@ -17,9 +17,9 @@ from tokenizers import Tokenizer, decoders, models  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engram import NAMED_TOKENIZERS, CompressedTokenizer  # noqa: E402
+from engram import CompressedTokenizer  # noqa: E402
 from engram.fetch import COMPLETE_MARKER  # noqa: E402
-from engram.tokenizer import default_cache_dir  # noqa: E402
+from engram.tokenizer import NAMED_TOKENIZERS, default_cache_dir  # noqa: E402
 
 # The user's engram cache, read before the session isolates its own: a DeepSeek-V4 tokenizer fetched there
 # earlier is copied into the session's cache instead of downloaded again.
@@ -71,7 +71,7 @@ def small_tokenizer() -> Tokenizer:
 
 
 def reference_key(text: str, raw_token: str) -> str:
-    """The compression key, stated independently with Python's unicodedata (brief §2.1)."""
+    """The compression key, stated independently with Python's unicodedata (docs/design.md §1)."""
     if "\ufffd" in text:
         return raw_token
     s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))

@@ -1,16 +1,20 @@
+import argparse
 import importlib.metadata
 import io
 import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 from rich.console import Console
 
-from engram.cli import main
+from engram.cli import COMMANDS, build_parser, main
+from engram.cli.flags import add_config_flags, config_from_args
 from engram.demo import run_demo
+from engram.train.optim import OptimConfig
 
 
 def test_demo_run_reports_every_stage():
@@ -74,11 +78,77 @@ def test_train_help_shows_each_flag_and_its_default(capsys):
     d, o = TrainConfig(), OptimConfig()
     for flag, default in [("--data", " ".join(d.data)), ("--tokenizer", d.tokenizer), ("--max-steps", d.max_steps),
                           ("--batch-size", d.batch_size), ("--seq-len", d.seq_len), ("--lr", o.lr),
-                          ("--preset", d.preset), ("--eval-every", d.eval_every), ("--warmup-steps", o.warmup_steps)]:
+                          ("--preset", d.preset), ("--eval-every", d.eval_every), ("--warmup-steps", o.warmup_steps),
+                          ("--keep-checkpoints", d.keep_checkpoints)]:
         assert f"(default: {default})" in help_of(text, flag), help_of(text, flag)
     for flag in ("--grad-accum", "--weight-decay", "--grad-clip", "--seed", "--device", "--eval-batches",
-                 "--log-every", "--save-every", "--no-progress", "--schedule"):
+                 "--log-every", "--save-every", "--no-progress", "--schedule", "--no-tensorboard"):
         assert len(help_of(text, flag)) > len(flag) + 20, help_of(text, flag)  # a flag with words after it
+
+
+def test_every_command_is_a_module_of_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "{demo,data,train,sweep,generate,tune,memory,serve,inspect}" in capsys.readouterr().out
+    for command in COMMANDS:
+        assert command.__name__.startswith("engram.cli.") and callable(command.add_parser) and callable(command.run)
+
+
+@dataclass
+class Settings:
+    name: str = field(metadata={"help": "required: no default"})
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    label: str | None = field(default=None, metadata={"choices": ("a", "b"), "metavar": "L"})
+    fast: bool = False
+    checked: bool = True
+    compile: bool | None = None
+    secret: float = field(default=1.0, metadata={"cli": False})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def test_flags_are_made_from_the_fields_and_parse_back_into_the_config():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Settings)
+    args = parser.parse_args(["--name", "x"])
+    assert config_from_args(Settings, args) == Settings(name="x")
+    args = parser.parse_args(["--name", "y", "--sizes", "3", "--label", "b", "--fast", "--no-checked", "--compile",
+                              "--lr", "0.5", "--muon"])
+    assert config_from_args(Settings, args, secret=2.0) == Settings(
+        name="y", sizes=[3], label="b", fast=True, checked=False, compile=True, secret=2.0,
+        optim=OptimConfig(lr=0.5, muon=True))
+    assert parser.parse_args(["--name", "z", "--no-compile"]).compile is False
+    for bad in (["--sizes", "3"], ["--name", "x", "--label", "c"], ["--name", "x", "--secret", "2"],
+                ["--name", "x", "--betas", "0.8", "0.9"]):  # a missing required flag, a bad choice, no such flags
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_training_flags_reach_every_field_of_the_training_config():
+    from engram.train.sweep import SweepConfig
+    from engram.train.trainer import TrainConfig
+
+    parser = build_parser()
+    assert config_from_args(TrainConfig, parser.parse_args(["train"]), out="run") == TrainConfig(out="run")
+    args = parser.parse_args(["train", "--keep-checkpoints", "5", "--no-tensorboard", "--lr", "0.01", "--schedule",
+                              "step", "--muon", "--no-compile", "--no-progress", "--data", "a", "b", "--resume"])
+    assert config_from_args(TrainConfig, args, out="run") == TrainConfig(
+        out="run", keep_checkpoints=5, tensorboard=False, compile=False, progress=False, data=["a", "b"],
+        resume=True, optim=OptimConfig(lr=0.01, schedule="step", muon=True))
+    args = parser.parse_args(["sweep", "--mode", "memory", "--memory-factors", "1", "4", "--no-matched-baseline",
+                              "--max-steps", "7"])
+    sweep = config_from_args(SweepConfig, args, train=config_from_args(TrainConfig, args, out="run"))
+    assert sweep == SweepConfig(train=TrainConfig(out="run", max_steps=7), mode="memory", memory_factors=[1, 4],
+                                matched_baseline=False)
+
+
+def test_tune_flags_make_its_config():
+    from engram.memory.tune import DEFAULT_LR, TuneConfig
+
+    args = build_parser().parse_args(["tune", "--checkpoint", "base", "--data", "notes.txt", "--out", "n.patch",
+                                      "--train-gates", "--no-progress", "--eval-data", "a", "b"])
+    assert config_from_args(TuneConfig, args) == TuneConfig(
+        "base", ["notes.txt"], "n.patch", train_gates=True, progress=False, eval_data=["a", "b"])
+    assert args.lr == DEFAULT_LR
 
 
 def test_version_is_the_package_version(capsys):
@@ -106,6 +176,16 @@ def test_train_on_one_text_file_ends_with_a_summary(tmp_path, capsys):
     assert f"validation loss {last['val_loss']:.4f} nats/token ({last['val_bpb']:.4f} bits/byte)" in text
     assert f"model: {tmp_path / 'run' / 'final'}" in text and (tmp_path / "run" / "final" / "config.json").is_file()
     assert " total, " in text and " activated per token, " in text and "{" not in text
+
+
+def test_train_keeps_as_many_checkpoints_as_told_and_tensorboard_can_be_left_out(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"Note {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(150)))
+    run = tmp_path / "run"
+    assert main(train_args(notes, run, "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "1",
+                           "--no-tensorboard")) == 0
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000003"]  # of 3 saved (default: 2 kept)
+    assert not (run / "tensorboard").exists()
 
 
 def test_train_on_too_little_text_names_the_split_and_the_fix(tmp_path, capsys):

@@ -1,7 +1,10 @@
+import threading
+
 import pytest
 import torch
 
 from engram import MultiHeadEmbedding
+from engram.embedding import table_views
 
 
 def test_rows_come_from_each_heads_slice():
@@ -35,3 +38,35 @@ def test_errors():
         MultiHeadEmbedding([3], head_dim=0)
     with pytest.raises(ValueError, match=r"row_ids must end in 2 heads, got shape \(1, 3\)"):
         MultiHeadEmbedding([3, 3], head_dim=2)(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_table_views_show_reads_in_this_thread_inside_the_block_only():
+    emb = MultiHeadEmbedding([5, 7], head_dim=2)
+    other = MultiHeadEmbedding([5, 7], head_dim=2)
+    ids = torch.tensor([[[1, 3], [4, 0]]])
+    base, other_base = emb(ids), other(ids)
+    seen = []
+
+    def negate(flat_rows, pending):
+        seen.append(flat_rows.tolist())
+        return pending.then(torch.neg)
+
+    def double(flat_rows, pending):
+        return pending.then(lambda rows: 2 * rows)
+
+    in_thread = []
+    with table_views({emb: negate}):
+        assert torch.equal(emb(ids), -base) and torch.equal(other(ids), other_base)  # only the viewed table
+        assert seen == [[[[1, 8], [4, 5]]]]  # the view gets the flat row ids (head offsets added)
+        with table_views({emb: double}):
+            assert torch.equal(emb(ids), 2 * base)  # the inner view replaces the outer one
+        assert torch.equal(emb(ids), -base)
+        thread = threading.Thread(target=lambda: in_thread.append(emb(ids)))
+        thread.start()
+        thread.join()
+    assert torch.equal(in_thread[0], base)  # another thread reads the table as it is
+    assert torch.equal(emb(ids), base)
+    with pytest.raises(RuntimeError, match="inside"):
+        with table_views({emb: negate}):
+            raise RuntimeError("inside")
+    assert torch.equal(emb(ids), base)  # gone after a block that raised too

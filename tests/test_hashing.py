@@ -6,7 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engram import DEAD_TOKEN, CompressedTokenizer, EngramConfig, NgramHasher, is_prime, next_prime
+from engram import DEAD_TOKEN, CompressedTokenizer, EngramConfig, NgramHasher
+from engram.primes import is_prime, next_prime
 from engram.config import table_sizes_for
 from engram.hashing import complete_fingerprint
 
@@ -25,7 +26,7 @@ def reference_is_prime(n: int) -> bool:
 
 
 def reference_row_ids(cfg: EngramConfig, lookup: np.ndarray, raw_ids: list[list[int]], layer_id: int) -> list:
-    """Row ids stated per token with Python integers, straight from the brief's §2.2-2.3."""
+    """Row ids stated per token with Python integers, straight from docs/design.md §2."""
     compressed_vocab = int(lookup.max()) + 1
     bound = ((2**63 - 1) // compressed_vocab) // 2
     draws = np.random.default_rng(cfg.seed + 10007 * layer_id).integers(0, max(1, bound), size=cfg.max_ngram_size, dtype=np.int64)
@@ -255,3 +256,18 @@ def test_next_history_of_no_tokens_is_the_history(demo_hasher):
 def test_int32_ids_hash_like_int64(demo_hasher):
     ids = torch.randint(0, 128_815, (2, 9), generator=torch.Generator().manual_seed(0))
     assert torch.equal(demo_hasher.hash(ids.int(), 1), demo_hasher.hash(ids, 1))
+
+
+def test_hasher_tells_the_kernel_its_modulo_path_from_the_host(demo_hasher, monkeypatch):
+    """The fp64-modulo decision is made from the host's primes and passed to the kernel launch, which then reads
+    nothing from the device (a read there broke the compiled training graph on CUDA)."""
+    import engram.hashing as hashing
+    from engram.kernels.hash.naive import FAST_MOD_MAX_PRIME
+
+    primes = [p for sizes in demo_hasher.table_sizes.values() for order in sizes for p in order]
+    assert demo_hasher.fast_mod == (max(primes) < FAST_MOD_MAX_PRIME) is True
+    seen = []
+    real = hashing.ngram_hash
+    monkeypatch.setattr(hashing, "ngram_hash", lambda *a, **kw: seen.append(kw.get("fast_mod")) or real(*a, **kw))
+    demo_hasher.hash_all(torch.tensor([[5, 6, 7]]))
+    assert seen == [True]

@@ -8,7 +8,8 @@ from engram import Engram, EngramConfig, NgramHasher, convert_demo_state_dict
 
 
 class ReferenceShortConv(nn.Module):
-    """Brief §2.6 in the demo's layout: per-branch nn.RMSNorm, symmetric padding then truncation."""
+    """docs/design.md §4's short convolution in the demo's layout: per-branch nn.RMSNorm, symmetric padding then
+    truncation."""
 
     def __init__(self, dim, branches, kernel, dilation):
         super().__init__()
@@ -25,7 +26,7 @@ class ReferenceShortConv(nn.Module):
 
 
 class ReferenceEngram(nn.Module):
-    """Brief §2.4-2.6 with one module per branch and a Python loop over branches (the plain twin)."""
+    """docs/design.md §3-4 with one module per branch and a Python loop over branches (the plain twin)."""
 
     def __init__(self, cfg, table_rows, dim, branches):
         super().__init__()

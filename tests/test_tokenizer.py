@@ -11,10 +11,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from engram import NAMED_TOKENIZERS, CompressedTokenizer
+from engram import CompressedTokenizer
 from engram import tokenizer as tokenizer_module
 from engram.fetch import COMPLETE_MARKER
-from engram.tokenizer import NamedTokenizer
+from engram.tokenizer import NAMED_TOKENIZERS, NamedTokenizer
 
 from conftest import SMALL_VOCAB, reference_lookup
 

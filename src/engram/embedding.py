@@ -1,21 +1,68 @@
 """One flat embedding table holding every hash head's rows back to back (docs/design.md §3).
 
 The table is a parameter in the compute device's memory (training, and the ``device`` placement), or it
-lives in a :class:`engram.storage.TableStore` (pinned host memory, a memory-mapped file, an HBM cache in front
+lives in a :class:`engram.storage.store.TableStore` (pinned host memory, a memory-mapped file, an HBM cache in front
 of either) after :meth:`MultiHeadEmbedding.use_store`. Either way :meth:`MultiHeadEmbedding.fetch` issues the
 read at once and returns a handle to wait on, so a model can start every layer's reads before its first block.
+
+:func:`table_views` changes what ``fetch`` returns from outside the model, for the calling thread only: a view sees
+every read of its table (how per-request memory overlays are served, :mod:`engram.model.overlay`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from engram.kernels.fp8 import ROW_FORMATS, packed_row_bytes, quantize_rows, quantize_table
 from engram.kernels.gather import fp8_gather, multi_head_gather
-from engram.storage import PendingRows, TableStore
+from engram.storage.store import PendingRows, TableStore
+
+
+TableView = Callable[[torch.Tensor, PendingRows], PendingRows]
+"""``(flat_rows [B, T, H], pending read of those rows) -> pending [B, T, H * head_dim]``: a table read as a view
+shows it."""
+
+
+class _ThreadViews(threading.local):
+    def __init__(self) -> None:
+        self.by_table: dict[nn.Module, TableView] = {}
+
+
+_views = _ThreadViews()
+
+
+@contextlib.contextmanager
+def table_views(views: Mapping[nn.Module, TableView]) -> Iterator[None]:
+    """Inside the block, every ``fetch`` of a table of ``views`` in this thread returns its view of the read.
+
+    Other threads read the tables as they are, so a server thread can serve a batch through views while another
+    runs the same model. Blocks nest; an inner view of a table replaces the outer one.
+
+    Example:
+        >>> emb = MultiHeadEmbedding([7, 11], head_dim=2)
+        >>> with table_views({emb: lambda flat_rows, pending: pending.then(torch.zeros_like)}):
+        ...     emb(torch.tensor([[[1, 2]]])).tolist()
+        [[[0.0, 0.0, 0.0, 0.0]]]
+    """
+    outer = _views.by_table
+    _views.by_table = {**outer, **views}
+    try:
+        yield
+    finally:
+        _views.by_table = outer
+
+
+def through_view(table: nn.Module, flat_rows: torch.Tensor, pending: PendingRows) -> PendingRows:
+    """``pending`` (the read of ``flat_rows`` from ``table``) as this thread's view of ``table`` shows it
+    (:func:`table_views`); ``pending`` itself without one."""
+    view = _views.by_table.get(table)
+    return pending if view is None else view(flat_rows, pending)
 
 
 def check_table_geometry(table_sizes: list[int], head_dim: int) -> None:
@@ -196,8 +243,13 @@ class MultiHeadEmbedding(nn.Module):
         return row_ids + self.offsets.to(row_ids.device)
 
     def fetch(self, row_ids: torch.Tensor) -> PendingRows:
-        """Start reading ``[B, T, H]`` per-head row ids; ``wait()`` gives ``[B, T, H * head_dim]`` on their device."""
+        """Start reading ``[B, T, H]`` per-head row ids; ``wait()`` gives ``[B, T, H * head_dim]`` on their device
+        (as this thread's view of the table shows them, see :func:`table_views`)."""
         flat_rows = self.flat_row_ids(row_ids)
+        return through_view(self, flat_rows, self._read(flat_rows))
+
+    def _read(self, flat_rows: torch.Tensor) -> PendingRows:
+        """Start reading ``[B, T, H]`` flat row ids from wherever the table lives."""
         if self.row_format == "fp8":
             if self.store is None:
                 return PendingRows.ready(fp8_gather(self.weight, flat_rows))

@@ -19,6 +19,7 @@ import torch
 
 from engram.config import EngramConfig, table_sizes_for
 from engram.kernels.hash import DEAD_TOKEN, ngram_hash
+from engram.kernels.hash.naive import FAST_MOD_MAX_PRIME
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
 _LAYER_SEED_STRIDE = 10007
@@ -89,6 +90,9 @@ class NgramHasher:
         self.pad_id = int(self.tokenizer.lookup[cfg.pad_id])
         self.multipliers = multipliers_for(cfg, len(self.tokenizer))
         self.table_sizes = table_sizes_for(cfg)
+        # known on the host, so the hash kernel's launch needs no device read (and traces into a compiled graph)
+        self.fast_mod = max(p for sizes in self.table_sizes.values() for order in sizes for p in order) \
+            < FAST_MOD_MAX_PRIME
         self._device_constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def fingerprint(self) -> dict[str, object]:
@@ -200,7 +204,7 @@ class NgramHasher:
         """
         raw, history = self._prepared(torch.as_tensor(input_ids), history, dead_mask)
         lookup, multipliers, primes = self._stacked_constants(raw.device)
-        rows = ngram_hash(raw, lookup, multipliers, primes, self.pad_id, history, force)
+        rows = ngram_hash(raw, lookup, multipliers, primes, self.pad_id, history, force, fast_mod=self.fast_mod)
         return dict(zip(self.cfg.layer_ids, rows.unbind(0)))
 
     def next_history(self, input_ids: torch.Tensor, history: torch.Tensor | None = None,

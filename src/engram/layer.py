@@ -169,9 +169,21 @@ class Engram(nn.Module):
             the delta, same shape as ``hidden_states`` (fp32 for a variant with ``residual_in_fp32``); with
             ``return_gates``, ``(delta, gates)``.
         """
-        spec = self.cfg.variant_spec
-        squeeze = hidden_states.dim() == 3
-        if squeeze:
+        h = self._branches(hidden_states)  # [B, T, M, D]
+        dead_mask = self._dead_positions(h, input_ids, dead_mask)  # [B, T] or None
+        e = self._memory(h, input_ids, hash_ids, memory, dead_mask)  # [B, T, E]
+        keys, value = self._keys_and_value(e)  # k_m [B, T, M, D], v [B, T, D]
+        gated, gates = self._gate(keys, h, value)  # value_m = alpha_m * v [B, T, M, D], alpha_m [B, T, M]
+        if dead_mask is not None:
+            gated, gates = _zero_dead_positions(gated, gates, dead_mask)  # alpha_m = 0 at dead positions
+        delta = gated if self.short_conv is None else gated + self._conv(gated, conv_states, token_mask)
+        delta = delta.squeeze(2) if hidden_states.dim() == 3 else delta
+        return (delta, gates) if return_gates else delta
+
+    def _branches(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``hidden_states`` as ``[B, T, M, D]`` (a ``[B, T, D]`` input gets ``M = 1``); ``ValueError`` for
+        another shape."""
+        if hidden_states.dim() == 3:
             if self.hc_mult != 1:
                 raise ValueError(f"hidden_states must be [B, T, {self.hc_mult}, D] for hc_mult={self.hc_mult}, "
                                  f"got shape {tuple(hidden_states.shape)}")
@@ -179,54 +191,67 @@ class Engram(nn.Module):
         if hidden_states.dim() != 4 or hidden_states.shape[2:] != (self.hc_mult, self.hidden_size):
             raise ValueError(f"hidden_states must be [B, T, {self.hc_mult}, {self.hidden_size}], "
                              f"got shape {tuple(hidden_states.shape)}")
+        return hidden_states
+
+    def _dead_positions(self, branches: torch.Tensor, input_ids: torch.Tensor | None,
+                        dead_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, T]`` bool, True where the gate is 0: ``dead_mask`` (checked against ``branches`` ``[B, T, M, D]``)
+        and the positions of ``input_ids`` holding a dead token; ``None`` for a variant without dead tokens."""
         if dead_mask is not None:
-            if not spec.masks_dead_tokens:
+            if not self.cfg.variant_spec.masks_dead_tokens:
                 raise ValueError(f"variant {self.cfg.variant!r} has no dead tokens: dead_mask must be None")
-            if dead_mask.dtype != torch.bool or dead_mask.shape != hidden_states.shape[:2]:
-                raise ValueError(f"dead_mask must be a bool [B, T] = {list(hidden_states.shape[:2])} tensor, "
+            if dead_mask.dtype != torch.bool or dead_mask.shape != branches.shape[:2]:
+                raise ValueError(f"dead_mask must be a bool [B, T] = {list(branches.shape[:2])} tensor, "
                                  f"got {dead_mask.dtype} {list(dead_mask.shape)}")
-        if input_ids is not None:
-            dead_mask = self.hasher.dead_positions(input_ids, dead_mask)
+        if input_ids is None:
+            return dead_mask
+        return self.hasher.dead_positions(input_ids, dead_mask)
+
+    def _memory(self, branches: torch.Tensor, input_ids: torch.Tensor | None, hash_ids: torch.Tensor | None,
+                memory: torch.Tensor | None, dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """``e_t`` ``[B, T, E]``: ``memory`` as given, else the rows of ``hash_ids``, else of ``input_ids`` hashed
+        here; ``ValueError`` without any, or when it disagrees with ``branches`` ``[B, T, M, D]`` on ``[B, T]``."""
         if memory is None:
             if hash_ids is None:
                 if input_ids is None:
                     raise ValueError("Engram.forward needs input_ids, hash_ids or memory")
                 hash_ids = self.hasher.hash(input_ids, self.layer_id, dead_mask=dead_mask)
-            if hash_ids.shape[:2] != hidden_states.shape[:2]:
+            if hash_ids.shape[:2] != branches.shape[:2]:
                 raise ValueError(f"hash_ids {tuple(hash_ids.shape)} and hidden_states "
-                                 f"{tuple(hidden_states.shape)} disagree on [B, T]")
+                                 f"{tuple(branches.shape)} disagree on [B, T]")
             memory = self.memory(hash_ids)
-        if memory.shape[:2] != hidden_states.shape[:2]:
-            raise ValueError(f"memory {tuple(memory.shape)} and hidden_states {tuple(hidden_states.shape)} "
+        if memory.shape[:2] != branches.shape[:2]:
+            raise ValueError(f"memory {tuple(memory.shape)} and hidden_states {tuple(branches.shape)} "
                              "disagree on [B, T]")
+        return memory
 
-        dim, branches = self.hidden_size, self.hc_mult
+    def _keys_and_value(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``e_t`` ``[B, T, E]`` -> ``(k [B, T, M, D], v [B, T, D])`` by one projection, split by the variant's
+        layout; ``v`` in fp32 for a variant with ``residual_in_fp32`` (so that ``alpha * v`` is fp32, like the add)."""
+        dim, branches, spec = self.hidden_size, self.hc_mult, self.cfg.variant_spec
         # A table kept outside the module (host, disk) keeps its file's dtype: cast like the parameter would be.
         projected = self.value_key_proj(memory.to(self.value_key_proj.weight.dtype))  # [B, T, (1 + M) * D]
         if spec.projection_layout == "value,keys":
             value, keys = projected[..., :dim], projected[..., dim:]
         else:
             keys, value = projected[..., :branches * dim], projected[..., branches * dim:]
-        keys = keys.unflatten(-1, (branches, dim))  # [B, T, M, D]
-        if spec.residual_in_fp32:
-            value = value.float()  # so that gate * value, like the residual add, is computed in fp32
-        gated, gates = fused_gate(keys, hidden_states, value, self.key_norm.weight, self.query_norm.weight,
-                                  self.key_norm.eps, self.query_norm.eps,
-                                  zero_positive=spec.gate_zero_positive)  # [B, T, M, D], [B, T, M]
-        if dead_mask is not None:
-            dead_mask = dead_mask.to(gates.device)  # the ids' device, when they are hashed elsewhere
-            gates = gates.masked_fill(dead_mask[..., None], 0.0)
-            gated = gated.masked_fill(dead_mask[..., None, None], 0.0)
-        delta = gated
-        if self.short_conv is not None:
-            past = conv_states.get(self.layer_id) if conv_states is not None else None
-            conv, past = self.short_conv(gated, past, token_mask)
-            if conv_states is not None:
-                conv_states[self.layer_id] = past
-            delta = gated + conv
-        if squeeze:
-            delta = delta.squeeze(2)
-        return (delta, gates) if return_gates else delta
+        return keys.unflatten(-1, (branches, dim)), value.float() if spec.residual_in_fp32 else value
+
+    def _gate(self, keys: torch.Tensor, branches: torch.Tensor,
+              value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_m * v [B, T, M, D], alpha_m [B, T, M] fp32)`` of keys and hidden states ``[B, T, M, D]`` and the
+        value ``[B, T, D]`` (one fused kernel; the norms and the dot product in fp32)."""
+        return fused_gate(keys, branches, value, self.key_norm.weight, self.query_norm.weight, self.key_norm.eps,
+                          self.query_norm.eps, zero_positive=self.cfg.variant_spec.gate_zero_positive)
+
+    def _conv(self, gated: torch.Tensor, conv_states: dict[int, torch.Tensor] | None,
+              token_mask: torch.Tensor | None) -> torch.Tensor:
+        """The ShortConv of ``gated`` ``[B, T, M, D]``, continuing from (and updating) ``conv_states[layer_id]``."""
+        past = conv_states.get(self.layer_id) if conv_states is not None else None
+        conv, past = self.short_conv(gated, past, token_mask)
+        if conv_states is not None:
+            conv_states[self.layer_id] = past
+        return conv
 
     def residual(self, hidden_states: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The hidden state after this layer: ``hidden_states + delta`` (both ``[B, T, M, D]`` or ``[B, T, D]``).
@@ -247,6 +272,13 @@ class Engram(nn.Module):
             raise ValueError("Engram.add_to returns the hidden state only: call forward(return_gates=True), "
                              "then residual()")
         return self.residual(hidden_states, self(hidden_states, **forward_kwargs))
+
+
+def _zero_dead_positions(gated: torch.Tensor, gates: torch.Tensor,
+                         dead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated`` ``[B, T, M, D]`` and ``gates`` ``[B, T, M]`` with 0 where ``dead_mask`` ``[B, T]`` is True."""
+    dead_mask = dead_mask.to(gates.device)  # the ids' device, when they are hashed elsewhere
+    return gated.masked_fill(dead_mask[..., None, None], 0.0), gates.masked_fill(dead_mask[..., None], 0.0)
 
 
 def convert_demo_state_dict(state: Mapping[str, torch.Tensor], hc_mult: int) -> dict[str, torch.Tensor]:

@@ -1,11 +1,11 @@
 import pytest
 
-from engram.model import EngramLM
+from engram.model import EngramLM, EngramLMConfig
 from engram.train.compare import run_comparison
 from engram.train.optim import OptimConfig
 from engram.train.trainer import TrainConfig
 
-OVERRIDES = {"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]}
+MODEL = EngramLMConfig.from_preset("tiny", d_model=32, n_layers=2, ffn_kinds=["dense", "moe"])
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def trained_runs(text_dir, tmp_path_factory):
     run_comparison(TrainConfig(preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(out), max_steps=4,
                                batch_size=4, seq_len=32, eval_every=4, eval_batches=1, log_every=4, save_every=100,
                                progress=False, tensorboard=False, optim=OptimConfig(lr=3e-3, warmup_steps=1),
-                               model_overrides=OVERRIDES))
+                               model=MODEL))
     return out
 
 

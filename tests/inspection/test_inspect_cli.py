@@ -2,13 +2,13 @@ import argparse
 
 import pytest
 
-from engram.inspection.cli import add_inspect_parser, run_inspect
+from engram.cli import inspection
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """Parse as ``engram`` does once ``inspect`` is one of its subcommands."""
     parser = argparse.ArgumentParser(prog="engram")
-    add_inspect_parser(parser.add_subparsers(dest="command", required=True))
+    inspection.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
@@ -27,7 +27,7 @@ def test_every_subcommand_writes_into_out(engram_checkpoint, baseline_checkpoint
                  "table": "rows read"}
     for command, flags in runs.items():
         out = tmp_path / command
-        assert run_inspect(parse(["inspect", command, *common, "--out", str(out), *flags])) == 0
+        assert inspection.run(parse(["inspect", command, *common, "--out", str(out), *flags])) == 0
         assert {p.name for p in out.iterdir()} == written[command]
         printed = capsys.readouterr().out
         assert f"wrote {out}" in printed and summaries[command] in printed

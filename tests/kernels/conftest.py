@@ -2,11 +2,15 @@
 Triton's interpreter (``TRITON_INTERPRET=1``, read by ``@triton.jit`` when it decorates: triton's own helpers
 at ``import triton``, the kernels when ``op.py`` first imports them). The root ``tests/conftest.py`` makes the
 same decision first, so a whole-suite run sets the variable before anything imports triton; this copy keeps
-``tests/kernels`` self-contained."""
+``tests/kernels`` self-contained.
+
+Every output a Triton launcher allocates starts as NaN (integers: the dtype's minimum), as flash-linear-attention's
+tests do, so an element a kernel never writes fails the comparison with the naive twin."""
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engram.kernels.dispatch import nan_filled_outputs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_kernel_outputs() -> Iterator[None]:
+    with nan_filled_outputs():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ without one; ``device`` and TRITON_INTERPRET come from conftest.py)."""
 import pytest
 import torch
 
-from engram.kernels.cross_entropy import cross_entropy_rows, naive_cross_entropy_rows
+from engram.kernels.cross_entropy import cross_entropy_rows
+from engram.kernels.cross_entropy.naive import naive_cross_entropy_rows
 from kernels.conftest import compile_for_h200
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from engram.kernels.fp8 import quantize_rows
-from engram.kernels.gather import fp8_gather, fp8_gather_naive, multi_head_gather
+from engram.kernels.gather import fp8_gather, multi_head_gather
+from engram.kernels.gather.naive import fp8_gather_naive
 from engram.kernels.gather.op import _fp8_gather
 from kernels.conftest import compile_for_h200
 

@@ -7,8 +7,8 @@ import torch
 
 
 from engram import Engram, EngramConfig, NgramHasher  # noqa: E402
-from engram.kernels.gate import fused_gate, naive_gate  # noqa: E402
-from engram.kernels.gate.naive import GATE_FLOOR  # noqa: E402
+from engram.kernels.gate import fused_gate  # noqa: E402
+from engram.kernels.gate.naive import GATE_FLOOR, naive_gate  # noqa: E402
 from kernels.conftest import compile_for_h200  # noqa: E402
 
 CFG = EngramConfig(engram_vocab_size=[211, 307], n_embed_per_ngram=24, n_head_per_ngram=3, layer_ids=[2, 5])

@@ -4,7 +4,8 @@ without one (``device`` and TRITON_INTERPRET come from conftest.py)."""
 import pytest
 import torch
 
-from engram.kernels.gather import multi_head_gather, multi_head_gather_naive
+from engram.kernels.gather import multi_head_gather
+from engram.kernels.gather.naive import multi_head_gather_naive
 from engram.kernels.gather.op import _gather, _gather_bwd_dense, _gather_bwd_sparse
 from kernels.conftest import compile_for_h200
 

@@ -7,7 +7,8 @@ import torch
 
 import engram.kernels.dispatch as dispatch
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
-from engram.kernels.hash import DEAD_TOKEN, ngram_hash, ngram_hash_decode, ngram_hash_naive
+from engram.kernels.hash import DEAD_TOKEN, ngram_hash, ngram_hash_decode
+from engram.kernels.hash.naive import ngram_hash_naive
 from kernels.conftest import compile_for_h200
 
 
@@ -180,18 +181,21 @@ def _adversarial_mixes(primes: list[int], seed: int) -> list[int]:
                                                                    (1 << 61) - 1], False)])
 def test_modulo_is_exact_on_extreme_mixes(device, primes, fast):
     # multipliers [1, 0]: the mix of token t is lookup[raw_t] itself, so the lookup table carries the mixes.
+    from engram.kernels.hash.naive import FAST_MOD_MAX_PRIME
     from engram.kernels.hash.op import _fast_mod
-    from engram.kernels.hash.triton_hash import FAST_MOD_MAX_PRIME
 
     mixes = _adversarial_mixes(primes, len(primes))
     lookup = torch.tensor(mixes, device=device)
     multipliers = torch.tensor([[1, 0]], device=device)
     primes_t = torch.tensor([[primes]], device=device)
-    assert _fast_mod(primes_t) == fast == (max(primes) < FAST_MOD_MAX_PRIME)
+    assert _fast_mod(primes_t, None) == fast == (max(primes) < FAST_MOD_MAX_PRIME)
     expected = torch.tensor([[[m % p for p in primes] for m in mixes]], device=device)  # exact Python ints
     ids = torch.arange(len(mixes), device=device)
     assert torch.equal(ngram_hash_naive(ids[None], lookup, multipliers, primes_t, 0), expected[:, None])
     assert torch.equal(ngram_hash(ids[None], lookup, multipliers, primes_t, 0, force=True), expected[:, None])
+    # the caller's answer (NgramHasher knows its primes on the host) gives the same rows without reading them
+    assert torch.equal(ngram_hash(ids[None], lookup, multipliers, primes_t, 0, force=True, fast_mod=fast),
+                       expected[:, None])
     history = torch.zeros(len(mixes), 1, dtype=torch.long, device=device)
     assert torch.equal(ngram_hash_decode(ids, history, lookup, multipliers, primes_t, 0, force=True), expected)
     assert torch.equal(history[:, 0], ids)

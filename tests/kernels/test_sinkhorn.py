@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 
-from engram.kernels.sinkhorn import SINKHORN_FLOOR, naive_sinkhorn, sinkhorn, triton_sinkhorn
+from engram.kernels.sinkhorn import sinkhorn, triton_sinkhorn
 from engram.kernels.sinkhorn import naive as naive_module
+from engram.kernels.sinkhorn.naive import SINKHORN_FLOOR, naive_sinkhorn
 from kernels.conftest import compile_for_h200
 
 

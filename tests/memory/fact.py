@@ -13,7 +13,6 @@ overlay) and something else without it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import pytest
 import torch
 
 from engram.data.corpus import bos_id
-from engram.memory.tune import tune_memory
-from engram.model import EngramLM, RowOverlay
+from engram.memory.tune import TuneConfig, tune_memory
+from engram.model import EngramLM, EngramLMConfig
 from engram.tokenizer import load_tokenizer
 from engram.train.optim import OptimConfig
 from engram.train.trainer import Trainer, TrainConfig
@@ -51,12 +50,11 @@ class FactMemory:
     def answer_ids(self, model: EngramLM) -> list[int]:
         return load_tokenizer(model.cfg.tokenizer).encode(ANSWER, add_special_tokens=False).ids
 
-    def greedy(self, model: EngramLM, row_overlays: Sequence[RowOverlay | None] | None = None,
-               batch_size: int = 1) -> list[str]:
+    def greedy(self, model: EngramLM, batch_size: int = 1) -> list[str]:
         """Greedy continuations of the prompt (as many tokens as the answer), one per batch row."""
         tokenizer = load_tokenizer(model.cfg.tokenizer)
         prompt = torch.tensor([self.prompt_ids(model)] * batch_size, device=model.embed.weight.device)
-        out = model.generate(prompt, len(self.answer_ids(model)), temperature=0, row_overlays=row_overlays)
+        out = model.generate(prompt, len(self.answer_ids(model)), temperature=0)
         return [tokenizer.decode(row[prompt.shape[1]:].tolist()) for row in out]
 
 
@@ -67,12 +65,12 @@ def build_fact_memory(root: Path, text_dir: Path) -> FactMemory:
         preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(base_run), max_steps=BASE_STEPS,
         batch_size=4, seq_len=32, eval_every=BASE_STEPS, eval_batches=1, log_every=BASE_STEPS,
         save_every=BASE_STEPS, progress=False, tensorboard=False, optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        model_overrides={"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]})).train()
+        model=EngramLMConfig.from_preset("tiny", d_model=32, n_layers=2, ffn_kinds=["dense", "moe"]))).train()
     data_dir = root / "facts"
     data_dir.mkdir()
     (data_dir / "fact.jsonl").write_text((json.dumps({"text": FACT_TEXT}) + "\n") * FACT_DOCUMENTS)
     patch_path = root / "fact.patch"
-    tune_memory(base_run / "final", [str(data_dir)], patch_path, progress=False, **TUNE)
+    tune_memory(TuneConfig(base_run / "final", [str(data_dir)], patch_path, progress=False, **TUNE))
     return FactMemory(base_run / "final", patch_path, data_dir)
 
 

@@ -1,4 +1,4 @@
-"""`engram tune` and `engram memory ...` through their parsers (wired into engram.cli by the entry point)."""
+"""`engram tune` and `engram memory ...` through their parsers (listed in engram.cli.COMMANDS)."""
 
 import argparse
 import json
@@ -7,17 +7,17 @@ import shutil
 import pytest
 
 from engram.memory import diff, load_patch, model_fingerprint
-from engram.memory.cli import add_memory_parser, add_tune_parser, run_memory, run_tune
+from engram.cli import memory, tune
 from engram.model import EngramLM
 
 
 def run(*argv) -> int:
     parser = argparse.ArgumentParser(prog="engram")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_tune_parser(commands)
-    add_memory_parser(commands)
+    tune.add_parser(commands)
+    memory.add_parser(commands)
     args = parser.parse_args([str(arg) for arg in argv])
-    return run_tune(args) if args.command == "tune" else run_memory(args)
+    return tune.run(args) if args.command == "tune" else memory.run(args)
 
 
 @pytest.fixture(scope="module")

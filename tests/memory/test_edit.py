@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engram.data.corpus import load_or_prepare
-from engram.memory import (apply_patch, engram_tables, frequent_ngrams, lookup, model_fingerprint, ngram_rows,
-                           write_ngram)
+from engram.memory import apply_patch, lookup, model_fingerprint, ngram_rows, write_ngram
+from engram.memory.edit import frequent_ngrams
+from engram.memory.patch import engram_tables
 from engram.model import EngramLM
 
 TEXT = "the king and the queen went to the sea"

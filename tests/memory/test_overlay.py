@@ -1,13 +1,15 @@
 """Row overlays: reading a memory patch per batch row is bit-identical to reading a table it was applied to."""
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from engram.memory import MemoryPatch, apply_patch, model_fingerprint
-from engram.model import EngramLM, RowOverlay, overlay_rows
+from engram.model import EngramLM, RowOverlay
+from engram.model.overlay import overlay_rows, row_overlays
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
 from lm_helpers import small_config  # noqa: E402
@@ -87,7 +89,8 @@ def test_mixed_batch_of_overlays_is_bit_identical_to_patched_tables(dense_model)
     overlays = [patches[0].overlay(), None, patches[1].overlay(), patches[0].overlay()]
     with torch.no_grad():
         base = dense_model(ids).logits
-        mixed = dense_model(ids, row_overlays=overlays).logits
+        with row_overlays(dense_model, overlays):
+            mixed = dense_model(ids).logits
         per_patch = []
         for patch in patches:
             inverse = apply_patch(dense_model, patch)
@@ -97,13 +100,15 @@ def test_mixed_batch_of_overlays_is_bit_identical_to_patched_tables(dense_model)
     for b in range(4):
         assert torch.equal(mixed[b], expected[b]), b
     assert not torch.equal(mixed[0], base[0])  # the overlay did change what row 0 reads
-    assert torch.equal(dense_model(ids, row_overlays=[None] * 4).logits, base)
+    with row_overlays(dense_model, [None] * 4):
+        assert torch.equal(dense_model(ids).logits, base)
 
 
 def test_generate_with_an_overlay_equals_generate_after_apply(dense_model):
     ids = torch.randint(3, 128_815, (2, 6), generator=torch.Generator().manual_seed(2))
     patch = read_rows_patch(dense_model, ids, seed=3, per_layer=40)
-    overlaid = dense_model.generate(ids, 5, temperature=0, row_overlays=[patch.overlay(), None])
+    with row_overlays(dense_model, [patch.overlay(), None]):
+        overlaid = dense_model.generate(ids, 5, temperature=0)
     plain = dense_model.generate(ids, 5, temperature=0)
     inverse = apply_patch(dense_model, patch)
     patched = dense_model.generate(ids, 5, temperature=0)
@@ -114,11 +119,45 @@ def test_generate_with_an_overlay_equals_generate_after_apply(dense_model):
 def test_forward_refuses_overlays_that_do_not_fit(dense_model):
     ids = torch.randint(3, 1000, (2, 5))
     with pytest.raises(ValueError, match="row_overlays has 1 entries for a batch of 2 rows"):
-        dense_model(ids, row_overlays=[None])
+        with row_overlays(dense_model, [None]):
+            dense_model(ids)
     with pytest.raises(ValueError, match=r"layer 1, which is not an Engram layer of this model \(Engram layers: "
                                          r"\[0, 2\]\)"):
-        dense_model(ids, row_overlays=[RowOverlay({1: (torch.tensor([0]), torch.zeros(1, 8))}), None])
+        with row_overlays(dense_model, [RowOverlay({1: (torch.tensor([0]), torch.zeros(1, 8))}), None]):
+            dense_model(ids)
     with pytest.raises(ValueError, match="rows of width 5, the table's are 8"):
-        dense_model(ids, row_overlays=[None, RowOverlay({0: (torch.tensor([0]), torch.zeros(1, 5))})])
+        with row_overlays(dense_model, [None, RowOverlay({0: (torch.tensor([0]), torch.zeros(1, 5))})]):
+            dense_model(ids)
     with pytest.raises(ValueError, match="must be a RowOverlay or None"):
-        dense_model(ids, row_overlays=[None, {0: 1}])
+        with row_overlays(dense_model, [None, {0: 1}]):
+            dense_model(ids)
+
+
+def test_overlays_are_served_in_their_thread_only(dense_model):
+    """A forward in another thread while a batch runs inside row_overlays reads the base tables."""
+    ids = torch.randint(3, 128_815, (2, 7), generator=torch.Generator().manual_seed(4))
+    patch = read_rows_patch(dense_model, ids, seed=5, per_layer=30)
+    with torch.no_grad():
+        base = dense_model(ids).logits
+        elsewhere = []
+        with row_overlays(dense_model, [patch.overlay(), patch.overlay()]):
+            overlaid = dense_model(ids).logits
+            thread = threading.Thread(target=lambda: elsewhere.append(dense_model(ids).logits))
+            thread.start()
+            thread.join()
+        assert torch.equal(elsewhere[0], base) and not torch.equal(overlaid, base)
+        assert torch.equal(dense_model(ids).logits, base)  # nothing is left behind after the block
+
+
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_overlays_over_a_store_equal_overlays_over_device_tables(dense_model, tmp_path, placement):
+    """The overlay applies behind fetch() whatever store the table lives in."""
+    dense_model.save_pretrained(tmp_path)
+    stored = EngramLM.from_pretrained(tmp_path, engram_placement=placement).eval()
+    ids = torch.randint(3, 128_815, (2, 9), generator=torch.Generator().manual_seed(6))
+    overlays = [read_rows_patch(dense_model, ids, seed=7, per_layer=25).overlay(), None]
+    with torch.no_grad():
+        with row_overlays(dense_model, overlays):
+            expected = dense_model(ids).logits
+        with row_overlays(stored, overlays):
+            assert torch.equal(stored(ids).logits, expected)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from engram.memory import (MemoryPatch, apply_patch, check_patch, diff, engram_tables, load_patch, merge,
-                           model_fingerprint, revert, save_patch)
+from engram.memory import (MemoryPatch, apply_patch, check_patch, diff, load_patch, merge, model_fingerprint, revert,
+                           save_patch)
+from engram.memory.patch import engram_tables
 from engram.embedding import quantize_tables
 from engram.model import EngramLM
 

@@ -1,7 +1,8 @@
 """Small model configs shared by the model tests (fast on a 2-core CPU)."""
 
 from engram import EngramConfig
-from engram.model import EngramLMConfig, MoEConfig
+from engram.model import EngramLMConfig
+from engram.model.config import MoEConfig
 
 
 def small_config(engram: bool = True, hc_mult: int = 4, use_moe: bool = True, moe: dict | None = None,

@@ -10,7 +10,7 @@ import torch
 from engram.embedding import quantize_tables
 from engram.kernels.fp8 import dequantize_rows, quantize_rows
 from engram.model import EngramLM
-from engram.storage import read_header
+from engram.storage.table_file import read_header
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 
 from lm_helpers import small_config

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from engram import NgramHasher
 from engram.model import EngramLM
-from engram.storage import FileIntegrityError
+from engram.storage.checksums import FileIntegrityError
 
 from lm_helpers import small_config
 

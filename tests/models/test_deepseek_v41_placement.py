@@ -11,7 +11,7 @@ from v41_checkpoint import BRANCHES, HIDDEN, LAYERS, write_checkpoint
 
 import engram.models.deepseek_v41 as v41
 from engram.models.deepseek_v41 import DeepSeekV41Engram, converted_table_name, load_deepseek_v41_engram
-from engram.storage import read_header
+from engram.storage.table_file import read_header
 
 
 def load(folder, **placement) -> DeepSeekV41Engram:

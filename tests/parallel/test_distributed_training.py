@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engram.data.corpus import load_or_prepare
-from engram.model import EngramLM
+from engram.model import EngramLM, EngramLMConfig
 from engram.parallel import finish_distributed, init_distributed
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
@@ -44,7 +44,7 @@ def config(text_dir, out, **kwargs) -> TrainConfig:
     fields = dict(preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(out), max_steps=6,
                   batch_size=4, seq_len=32, eval_every=3, eval_batches=2, log_every=1, save_every=100,
                   progress=False, tensorboard=False, device="cpu", optim=OptimConfig(lr=LR, warmup_steps=2),
-                  model_overrides={"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]})
+                  model=EngramLMConfig.from_preset("tiny", d_model=32, n_layers=2, ffn_kinds=["dense", "moe"]))
     fields.update(kwargs)
     return TrainConfig(**fields)
 
@@ -179,7 +179,7 @@ def test_torchrun_trains_on_cpu(text_dir, tmp_path):
 
 
 def test_two_ranks_train_a_model_without_engram(text_dir, tmp_path):
-    overrides = {"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"], "engram": None}
-    train_distributed(config(text_dir, tmp_path / "plain", max_steps=2, model_overrides=overrides))
+    model = EngramLMConfig.from_preset("tiny", d_model=32, n_layers=2, ffn_kinds=["dense", "moe"], engram=None)
+    train_distributed(config(text_dir, tmp_path / "plain", max_steps=2, model=model))
     assert [r["step"] for r in records(tmp_path / "plain")] == [1, 2]
     assert EngramLM.from_pretrained(tmp_path / "plain" / "final").cfg.engram is None

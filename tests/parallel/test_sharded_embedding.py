@@ -12,8 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engram import EngramConfig, MultiHeadEmbedding
-from engram.model import EngramLM, EngramLMConfig, MoEConfig
-from engram.parallel import RowShard, ShardedMultiHeadEmbedding, finish_distributed, row_shard, shard_engram_tables
+from engram.model import EngramLM, EngramLMConfig
+from engram.model.config import MoEConfig
+from engram.parallel import ShardedMultiHeadEmbedding, finish_distributed, shard_engram_tables
+from engram.parallel.sharded_embedding import RowShard, row_shard
 
 HEAD_DIM = 4
 # World 2, R = 33, block 17: flat rows 0..16 (head 0, head 1 and head 2's row 0) live on rank 0.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engram.memory import MemoryPatch, save_patch
-from engram.serve.cli import add_serve_parser, run_serve
+from engram.cli import serve
 from engram.serve.tenants import TenantRegistry, add_tenant, hash_key, new_key, read_tenants
 
 from memory.patch_helpers import write_raw_patch
@@ -98,8 +98,8 @@ def test_bad_tenants_files_are_refused_with_the_entry(tmp_path, body, message):
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="engram")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    return run_serve(parser.parse_args(list(argv)))
+    serve.add_parser(parser.add_subparsers(dest="command", required=True))
+    return serve.run(parser.parse_args(list(argv)))
 
 
 def test_cli_add_tenant_prints_each_key_once(tmp_path, capsys):
@@ -121,7 +121,7 @@ def test_cli_serve_needs_checkpoint_and_tenants():
 
 def test_cli_serves_on_loopback_by_default():
     parser = argparse.ArgumentParser(prog="engram")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    serve.add_parser(parser.add_subparsers(dest="command", required=True))
     assert parser.parse_args(["serve", "--checkpoint", "c", "--tenants", "t"]).host == "127.0.0.1"
 
 

@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 
 from engram.kernels.fp8 import quantize_rows, quantize_table
-from engram.storage import (CachedStore, DiskStore, HostStore, TableFileError, load_table, map_table,
-                            open_table_store, read_header, share_in_shm, write_table)
+from engram.storage import (CachedStore, DiskStore, HostStore, TableFileError, load_table, map_table, open_table_store,
+                            share_in_shm, write_table)
+from engram.storage.table_file import read_header
 
 NUM_ROWS, DIM = 1009, 64  # 66 bytes a row
 

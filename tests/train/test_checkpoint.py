@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engram.model import EngramLM, EngramLMConfig
-from engram.parallel import load_table_moments
-from engram.storage import FileIntegrityError, write_safetensors
+from engram.parallel.checkpoint import load_table_moments
+from engram.storage.checksums import FileIntegrityError, write_safetensors
 from engram.train.checkpoint import (checkpoint_folder, load_checkpoint, remove_stale_staging, save_checkpoint,
                                      staging_folder)
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables

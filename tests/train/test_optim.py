@@ -13,7 +13,8 @@ from torch import nn
 from engram import EngramConfig
 from engram.embedding import MultiHeadEmbedding
 from engram.hashing import NgramHasher
-from engram.model import EngramLM, EngramLMConfig, MoEConfig
+from engram.model import EngramLM, EngramLMConfig
+from engram.model.config import MoEConfig
 from engram.train.optim import (EngramOptimizer, Muon, OptimConfig, enable_sparse_tables, lr_at, muon_scale,
                                 newton_schulz, param_groups)
 

@@ -9,6 +9,8 @@ from engram.train.compare import format_params, print_comparison, run_comparison
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, TrainConfig
 
+from test_trainer import small_model
+
 
 def row(model: str, **fields) -> dict:
     return {"model": model, "steps": 100_000, "val_loss": 10.123456, "val_bpb": 3.456789, "train_loss": 9.87,
@@ -51,7 +53,7 @@ def test_comparison_prints_counts_and_where_the_models_are(text_dir, tmp_path):
     cfg = TrainConfig(preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(tmp_path), max_steps=2,
                       batch_size=2, seq_len=16, eval_every=2, eval_batches=1, progress=False, tensorboard=False,
                       optim=OptimConfig(warmup_steps=1),
-                      model_overrides={"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]})
+                      model=small_model())
     out = io.StringIO()
     result = run_comparison(cfg, console=Console(file=out, width=80))
     text = out.getvalue()

@@ -9,11 +9,12 @@ import pytest
 
 from engram.cli import main
 from engram.model import EngramLM
-from engram.train.checkpoint import latest_checkpoint
+from engram.storage.checksums import record_checksums
+from engram.train.checkpoint import STATE_FILE, flatten_state, latest_checkpoint, load_checkpoint
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer
 
-from test_trainer import config
+from test_trainer import config, small_model
 
 
 def cli_args(text_dir, *extra: str) -> list[str]:
@@ -77,12 +78,32 @@ def test_resume_refuses_a_checkpoint_whose_tokenizer_differs_from_the_data(text_
     """The same flags over edited files: the corpus is prepared again and its BPE, of the same size, differs."""
     texts = tmp_path / "texts"
     shutil.copytree(text_dir, texts)
-    no_engram = {"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"], "engram": None}  # no hash fingerprint
-    run = config(texts, tmp_path / "run", max_steps=2, model_overrides=no_engram)
+    run = config(texts, tmp_path / "run", max_steps=2, model=small_model(engram=None))  # no hash fingerprint
     Trainer(run).train()
     (texts / "doc00.txt").write_text("a brand new document of quite other words " * 200)
     with pytest.raises(ValueError, match="its tokenizer.json differs from the data's tokenizer"):
         Trainer(dataclasses.replace(run, max_steps=4, resume=True))
+
+
+def test_a_checkpoint_whose_settings_name_model_overrides_resumes(text_dir, tmp_path):
+    """Checkpoints written before ``TrainConfig.model`` hold ``model_overrides`` (fields over the preset) in their
+    settings instead: they resume, and the model is still checked against their config.json."""
+    Trainer(config(text_dir, tmp_path, max_steps=2)).train()
+    checkpoint = latest_checkpoint(tmp_path)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    settings = dict(state["trainer"]["__dict__"])["train_config"]["__dict__"]
+    settings[:] = [pair for pair in settings if pair[0] != "model"]
+    settings.append(["model_overrides", flatten_state({"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]},
+                                                      {})])
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    record_checksums(checkpoint, [STATE_FILE])
+    assert "model_overrides" in load_checkpoint(checkpoint)[2]["train_config"]
+
+    with pytest.raises(ValueError, match=r"another model config: d_model: checkpoint 32, now 48"):
+        Trainer(config(text_dir, tmp_path, max_steps=4, resume=True, model=small_model(d_model=48)))
+    resumed = Trainer(config(text_dir, tmp_path, max_steps=4, resume=True))
+    assert resumed.step == 2
+    assert resumed.train()["step"] == 4 and logged_steps(tmp_path) == [1, 2, 3, 4]
 
 
 def test_resume_with_nothing_to_resume_is_an_error(text_dir, tmp_path):

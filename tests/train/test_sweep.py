@@ -18,7 +18,7 @@ def read_csv(path):
 
 
 def test_allocation_sweep_keeps_total_parameters_and_resumes(text_dir, tmp_path, monkeypatch):
-    train = config(text_dir, tmp_path, max_steps=2, eval_every=2, model_overrides={})  # tiny: room for tables
+    train = config(text_dir, tmp_path, max_steps=2, eval_every=2, model=None)  # tiny: room for tables
     original_train = Trainer.train
     calls = []
 
@@ -119,6 +119,6 @@ def test_bad_sweeps_are_refused(text_dir, tmp_path):
         SweepConfig(train=train, mode="depth")
     with pytest.raises(ValueError, match="memory factors must be >= 1, got 0"):
         SweepConfig(train=train, mode="memory", memory_factors=[0, 2])
-    no_engram = config(text_dir, tmp_path, max_steps=2, model_overrides={"engram": None})
+    no_engram = config(text_dir, tmp_path, max_steps=2, model=EngramLMConfig.from_preset("tiny", engram=None))
     with pytest.raises(ValueError, match="must have Engram layers"):
         run_sweep(SweepConfig(train=no_engram))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engram.cli import main
-from engram.model import EngramLM
+from engram.model import EngramLM, EngramLMConfig
 from engram.serve.generate import generate_text
 from engram.train import checkpoint as checkpoint_module
 from engram.train.checkpoint import flatten_state, latest_checkpoint, unflatten_state
@@ -15,11 +15,17 @@ from engram.train.compare import COMPARISON_FILE, PLOT_FILE, run_comparison
 from engram.train.optim import OptimConfig
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 
+def small_model(**fields) -> EngramLMConfig:
+    """The tiny preset at 2 blocks of width 32 (``fields`` override more)."""
+    return EngramLMConfig.from_preset("tiny", **{"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"],
+                                                 **fields})
+
+
 def config(text_dir, out, **kwargs) -> TrainConfig:
     fields = dict(preset="tiny", data=[str(text_dir)], tokenizer="bpe-300", out=str(out), max_steps=6,
                   batch_size=4, seq_len=32, eval_every=3, eval_batches=2, log_every=1, save_every=100,
                   progress=False, tensorboard=False, optim=OptimConfig(lr=3e-3, warmup_steps=2),
-                  model_overrides={"d_model": 32, "n_layers": 2, "ffn_kinds": ["dense", "moe"]})
+                  model=small_model())
     fields.update(kwargs)
     return TrainConfig(**fields)
 
@@ -66,9 +72,8 @@ def test_existing_run_needs_resume_and_foreign_checkpoint_is_refused(text_dir, t
     Trainer(config(text_dir, tmp_path, max_steps=2)).train()
     with pytest.raises(FileExistsError, match="pass --resume"):
         Trainer(config(text_dir, tmp_path, max_steps=2))
-    overrides = {"d_model": 48, "n_layers": 2, "ffn_kinds": ["dense", "moe"]}
-    with pytest.raises(ValueError, match=r"break exact resume: model_overrides.d_model: checkpoint 32, now 48"):
-        Trainer(config(text_dir, tmp_path, max_steps=4, resume=True, model_overrides=overrides))
+    with pytest.raises(ValueError, match=r"another model config: d_model: checkpoint 32, now 48"):
+        Trainer(config(text_dir, tmp_path, max_steps=4, resume=True, model=small_model(d_model=48)))
     config_file = latest_checkpoint(tmp_path) / "config.json"  # same flags, but the preset changed since
     saved = json.loads(config_file.read_text())
     saved["model"]["d_model"] = 48

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engram.model import Block, EngramLM
+from engram.model import EngramLM
+from engram.model.lm import Block
 
 
 def engram_blocks(model: EngramLM) -> list[Block]:

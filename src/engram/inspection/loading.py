@@ -15,7 +15,7 @@ from engram.data.batches import validation_batches
 from engram.data.corpus import INDEX_FILE, Corpus, load_or_prepare
 from engram.inspection.hooks import engram_blocks
 from engram.model import EngramLM
-from engram.parallel import resolve_device
+from engram.parallel.distributed import resolve_device
 from engram.tokenizer import load_tokenizer, resolve_tokenizer_path
 from engram.train.checkpoint import checkpoint_folder
 

@@ -1,11 +1,12 @@
-"""When the Triton path runs: on CUDA tensors by default; on CPU tensors only when forced under TRITON_INTERPRET=1."""
+"""When the Triton path runs: on CUDA tensors by default; on CPU tensors only when forced under TRITON_INTERPRET=1.
+And how the Triton launchers allocate their outputs (:func:`kernel_output`)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -25,17 +26,38 @@ def interpret_mode() -> bool:
 
 
 _ENABLED = True
+_NAN_FILL = False
 
 
 @contextlib.contextmanager
-def naive_kernels() -> Iterator[None]:
-    """Within this block every op takes its naive path unless called with ``force=True`` (benchmarks, debugging)."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, False
+def _setting(name: str, value: bool) -> Iterator[None]:
+    """The module-level flag ``name`` set to ``value`` within the block."""
+    previous = globals()[name]
+    globals()[name] = value
     try:
         yield
     finally:
-        _ENABLED = previous
+        globals()[name] = previous
+
+
+def naive_kernels() -> contextlib.AbstractContextManager[None]:
+    """Within this block every op takes its naive path unless called with ``force=True`` (benchmarks, debugging)."""
+    return _setting("_ENABLED", False)
+
+
+def nan_filled_outputs() -> contextlib.AbstractContextManager[None]:
+    """Within this block :func:`kernel_output` fills what it allocates (the kernel tests: an element that a kernel
+    never writes then fails the comparison with the naive twin)."""
+    return _setting("_NAN_FILL", True)
+
+
+def kernel_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape)`` for a Triton kernel to write in full; inside :func:`nan_filled_outputs` filled with
+    NaN (floating dtypes) or the dtype's minimum (integers: below every row id and index)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _NAN_FILL:
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
+    return out
 
 
 def use_triton(tensor: torch.Tensor, force: bool | None = None) -> bool:

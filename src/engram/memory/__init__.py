@@ -7,13 +7,11 @@
   serving a patch per request without applying it is :class:`engram.model.RowOverlay`.
 """
 
-from engram.memory.edit import (Collision, FrequentNgrams, HeadRead, LayerRead, LookupResult, PositionRead,
-                                frequent_ngrams, lookup, lookup_deepseek_v41, ngram_rows, write_ngram)
-from engram.memory.patch import (MemoryPatch, apply_patch, check_patch, diff, engram_tables, load_patch, merge,
-                                 model_fingerprint, revert, save_patch)
+from engram.memory.edit import lookup, ngram_rows, write_ngram
+from engram.memory.patch import (MemoryPatch, apply_patch, check_patch, diff, load_patch, merge, model_fingerprint,
+                                 revert, save_patch)
 
 __all__ = [
-    "Collision", "FrequentNgrams", "HeadRead", "LayerRead", "LookupResult", "MemoryPatch", "PositionRead",
-    "apply_patch", "check_patch", "diff", "engram_tables", "frequent_ngrams", "load_patch", "lookup",
-    "lookup_deepseek_v41", "merge", "model_fingerprint", "ngram_rows", "revert", "save_patch", "write_ngram",
+    "MemoryPatch", "apply_patch", "check_patch", "diff", "load_patch", "lookup", "merge", "model_fingerprint",
+    "ngram_rows", "revert", "save_patch", "write_ngram",
 ]

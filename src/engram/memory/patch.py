@@ -36,7 +36,7 @@ from torch import Tensor
 from engram.atomic import atomic_path
 from engram.embedding import MultiHeadEmbedding, require_float_rows
 from engram.model import EngramLM, RowOverlay
-from engram.storage import table_writable
+from engram.storage.host import table_writable
 from engram.tokenizer import resolve_tokenizer_path
 
 FORMAT = "engram-memory-patch"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from engram.data.batches import TokenBatches, token_byte_lengths, validation_bat
 from engram.data.corpus import Corpus, load_or_prepare
 from engram.memory.patch import MemoryPatch, diff, engram_tables, save_patch
 from engram.model import EngramLM
-from engram.parallel import resolve_device
+from engram.parallel.distributed import resolve_device
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
 from engram.train.trainer import evaluate_loss, lm_loss
 
@@ -62,73 +63,87 @@ def _spec(data: str | os.PathLike[str] | list[str]) -> list[str]:
     return [str(data)] if isinstance(data, (str, os.PathLike)) else [str(entry) for entry in data]
 
 
-def tune_memory(base_dir: str | os.PathLike[str], data: str | os.PathLike[str] | list[str],
-                out_patch: str | os.PathLike[str], steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-                train_gates: bool = False, batch_size: int = 16, seq_len: int = 128, seed: int = 0,
-                device: str = "auto", progress: bool = True,
-                eval_data: str | os.PathLike[str] | list[str] | None = None, eval_batches: int = 8) -> MemoryPatch:
-    """Tune the Engram tables of the model saved in ``base_dir`` on ``data``; save and return the patch.
+@dataclass
+class TuneConfig:
+    """Settings of :func:`tune_memory`; every field is a flag of ``engram tune`` (:mod:`engram.cli.flags`)."""
 
-    Args:
-        base_dir: a ``save_pretrained`` folder (e.g. a run's ``final/``); it is only read.
-        data: what ``engram train --data`` takes (presets, text files or folders, or a prepared corpus),
-            tokenised with the base model's tokenizer (a prepared corpus must have been prepared with it).
-        out_patch: where the patch is written (see :mod:`engram.memory.patch`).
-        steps: optimiser steps, each on ``batch_size`` windows of ``seq_len`` tokens drawn from the train split.
-        lr: peak learning rate of the tables (SparseAdam; linear warm-up over a tenth of the steps, then cosine).
-        train_gates: also train each Engram module's value/key projection and gate norms (AdamW at
-            ``lr / table_lr_mult``); the patch then carries those tensors and cannot be served as an overlay.
-        seed: the batch order (batch ``s`` is a function of ``seed`` and ``s``).
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
-        progress: show a progress bar while tuning (the summary is printed either way).
-        eval_data: a second data spec (e.g. general text) whose validation loss is measured before and after,
-            beside ``data``'s own; losses land in ``patch.metadata["val_loss"]``.
-        eval_batches: validation batches per data set.
-    Returns:
-        The patch: rows that differ from the base, the base's fingerprint, and metadata (settings, losses).
+    checkpoint: str = field(metadata={  # only read
+        "help": "the base model: a save_pretrained folder (e.g. RUN/final)"})
+    # what ``engram train --data`` takes, tokenised with the base model's tokenizer (a prepared corpus must have
+    # been prepared with it); a single path is taken as a list of one
+    data: list[str] = field(metadata={
+        "help": "presets, raw files/folders or a prepared corpus (tokenised with the base's tokenizer)"})
+    out: str = field(metadata={"help": "the patch file to write (e.g. NAME.patch)"})  # see engram.memory.patch
+    steps: int = DEFAULT_STEPS  # optimiser steps, each on batch_size windows of seq_len tokens of the train split
+    lr: float = field(default=DEFAULT_LR, metadata={  # SparseAdam; warm-up over a tenth of the steps, then cosine
+        "help": "peak learning rate of the tables"})
+    # also each Engram module's value/key projection and gate norms (AdamW at lr / table_lr_mult): the patch then
+    # carries those tensors and cannot be served as an overlay
+    train_gates: bool = field(default=False, metadata={
+        "help": "also train the Engram value/key projections and gate norms (the patch must be applied, not served "
+                "as an overlay)"})
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0  # the batch order: batch s is a function of seed and s
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda:1"...
+    # measured before and after beside data's own; the losses land in patch.metadata["val_loss"]
+    eval_data: list[str] | None = field(default=None, metadata={
+        "help": "a second data spec (e.g. general text) whose validation loss is reported before/after"})
+    eval_batches: int = 8  # validation batches per data set
+    progress: bool = True  # a progress bar while tuning (the summary prints either way)
+
+    def __post_init__(self) -> None:
+        self.data = _spec(self.data)
+        if self.eval_data is not None:
+            self.eval_data = _spec(self.eval_data)
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def tune_memory(cfg: TuneConfig) -> MemoryPatch:
+    """Tune the Engram tables of the model saved in ``cfg.checkpoint`` on ``cfg.data``; save the patch into
+    ``cfg.out`` and return it: the rows that differ from the base, the base's fingerprint, and metadata (settings,
+    losses).
 
     Example:
-        >>> patch = tune_memory("runs/tiny/final", ["notes.txt"], "notes.patch", steps=100)  # doctest: +SKIP
+        >>> cfg = TuneConfig("runs/tiny/final", ["notes.txt"], "notes.patch", steps=100)
+        >>> patch = tune_memory(cfg)  # doctest: +SKIP
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("eval_batches", eval_batches)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
     console = Console()
-    resolved = resolve_device(device)
-    base = EngramLM.from_pretrained(base_dir)
+    resolved = resolve_device(cfg.device)
+    base = EngramLM.from_pretrained(cfg.checkpoint)
     engram_tables(base)  # refuses a model without Engram
-    if seq_len > base.cfg.max_position_embeddings:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+    if cfg.seq_len > base.cfg.max_position_embeddings:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{base.cfg.max_position_embeddings}")
     model = copy.deepcopy(base)  # the copy trains; ``base`` stays to diff against
-    trainable = freeze_for_memory_tuning(model, train_gates)
+    trainable = freeze_for_memory_tuning(model, cfg.train_gates)
     enable_sparse_tables(model)
     model.to(resolved).eval()
-    data, eval_data = _spec(data), (None if eval_data is None else _spec(eval_data))
-    corpora = {"domain": load_or_prepare(data, tokenizer=model.cfg.tokenizer, progress=progress)}
-    if eval_data is not None:
-        corpora["general"] = load_or_prepare(eval_data, tokenizer=model.cfg.tokenizer, progress=progress)
-    eval_sets = _eval_sets(corpora, batch_size, seq_len, eval_batches, console)
+    corpora = {"domain": load_or_prepare(cfg.data, tokenizer=model.cfg.tokenizer, progress=cfg.progress)}
+    if cfg.eval_data is not None:
+        corpora["general"] = load_or_prepare(cfg.eval_data, tokenizer=model.cfg.tokenizer, progress=cfg.progress)
+    eval_sets = _eval_sets(corpora, cfg.batch_size, cfg.seq_len, cfg.eval_batches, console)
     token_bytes = torch.from_numpy(token_byte_lengths(model.cfg.tokenizer)).to(resolved)
     autocast = resolved.type == "cuda"
     before = {name: evaluate_loss(model, windows, token_bytes, resolved, autocast)["val_loss"]
               for name, windows in eval_sets.items()}
 
     mult = OptimConfig.table_lr_mult
-    optimizer = EngramOptimizer(model, OptimConfig(lr=lr / mult, table_lr_mult=mult, weight_decay=0.0,
-                                                   warmup_steps=max(1, steps // 10)))
-    train_batches = TokenBatches(corpora["domain"].tokens("train"), batch_size, seq_len, seed)
+    optimizer = EngramOptimizer(model, OptimConfig(lr=cfg.lr / mult, table_lr_mult=mult, weight_decay=0.0,
+                                                   warmup_steps=max(1, cfg.steps // 10)))
+    train_batches = TokenBatches(corpora["domain"].tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed)
     bar = Progress(TextColumn("[bold]tuning memory"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
-                   disable=not progress)
+                   disable=not cfg.progress)
     loss_value = float("nan")
     with bar:
-        task = bar.add_task("tune", total=steps, loss="-")
-        for step in range(steps):
-            optimizer.set_lr(step, steps)
+        task = bar.add_task("tune", total=cfg.steps, loss="-")
+        for step in range(cfg.steps):
+            optimizer.set_lr(step, cfg.steps)
             inputs, targets = train_batches.batch(step)
             loss, _ = lm_loss(model, inputs.to(resolved), targets.to(resolved), autocast)
             loss.backward()
@@ -142,14 +157,15 @@ def tune_memory(base_dir: str | os.PathLike[str], data: str | os.PathLike[str] |
 
     changed = diff(base, model)
     metadata: dict[str, Any] = {
-        "kind": "tune", "data": data, "eval_data": eval_data, "steps": steps, "lr": lr, "train_gates": train_gates,
-        "trained": trainable, "batch_size": batch_size, "seq_len": seq_len, "seed": seed, "final_loss": loss_value,
+        "kind": "tune", "data": cfg.data, "eval_data": cfg.eval_data, "steps": cfg.steps, "lr": cfg.lr,
+        "train_gates": cfg.train_gates, "trained": trainable, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+        "seed": cfg.seed, "final_loss": loss_value,
         "val_loss": {name: {"before": before[name], "after": after[name]} for name in eval_sets},
     }
     patch = MemoryPatch(changed.layers, changed.base_fingerprint, changed.dense, metadata)
-    save_patch(patch, out_patch)
+    save_patch(patch, cfg.out)
     console.print(f"{patch.num_rows:,} rows changed in {len(patch.layers)} layer(s)"
-                  + (f", {len(patch.dense)} dense tensors" if patch.dense else "") + f": patch written to {out_patch}")
+                  + (f", {len(patch.dense)} dense tensors" if patch.dense else "") + f": patch written to {cfg.out}")
     for name in eval_sets:
         console.print(f"{name} validation loss: {before[name]:.4f} -> {after[name]:.4f}")
     return patch

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from engram.kernels.sinkhorn import SINKHORN_FLOOR, sinkhorn
+from engram.kernels.sinkhorn import sinkhorn
+from engram.kernels.sinkhorn.naive import SINKHORN_FLOOR
 
 _ALPHA_INIT = 0.01
 
@@ -32,7 +33,7 @@ def sinkhorn_knopp(logits: Tensor, iters: int) -> Tensor:
     Starts from ``exp(logits - rowmax) + SINKHORN_FLOOR`` and then, ``iters`` times, normalises the
     rows and then the columns to sum 1. On CUDA one Triton kernel runs all the iterations for a block of tokens,
     and one more the backward (recomputing them); elsewhere plain autograd flows through every iteration
-    (:func:`engram.kernels.sinkhorn.naive_sinkhorn`, the twin the kernels are tested against).
+    (:func:`engram.kernels.sinkhorn.naive.naive_sinkhorn`, the twin the kernels are tested against).
 
     The last step normalises columns, so column sums are 1 up to fp32 rounding; row sums converge
     linearly for logits of moderate spread (within 1e-3 after 20 iterations for logits of std <~ 0.5,

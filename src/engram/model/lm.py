@@ -9,18 +9,16 @@ Architecture (every choice in one place):
 - the hash ids of every Engram layer are computed once per forward from the input ids, and every layer's
   table read is issued right then (a prefetch: tables in host memory or on disk arrive while the blocks
   before the first Engram layer run); ``from_pretrained(engram_placement=...)`` picks where tables live;
-- ``row_overlays`` (one per batch row, :mod:`engram.model.overlay`) replace the head vectors of chosen rows
-  right after the read: a memory patch served per request without applying it to the shared tables;
+- memory patches are served per request from outside the model, behind the tables' ``fetch``
+  (:func:`engram.model.overlay.row_overlays`): the forward never sees them;
 - every weight is set in :meth:`EngramLM.init_weights`: matrices, embeddings and tables N(0, init_std),
   norms 1, the ShortConv kernel 0 when ``engram_conv_zero_init``, mHC and MoE bias as their modules say.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +33,9 @@ from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
 from engram.model.loss import linear_cross_entropy
 from engram.model.moe import FeedForward, MoE
-from engram.model.overlay import RowOverlay, StackedOverlays, replace_rows, stack_overlays
 from engram.model.sampling import sample_next
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
-from engram.storage import PendingRows
+from engram.storage.store import PendingRows
 
 IGNORE_INDEX = -100
 
@@ -195,7 +192,6 @@ class EngramLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: KVCache | None = None,
                 engram_history: torch.Tensor | None = None, logits_to_keep: int = 0,
-                row_overlays: Sequence[RowOverlay | None] | StackedOverlays | None = None,
                 targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 return_logits: bool | None = None) -> LMOutput:
         """Logits for ``input_ids``, or the loss against ``labels`` or ``targets``.
@@ -212,10 +208,6 @@ class EngramLM(nn.Module):
             engram_history: ``[B, <= max_ngram_size - 1]`` raw ids preceding ``input_ids`` (decoding).
             logits_to_keep: compute logits for the last this many positions only (0: all); a batched
                 prefill needs just the last (``[B, T, V]`` fp32 logits of 512 x 1024 tokens are 270 GB).
-            row_overlays: one entry per batch row: a :class:`~engram.model.overlay.RowOverlay` whose rows replace
-                the table rows that row reads (a memory patch served without applying it), or ``None`` for the
-                base tables; or those overlays already stacked by :meth:`stack_overlays` (what a decode passes
-                at every step).
             targets: ``[B, T]`` the target of every position, already shifted (what the trainer passes);
                 ``-100`` is ignored. Not with ``labels``.
             loss_reduction: ``"mean"`` over the targets not ignored, ``"sum"``, or ``"none"`` (fp32 ``[B, T]``, 0
@@ -227,88 +219,92 @@ class EngramLM(nn.Module):
             :func:`engram.model.loss.linear_cross_entropy` a chunk of tokens at a time: training never holds the
             ``[B, T, V]`` logits.
         """
-        self.check_input_ids(input_ids)
-        batch, length = input_ids.shape
         past = cache.seq_len if cache is not None else 0
-        if past + length > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {past + length} tokens is longer than max_position_embeddings="
-                             f"{self.cfg.max_position_embeddings}")
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != (batch, past + length):
-                raise ValueError(f"attention_mask must be [B, S] = {(batch, past + length)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            key_padding_mask = attention_mask.bool()
-            positions = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            if bool(key_padding_mask.all()):
-                key_padding_mask = None
-        else:
-            positions = torch.arange(past, past + length, device=input_ids.device).expand(batch, -1)
-        targets = self._loss_targets(input_ids, labels, targets)
-        if logits_to_keep and targets is not None:
-            raise ValueError("labels and targets need every position: pass logits_to_keep=0")
-
-        tables = {block.layer_idx: block.engram.multi_head_embedding for block in self.blocks
-                  if block.engram is not None}
-        if row_overlays is not None and not isinstance(row_overlays, StackedOverlays):
-            row_overlays = self.stack_overlays(row_overlays, batch, input_ids.device)
-        if row_overlays is not None and row_overlays.batch_size != batch:
-            raise ValueError(f"row_overlays were stacked for {row_overlays.batch_size} rows, the batch has {batch}")
-        memories = None
-        if self.hasher is not None:
-            hash_input = input_ids
-            if attention_mask is not None:
-                hash_input = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
-            hash_ids = self.hasher.hash_all(hash_input, history=engram_history)
-            memories = {layer: table.fetch(hash_ids[layer]) for layer, table in tables.items()}
-            for layer, stacked in (row_overlays.layers.items() if row_overlays is not None else ()):
-                memories[layer] = memories[layer].then(functools.partial(
-                    replace_rows, flat_rows=tables[layer].flat_row_ids(hash_ids[layer]), stacked=stacked))
+        self._check_forward(input_ids, attention_mask, labels, targets, past, logits_to_keep)
+        positions, key_padding_mask = self._positions(input_ids, attention_mask, past)
+        memories = self._fetch_memories(input_ids, attention_mask, past, engram_history)  # prefetch of every table
 
         hidden = self.embed(input_ids)  # [B, T, D]
         streams = expand_streams(hidden, self.cfg.hc_mult) if self.cfg.hc_mult > 1 else hidden.unsqueeze(2)
         for block in self.blocks:
-            streams = block(streams, positions, key_padding_mask, cache, memories)
+            streams = block(streams, positions, key_padding_mask, cache, memories)  # [B, T, M, D]
         if cache is not None:
-            cache.advance(length)
-        if logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-        if logits_to_keep:
-            streams = streams[:, -logits_to_keep:]
-        hidden = self.final_hidden(streams)
-        loss = None
-        if targets is not None:
-            loss = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(),
-                                        ignore_index=IGNORE_INDEX, reduction=loss_reduction)
-            loss = loss.view(targets.shape) if loss_reduction == "none" else loss
+            cache.advance(input_ids.shape[1])
+        hidden = self.final_hidden(streams[:, -logits_to_keep:] if logits_to_keep else streams)  # [B, T', D]
+
+        targets = self._loss_targets(labels, targets)
+        loss = self._loss(hidden, targets, loss_reduction) if targets is not None else None
         wants_logits = targets is None if return_logits is None else return_logits
-        logits = self.lm_logits(hidden) if wants_logits else None
-        aux_terms = [moe.aux_loss for moe in self.moe_layers if moe.aux_loss is not None]
-        aux_loss = torch.stack(aux_terms).sum() if aux_terms and self.training else None
-        return LMOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+        return LMOutput(logits=self.lm_logits(hidden) if wants_logits else None, loss=loss,
+                        aux_loss=self._aux_loss())
 
-    def stack_overlays(self, overlays: Sequence[RowOverlay | None], batch_size: int,
-                       device: torch.device | str) -> StackedOverlays:
-        """``overlays`` (one per batch row, see :meth:`forward`) checked against this model's Engram layers and a
-        batch of ``batch_size``, stacked on ``device`` once for every forward of a decode (as :class:`Decoding`
-        does)."""
-        head_dims = {block.layer_idx: block.engram.multi_head_embedding.head_dim for block in self.blocks
-                     if block.engram is not None}
-        return stack_overlays(overlays, batch_size, head_dims, device)
-
-    def _loss_targets(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                      targets: torch.Tensor | None) -> torch.Tensor | None:
-        """The ``[B, T]`` target of every position from ``labels`` (shifted: the last position gets
-        ``IGNORE_INDEX``) or ``targets`` (as given); ``None`` without either."""
+    def _check_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       labels: torch.Tensor | None, targets: torch.Tensor | None, past: int,
+                       logits_to_keep: int) -> None:
+        """``ValueError`` (``TypeError`` for non-integer ids) naming the first of :meth:`forward`'s arguments that
+        does not fit (``past``: tokens already in the cache)."""
+        self.check_input_ids(input_ids)
+        batch, length = input_ids.shape
+        if past + length > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {past + length} tokens is longer than max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}")
+        if attention_mask is not None and attention_mask.shape != (batch, past + length):
+            raise ValueError(f"attention_mask must be [B, S] = {(batch, past + length)}, "
+                             f"got {tuple(attention_mask.shape)}")
         if labels is not None and targets is not None:
             raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
         given = labels if labels is not None else targets
-        if given is None:
-            return None
-        if given.shape != input_ids.shape:
+        if given is not None and given.shape != input_ids.shape:
             name = "labels" if labels is not None else "targets"
             raise ValueError(f"{name} must match input_ids {tuple(input_ids.shape)}, got {tuple(given.shape)}")
-        return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if labels is not None else targets
+        if logits_to_keep and given is not None:
+            raise ValueError("labels and targets need every position: pass logits_to_keep=0")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   past: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE positions ``[B, T]`` of the new tokens (padding skipped) and the key padding mask ``[B, S]``
+        (``None`` when no position is padding)."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            return torch.arange(past, past + length, device=input_ids.device).expand(batch, -1), None
+        key_padding_mask = attention_mask.bool()
+        positions = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        return positions, None if bool(key_padding_mask.all()) else key_padding_mask
+
+    def _fetch_memories(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
+                        engram_history: torch.Tensor | None) -> dict[int, PendingRows] | None:
+        """Every Engram layer's table read, issued now (the hash ids of all layers computed once, padding hashed
+        as the pad id); ``None`` without Engram."""
+        if self.hasher is None:
+            return None
+        if attention_mask is not None:
+            input_ids = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
+        hash_ids = self.hasher.hash_all(input_ids, history=engram_history)
+        return {block.layer_idx: block.engram.multi_head_embedding.fetch(hash_ids[block.layer_idx])
+                for block in self.blocks if block.engram is not None}
+
+    @staticmethod
+    def _loss_targets(labels: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """The ``[B, T]`` target of every position from ``labels`` (shifted: the last position gets
+        ``IGNORE_INDEX``) or ``targets`` (as given); ``None`` without either."""
+        if labels is not None:
+            return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return targets
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Cross entropy of the LM head over ``hidden`` ``[B, T, D]`` against ``targets`` ``[B, T]`` (``[B, T]``
+        fp32 with ``reduction="none"``), never holding the logits."""
+        loss = linear_cross_entropy(hidden.flatten(0, 1), self.head_weight, targets.flatten(),
+                                    ignore_index=IGNORE_INDEX, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def _aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE sequence-balance losses of this forward (training only; ``None`` without any)."""
+        aux_terms = [moe.aux_loss for moe in self.moe_layers if moe.aux_loss is not None]
+        return torch.stack(aux_terms).sum() if aux_terms and self.training else None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -370,15 +366,14 @@ class EngramLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None, seed: int | None = None,
-                 row_overlays: Sequence[RowOverlay | None] | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
         """Prompt followed by up to ``max_new_tokens`` new tokens, ``[B, T + new]`` (the HF convention).
 
         Decodes with a KV cache and incremental Engram hashing. ``temperature=0`` is greedy. Batched
         prompts of different lengths are left-padded with ``attention_mask`` marking real tokens. A
         sequence that produced ``eos_token_id`` keeps emitting it; generation stops when all have.
-        Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled. ``row_overlays`` (one
-        per batch row, see :meth:`forward`) are read by every step.
+        Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled. Inside
+        :func:`engram.model.overlay.row_overlays` every step reads each row's overlay.
         """
         self.check_input_ids(input_ids)
         if max_new_tokens < 0:
@@ -391,7 +386,7 @@ class EngramLM(nn.Module):
         self.eval()
         device = input_ids.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        decoding = Decoding(self, input_ids, max_new_tokens, attention_mask, row_overlays)
+        decoding = Decoding(self, input_ids, max_new_tokens, attention_mask)
         ids = input_ids
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -417,26 +412,21 @@ class Decoding:
     Args:
         input_ids: ``[B, T]`` prompts, left-padded where ``attention_mask`` ``[B, T]`` is 0.
         max_new_tokens: steps the cache must hold room for.
-        row_overlays: one per row (see :meth:`EngramLM.forward`), stacked once and read by every step.
 
     Attributes:
         logits: ``[B, V]`` fp32 logits of the next token of every row (after the prefill or the last step).
     """
 
     def __init__(self, model: EngramLM, input_ids: torch.Tensor, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None = None,
-                 row_overlays: Sequence[RowOverlay | None] | None = None):
+                 attention_mask: torch.Tensor | None = None):
         self.model = model
-        self.row_overlays = (None if row_overlays is None
-                             else model.stack_overlays(row_overlays, input_ids.shape[0], input_ids.device))
         self.mask = (torch.ones_like(input_ids) if attention_mask is None
                      else attention_mask.to(input_ids.device).long())
         pad = model.cfg.engram.pad_id if model.cfg.engram is not None else 0
         self.hash_source = input_ids.masked_fill(self.mask == 0, pad)  # raw ids as Engram sees them
         self.context = model.hasher.context if model.hasher is not None else 0
         self.cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        self.logits = model(input_ids, attention_mask=self.mask, cache=self.cache, logits_to_keep=1,
-                            row_overlays=row_overlays).logits[:, -1]
+        self.logits = model(input_ids, attention_mask=self.mask, cache=self.cache, logits_to_keep=1).logits[:, -1]
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``next_ids`` ``[B]`` (one token per row); returns (and keeps) the next ``[B, V]`` logits."""
@@ -444,7 +434,7 @@ class Decoding:
         self.hash_source = torch.cat([self.hash_source, next_ids[:, None]], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(next_ids[:, None])], dim=1)
         self.logits = self.model(next_ids[:, None], attention_mask=self.mask, cache=self.cache,
-                                 engram_history=history, row_overlays=self.row_overlays).logits[:, -1]
+                                 engram_history=history).logits[:, -1]
         return self.logits
 
 

@@ -1,19 +1,26 @@
 """Per-request memories over shared tables: a :class:`RowOverlay` replaces some table rows for one batch row.
 
 A memory patch (``engram.memory``) changes a few thousand rows of tables of millions. Serving many of them
-from one model by copying tables would cost a table per memory; an overlay costs only its rows. The model
-reads its base rows as usual, then :func:`overlay_rows` swaps in, for batch row ``b``, every head vector whose
-flat row id is in ``overlays[b]``: an exact copy, so a row read through an overlay is bit-identical to the
-same row read from a table the patch was applied to.
+from one model by copying tables would cost a table per memory; an overlay costs only its rows. Overlays are
+applied from outside the model, behind its tables' ``fetch`` (:func:`engram.embedding.table_views`): inside
+``with row_overlays(model, overlays):`` the model reads its base rows as usual, then every read swaps in, for
+batch row ``b``, every head vector whose flat row id is in ``overlays[b]``: an exact copy, so a row read through
+an overlay is bit-identical to the same row read from a table the patch was applied to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from engram.embedding import table_views
+from engram.layer import Engram
+from engram.storage.store import PendingRows
 
 # Pads every batch row's sorted ids to one width; no flat row id of a real table reaches it.
 _PAD_ROW = torch.iinfo(torch.int64).max
@@ -61,12 +68,9 @@ class RowOverlay:
         return sum(rows.shape[0] for rows, _ in self.layers.values())
 
 
-def check_row_overlays(overlays: Sequence[RowOverlay | None], batch_size: int, head_dims: Mapping[int, int]) -> None:
-    """Raise ``ValueError`` unless there is one entry per batch row and every overlay names Engram layers of the
-    model (``head_dims``: ``{layer_id: head_dim}``) with rows of their width."""
-    if len(overlays) != batch_size:
-        raise ValueError(f"row_overlays has {len(overlays)} entries for a batch of {batch_size} rows: give one per "
-                         "batch row (None for the base memory)")
+def check_row_overlays(overlays: Sequence[RowOverlay | None], head_dims: Mapping[int, int]) -> None:
+    """Raise ``ValueError`` unless every entry is an overlay or ``None`` and every overlay names Engram layers of
+    the model (``head_dims``: ``{layer_id: head_dim}``) with rows of their width."""
     for index, overlay in enumerate(overlays):
         if overlay is None:
             continue
@@ -95,6 +99,18 @@ class StackedOverlays:
     batch_size: int
     layers: dict[int, tuple[Tensor, Tensor]]
 
+    def view(self, layer_id: int, flat_rows: Tensor, pending: PendingRows) -> PendingRows:
+        """Layer ``layer_id``'s table read ``pending`` of ``flat_rows`` ``[B, T, H]`` as the overlays show it
+        (an :data:`engram.embedding.TableView`): every batch row's overlaid rows swapped in. ``ValueError`` unless
+        the batch has one row per overlay."""
+        if flat_rows.shape[0] != self.batch_size:
+            raise ValueError(f"row_overlays has {self.batch_size} entries for a batch of {flat_rows.shape[0]} rows: "
+                             "give one per batch row (None for the base memory)")
+        stacked = self.layers.get(layer_id)
+        if stacked is None:
+            return pending
+        return pending.then(functools.partial(replace_rows, flat_rows=flat_rows, stacked=stacked))
+
 
 def stacked_rows(overlays: Sequence[RowOverlay | None], layer_id: int,
                  device: torch.device | str) -> tuple[Tensor, Tensor] | None:
@@ -120,14 +136,37 @@ def stacked_rows(overlays: Sequence[RowOverlay | None], layer_id: int,
     return ids, values
 
 
-def stack_overlays(overlays: Sequence[RowOverlay | None], batch_size: int, head_dims: Mapping[int, int],
+def stack_overlays(overlays: Sequence[RowOverlay | None], head_dims: Mapping[int, int],
                    device: torch.device | str) -> StackedOverlays:
     """Check ``overlays`` (one per batch row, see :func:`check_row_overlays`) and stack them for every layer of
     ``head_dims`` (``{layer_id: head_dim}``) on ``device``."""
-    check_row_overlays(overlays, batch_size, head_dims)
+    check_row_overlays(overlays, head_dims)
     layers = {layer_id: stacked for layer_id in head_dims
               if (stacked := stacked_rows(overlays, layer_id, device)) is not None}
-    return StackedOverlays(batch_size, layers)
+    return StackedOverlays(len(overlays), layers)
+
+
+@contextlib.contextmanager
+def row_overlays(model: nn.Module, overlays: Sequence[RowOverlay | None],
+                 device: torch.device | str | None = None) -> Iterator[None]:
+    """Inside the block, batch row ``b`` of every forward of ``model`` in this thread reads ``overlays[b]``.
+
+    ``overlays`` has one entry per batch row (``None``: the base tables); they are checked against the Engram
+    layers under ``model`` and stacked once on ``device`` (default: that of ``model``'s first parameter, where its
+    inputs are), so that a whole decode (:meth:`EngramLM.generate`, a server batch) reuses them. Every table read
+    then goes through :meth:`StackedOverlays.view` (:func:`engram.embedding.table_views`); a forward whose batch
+    has another number of rows raises ``ValueError``. Neither the model nor its tables change: other threads
+    read the base tables meanwhile.
+
+    Example:
+        >>> with row_overlays(model, [patch.overlay(), None]):  # doctest: +SKIP
+        ...     logits = model(ids).logits                       # row 0 reads the patch, row 1 the base tables
+    """
+    tables = {module.layer_id: module.multi_head_embedding for module in model.modules() if isinstance(module, Engram)}
+    device = device if device is not None else next(model.parameters()).device
+    stacked = stack_overlays(overlays, {layer_id: table.head_dim for layer_id, table in tables.items()}, device)
+    with table_views({table: functools.partial(stacked.view, layer_id) for layer_id, table in tables.items()}):
+        yield
 
 
 def replace_rows(memory: Tensor, flat_rows: Tensor, stacked: tuple[Tensor, Tensor]) -> Tensor:

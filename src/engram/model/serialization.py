@@ -36,8 +36,10 @@ from engram.embedding import MultiHeadEmbedding, quantize_tables
 from engram.hashing import complete_fingerprint
 from engram.kernels.fp8 import ROW_FORMATS, quantize_table
 from engram.model.config import EngramLMConfig
-from engram.storage import (PLACEMENTS, TableHeader, load_table, map_table, open_table_store, read_header,
-                            record_checksums, verify_recorded, verify_safetensors, write_safetensors, write_table)
+from engram.storage import load_table, map_table, open_table_store, write_table
+from engram.storage.checksums import record_checksums, verify_recorded, verify_safetensors, write_safetensors
+from engram.storage.placement import PLACEMENTS
+from engram.storage.table_file import TableHeader, read_header
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
 
 CONFIG_NAME = "config.json"

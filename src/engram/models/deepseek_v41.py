@@ -46,7 +46,10 @@ from engram.config import EngramConfig
 from engram.hashing import NgramHasher
 from engram.kernels.fp8 import FP8_SCALE_BLOCK, dequantize_blocks, pack_rows, packed_row_bytes
 from engram.layer import Engram
-from engram.storage import PLACEMENTS, TableFileError, TableStore, open_table_store, read_header, write_table
+from engram.storage import TableFileError, open_table_store, write_table
+from engram.storage.placement import PLACEMENTS
+from engram.storage.store import TableStore
+from engram.storage.table_file import read_header
 from engram.tokenizer import CompressedTokenizer
 
 CONFIG_FILE = "config.json"

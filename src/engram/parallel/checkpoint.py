@@ -6,7 +6,7 @@ checkpoint folder holds, per Engram layer and per rank, the rank's table rows as
 ``engram-layer-{L}.rows-{start}-{end}.safetensors`` (checksummed, :mod:`engram.storage.table_file`; listed in
 ``config.json``, so ``from_pretrained`` assembles the table) and their SparseAdam moments as
 ``optimizer-table-{L}.rows-{start}-{end}.safetensors`` (tensors ``exp_avg`` and ``exp_avg_sq``, checksummed:
-:func:`engram.storage.write_safetensors`), which the optimiser state names in place of the moments. A
+:func:`engram.storage.checksums.write_safetensors`), which the optimiser state names in place of the moments. A
 single-process checkpoint holds whole tables and moments; both kinds load at any world size. The ``final/``
 model folder is written with whole tables (gathered), so that every placement of
 :meth:`EngramLM.from_pretrained` reads it.
@@ -28,7 +28,8 @@ from engram.embedding import MultiHeadEmbedding
 from engram.model import EngramLM
 from engram.model.serialization import table_file_name, table_metadata
 from engram.parallel.sharded_embedding import TABLE_MODULES, ShardedMultiHeadEmbedding, row_shard
-from engram.storage import verify_safetensors, write_safetensors, write_table
+from engram.storage import write_table
+from engram.storage.checksums import verify_safetensors, write_safetensors
 
 TableModule = MultiHeadEmbedding | ShardedMultiHeadEmbedding
 _MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engram.embedding import MultiHeadEmbedding, check_table_geometry, head_offsets, require_float_rows
-from engram.storage import PendingRows
+from engram.embedding import (MultiHeadEmbedding, check_table_geometry, head_offsets, require_float_rows,
+                              through_view)
+from engram.storage.store import PendingRows
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -248,8 +249,10 @@ class ShardedMultiHeadEmbedding(nn.Module):
 
     def fetch(self, row_ids: Tensor) -> PendingRows:
         """Read ``[B, T, H]`` per-head row ids from their owners; ``wait()`` gives ``[B, T, H * head_dim]`` on the
-        weight's device. The exchange runs now (a collective), so the handle is already complete."""
-        return PendingRows.ready(_ShardedLookup.apply(self.weight, self.flat_row_ids(row_ids), self))
+        weight's device, through this thread's view of the table (:func:`~engram.embedding.table_views`). The
+        exchange runs now (a collective), so the handle is already complete."""
+        flat_rows = self.flat_row_ids(row_ids)
+        return through_view(self, flat_rows, PendingRows.ready(_ShardedLookup.apply(self.weight, flat_rows, self)))
 
     def forward(self, row_ids: Tensor) -> Tensor:
         """``[B, T, H]`` per-head row ids -> ``[B, T, H * head_dim]`` concatenated head vectors."""

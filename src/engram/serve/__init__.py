@@ -1,50 +1,7 @@
 """Serving one model to many tenants, each reading its own memory patch (``engram serve``, see docs/serve.md).
 
-:mod:`engram.serve.app` (the HTTP API) and :mod:`engram.serve.cli` need the ``serve`` extra (FastAPI, uvicorn);
-the engine, the tenants file and the metrics imported here do not, nor does :mod:`engram.serve.generate` (``engram
-generate``: one prompt sampled in this process, no server).
+:mod:`engram.serve.engine` (the batching worker, :class:`~engram.serve.engine.Engine`),
+:mod:`engram.serve.tenants` (the tenants file) and :mod:`engram.serve.metrics` run without the ``serve`` extra, as
+does :mod:`engram.serve.generate` (``engram generate``: one prompt sampled in this process, no server);
+:mod:`engram.serve.app` (the HTTP API) and :mod:`engram.cli.serve` need it (FastAPI, uvicorn).
 """
-
-from engram.serve.engine import (
-    Completion,
-    Engine,
-    EngineBusy,
-    EngineClosed,
-    GenerationEvent,
-    GenerationRequest,
-    Job,
-    TextStream,
-)
-from engram.serve.metrics import Metrics
-from engram.serve.tenants import (
-    Tenant,
-    TenantEntry,
-    TenantRegistry,
-    TenantsFile,
-    add_tenant,
-    hash_key,
-    new_key,
-    read_tenants,
-    write_tenants,
-)
-
-__all__ = [
-    "Completion",
-    "Engine",
-    "EngineBusy",
-    "EngineClosed",
-    "GenerationEvent",
-    "GenerationRequest",
-    "Job",
-    "Metrics",
-    "Tenant",
-    "TenantEntry",
-    "TenantRegistry",
-    "TenantsFile",
-    "TextStream",
-    "add_tenant",
-    "hash_key",
-    "new_key",
-    "read_tenants",
-    "write_tenants",
-]

@@ -2,11 +2,12 @@
 
 Requests wait in a queue. The worker takes the first one, waits ``batch_window_s`` for more (up to
 ``max_batch``), left-pads the prompts into one batch and runs ONE prefill and one decode loop over it with a
-KV cache through :class:`~engram.model.Decoding`, as :meth:`EngramLM.generate` does (``attention_mask`` for the
-padding, ``engram_history`` for the incremental hashing). Each row passes its tenant's :class:`RowOverlay` to ``forward(row_overlays=...)``, so
-tenants share a batch and each row still reads its own tenant's memory. Rows have their own ``max_tokens``,
-temperature, top-p, seed and stop strings and finish independently; the batch ends when its last row does,
-then the next batch starts (static batching: a request arriving meanwhile waits for it).
+KV cache through :class:`~engram.model.lm.Decoding`, as :meth:`EngramLM.generate` does (``attention_mask`` for the
+padding, ``engram_history`` for the incremental hashing). The batch runs inside
+:func:`~engram.model.overlay.row_overlays` with each row's tenant :class:`RowOverlay`, so tenants share a batch and
+each row still reads its own tenant's memory (the model's tables are never changed). Rows have their own
+``max_tokens``, temperature, top-p, seed and stop strings and finish independently; the batch ends when its last
+row does, then the next batch starts (static batching: a request arriving meanwhile waits for it).
 
 Every row reports through a callback: one :class:`GenerationEvent` per new piece of text, the last one with a
 ``finish_reason``.
@@ -22,6 +23,7 @@ others finish with the text they would have had (greedy rows exactly, up to the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -37,10 +39,11 @@ from tokenizers import Tokenizer
 
 from engram.data.corpus import bos_id
 from engram.memory.patch import load_patch, model_fingerprint
-from engram.model import Decoding, EngramLM
-from engram.model.overlay import RowOverlay
+from engram.model import EngramLM
+from engram.model.lm import Decoding
+from engram.model.overlay import RowOverlay, row_overlays
 from engram.model.sampling import GREEDY_BELOW, broken_rows, sample_next
-from engram.parallel import resolve_device
+from engram.parallel.distributed import resolve_device
 from engram.serve.metrics import Metrics
 from engram.tokenizer import load_tokenizer
 
@@ -434,17 +437,19 @@ class Engine:
             ids[index, width - len(context):] = torch.tensor(context, device=self.device)
             mask[index, width - len(context):] = 1
         overlays = [row.job.request.overlay for row in rows]
-        row_overlays = overlays if any(overlay is not None for overlay in overlays) else None
+        tenants_memory = (row_overlays(self.model, overlays, self.device)
+                          if any(overlay is not None for overlay in overlays) else contextlib.nullcontext())
         max_new = max(row.job.request.max_tokens - row.tokens for row in rows)
-        decoding = Decoding(self.model, ids, max_new, mask, row_overlays)
-        while True:  # every row ends by its max_tokens, within the cache (which refuses to overflow)
-            next_ids = self._sample(decoding.logits, rows)
-            for row, token_id in zip(rows, next_ids.tolist()):
-                if not row.done:
-                    self._advance(row, token_id, batch)
-            if all(row.done for row in rows):
-                return
-            decoding.step(next_ids)
+        with tenants_memory:
+            decoding = Decoding(self.model, ids, max_new, mask)
+            while True:  # every row ends by its max_tokens, within the cache (which refuses to overflow)
+                next_ids = self._sample(decoding.logits, rows)
+                for row, token_id in zip(rows, next_ids.tolist()):
+                    if not row.done:
+                        self._advance(row, token_id, batch)
+                if all(row.done for row in rows):
+                    return
+                decoding.step(next_ids)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """``[B, V]`` -> ``[B]`` next ids: one :func:`sample_next` per group of rows sampling alike (a seeded

@@ -8,7 +8,7 @@ import torch
 
 from engram.data.corpus import bos_id
 from engram.model import EngramLM
-from engram.parallel import resolve_device
+from engram.parallel.distributed import resolve_device
 from engram.tokenizer import load_tokenizer
 from engram.train.checkpoint import checkpoint_folder
 

@@ -89,7 +89,7 @@ class CachedStore:
 
     def fetch(self, rows: Tensor, device: torch.device | str) -> PendingRows:
         """Start reading int ``rows`` ``[...]``; ``wait()`` gives ``[..., D]`` on ``device``, equal to
-        ``table[rows]`` (see :class:`engram.storage.TableStore`)."""
+        ``table[rows]`` (see :class:`engram.storage.store.TableStore`)."""
         if self._closed:
             raise RuntimeError("CachedStore is closed")
         device = as_device(device)

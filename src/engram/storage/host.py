@@ -175,7 +175,7 @@ class GatherStore:
     Thread-safe: each fetch has its own buffers; the counters ``rows_requested`` (every row asked for) and
     ``rows_transferred`` (rows read from the table and sent, distinct ones with ``dedup``) are kept under a lock.
     ``check``, when given, is called at every fetch before anything is read (e.g.
-    :meth:`engram.storage.MappedTable.check_intact`: a clear error instead of a crash on a truncated file).
+    :meth:`engram.storage.table_file.MappedTable.check_intact`: a clear error instead of a crash on a truncated file).
     """
 
     placement = "host"
@@ -207,7 +207,7 @@ class GatherStore:
 
     def fetch(self, rows: Tensor, device: torch.device | str) -> PendingRows:
         """Start reading int ``rows`` ``[...]``; ``wait()`` gives ``[..., D]`` on ``device``, equal to
-        ``table[rows]`` (see :class:`engram.storage.TableStore`)."""
+        ``table[rows]`` (see :class:`engram.storage.store.TableStore`)."""
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
         if self._check is not None:

@@ -26,7 +26,7 @@ import torch
 
 from engram.atomic import atomic_write_text
 from engram.model.serialization import CONFIG_NAME
-from engram.storage import load_safetensors, record_checksums, verify_recorded, write_safetensors
+from engram.storage.checksums import load_safetensors, record_checksums, verify_recorded, write_safetensors
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -120,7 +120,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: Any, opti
     """Write checkpoint ``step`` of a run; keep the newest ``keep`` checkpoints. Returns its folder.
 
     ``staging``: a :func:`staging_folder` other ranks have already written their table parts into (listed in
-    ``table_parts``, see :func:`engram.parallel.write_table_shards`); it becomes the checkpoint.
+    ``table_parts``, see :func:`engram.parallel.checkpoint.write_table_shards`); it becomes the checkpoint.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

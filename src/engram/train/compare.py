@@ -2,7 +2,7 @@
 
 The baseline is the same backbone without Engram, with the Engram parameters given to routed experts
 (or to the dense FFN width): same total parameters, nearly the same activated parameters
-(:func:`engram.model.baseline_config`). Both runs use the same seed, hence the same batches in the
+(:func:`engram.model.params.baseline_config`). Both runs use the same seed, hence the same batches in the
 same order. Results: a table on the console, ``comparison.json`` and ``loss_curves.png`` in ``--out``.
 Throughput is not compared: the runs train one after the other, so load on the machine can differ between
 them; each run's ``metrics.jsonl`` logs its tokens/s. A single run (:func:`run_single`) ends with a summary.
@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from engram.model import baseline_config
+from engram.model.params import baseline_config
 from engram.train.checkpoint import latest_checkpoint
 from engram.train.trainer import METRICS_FILE, Trainer, TrainConfig
 
@@ -143,8 +143,6 @@ def run_comparison(cfg: TrainConfig, console: Console | None = None) -> dict[str
     if engram_trainer.model_cfg.engram is None:
         raise ValueError(f"preset {cfg.preset!r} has no Engram layers: nothing to compare (use --no-baseline)")
     baseline, counts = baseline_config(engram_trainer.model_cfg)
-    overrides = {**cfg.model_overrides, "engram": None, "dense_ffn_dim": baseline.dense_ffn_dim,
-                 "moe": dataclasses.asdict(baseline.moe) if baseline.moe is not None else None}
     console.print(f"[bold]1/2 Engram model[/bold]: {format_params(counts['engram_model'])}")
     engram_result = engram_trainer.train()
     if engram_result["interrupted"]:
@@ -152,7 +150,7 @@ def run_comparison(cfg: TrainConfig, console: Console | None = None) -> dict[str
     console.print(f"[bold]2/2 baseline[/bold] (Engram parameters moved to experts / FFN): "
                   f"{format_params(counts['baseline'])}")
     resume_baseline = cfg.resume and latest_checkpoint(out / "baseline") is not None  # else not yet started
-    baseline_trainer = Trainer(dataclasses.replace(cfg, out=str(out / "baseline"), model_overrides=overrides,
+    baseline_trainer = Trainer(dataclasses.replace(cfg, out=str(out / "baseline"), model=baseline,
                                                    resume=resume_baseline), console=console)
     baseline_result = baseline_trainer.train()
     if baseline_result["interrupted"]:

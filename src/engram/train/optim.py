@@ -23,7 +23,7 @@ Embeddings, the LM head, routers and mHC ``phi`` never go to Muon.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -37,6 +37,7 @@ from engram.parallel.sharded_embedding import TABLE_MODULES
 
 SCHEDULES = ("cosine", "step", "constant")
 GROUP_NAMES = ("tables", "matrices", "decay", "no_decay")
+NOT_A_FLAG = {"cli": False}  # field metadata: set in code only (engram.cli.flags)
 
 # Quintic Newton-Schulz coefficients of Muon (Keller Jordan): pushes singular values into ~[0.7, 1.2].
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -46,23 +47,32 @@ NamedParams = list[tuple[str, nn.Parameter]]
 
 @dataclass
 class OptimConfig:
-    """Hyperparameters of :class:`EngramOptimizer` and its LR schedule (JSON-friendly via ``asdict``)."""
+    """Hyperparameters of :class:`EngramOptimizer` and its LR schedule (JSON-friendly via ``asdict``). Fields not
+    marked :data:`NOT_A_FLAG` are flags of ``engram train`` and ``engram sweep`` (:mod:`engram.cli.flags`)."""
 
-    lr: float = 3e-3  # base (peak) LR of AdamW
-    weight_decay: float = 0.1  # decoupled, for the "matrices" (AdamW or Muon) and "decay" groups
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    table_lr_mult: float = 5.0  # Engram tables: Adam at this multiple of lr
-    table_weight_decay: float = 0.0  # decoupled decay applied to the rows read in a step only
-    muon: bool = False  # Muon for the "matrices" group instead of AdamW
-    muon_lr: float = 0.02  # Muon's peak LR (updates are RMS-matched to AdamW's, see muon_scale)
-    muon_momentum: float = 0.95
-    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
-    schedule: str = "cosine"  # "cosine" | "step" | "constant" after the warm-up
-    min_lr_ratio: float = 0.1  # cosine: LR at max_steps is min_lr_ratio * lr
-    step_decay_at: tuple[float, ...] = (0.8, 0.9)  # step: fractions of max_steps where the LR drops
-    step_decay_factor: float = 0.316  # step: each drop multiplies the LR by this
-    grad_clip: float = 1.0  # max global L2 norm of the dense grads; 0 disables clipping
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate of the dense weights (default: %(default)s)"})
+    weight_decay: float = field(default=0.1, metadata={  # decoupled: "matrices" (AdamW or Muon) and "decay" groups
+        "help": "AdamW weight decay of the dense weights (tables get none) (default: %(default)s)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=NOT_A_FLAG)
+    eps: float = field(default=1e-8, metadata=NOT_A_FLAG)
+    table_lr_mult: float = field(default=5.0, metadata={  # Engram tables: Adam at this multiple of lr
+        "help": "Engram tables' learning rate over --lr (paper: 5) (default: %(default)s)"})
+    # decoupled decay applied to the rows read in a step only
+    table_weight_decay: float = field(default=0.0, metadata=NOT_A_FLAG)
+    muon: bool = field(default=False, metadata={"help": "Muon for hidden matrices (AdamW otherwise)"})
+    # Muon's peak LR (updates are RMS-matched to AdamW's, see muon_scale)
+    muon_lr: float = field(default=0.02, metadata=NOT_A_FLAG)
+    muon_momentum: float = field(default=0.95, metadata=NOT_A_FLAG)
+    warmup_steps: int = field(default=100, metadata={  # linear warm-up from lr / warmup_steps to lr
+        "help": "steps of linear learning-rate warm-up (default: %(default)s)"})
+    schedule: str = field(default="cosine", metadata={
+        "choices": SCHEDULES, "help": "learning-rate decay after the warm-up (default: %(default)s)"})
+    min_lr_ratio: float = field(default=0.1, metadata=NOT_A_FLAG)  # cosine: LR at max_steps is min_lr_ratio * lr
+    # step: fractions of max_steps where the LR drops, and the factor of each drop
+    step_decay_at: tuple[float, ...] = field(default=(0.8, 0.9), metadata=NOT_A_FLAG)
+    step_decay_factor: float = field(default=0.316, metadata=NOT_A_FLAG)
+    grad_clip: float = field(default=1.0, metadata={  # max global L2 norm of the dense grads; 0 disables clipping
+        "help": "clip the dense weights' gradient norm to this (default: %(default)s)"})
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back

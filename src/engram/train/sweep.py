@@ -47,14 +47,21 @@ DEFAULT_MEMORY_FACTORS = (1, 2, 4, 8, 16)
 
 @dataclass
 class SweepConfig:
-    """A sweep: the training settings every run shares, and what varies."""
+    """A sweep: the training settings every run shares, and what varies. Every field is a flag of ``engram sweep``
+    (:mod:`engram.cli.flags`: ``train`` gives the flags of ``engram train``)."""
 
     train: TrainConfig
-    mode: str = "allocation"  # "allocation" (rho) or "memory" (table rows)
-    rhos: list[float] = field(default_factory=lambda: list(DEFAULT_RHOS))
-    memory_factors: list[int] = field(default_factory=lambda: list(DEFAULT_MEMORY_FACTORS))
-    matched_baseline: bool = True  # allocation with rho = 1: also the pure MoE with top-k matching activated params
-    report_only: bool = False  # train nothing: write the CSV and plot of runs already finished
+    mode: str = field(default="allocation", metadata={"choices": MODES})  # "allocation" (rho) or "memory" (rows)
+    rhos: list[float] = field(default_factory=lambda: list(DEFAULT_RHOS), metadata={
+        "help": "shares of the sparse parameters kept as routed experts (1 = pure MoE)"})
+    memory_factors: list[int] = field(default_factory=lambda: list(DEFAULT_MEMORY_FACTORS), metadata={
+        "help": "table-row multipliers of the memory-scaling mode"})
+    # allocation with rho = 1: also the pure MoE whose top-k matches the Engram runs' activated parameters
+    matched_baseline: bool = field(default=True, metadata={
+        "help": "allocation: leave out the pure MoE with top-k raised to Engram's activated parameters"})
+    report_only: bool = field(default=False, metadata={
+        "help": "train nothing: write sweep.csv and sweep.png from runs finished in --out (refused while one is "
+                "missing)"})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,12 +75,6 @@ class SweepConfig:
         bad = [factor for factor in self.memory_factors if factor < 1]
         if bad:
             raise ValueError(f"memory factors must be >= 1, got {bad[0]}")
-
-
-def _overrides(cfg: EngramLMConfig) -> dict[str, Any]:
-    """The model fields a run sets over its preset."""
-    return {"engram": dataclasses.asdict(cfg.engram) if cfg.engram is not None else None,
-            "moe": dataclasses.asdict(cfg.moe) if cfg.moe is not None else None}
 
 
 def activation_matched_moe(model_cfg: EngramLMConfig) -> EngramLMConfig:
@@ -189,8 +190,7 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> dict[str, A
     results = []
     for index, (name, fields, cfg) in enumerate(runs, 1):
         run_dir = out / name
-        train = dataclasses.replace(sweep.train, out=str(run_dir),
-                                    model_overrides={**sweep.train.model_overrides, **_overrides(cfg)})
+        train = dataclasses.replace(sweep.train, out=str(run_dir), model=cfg)
         if (run_dir / "final" / "config.json").is_file():
             console.print(f"[bold]{index}/{len(runs)} {name}[/bold]: finished earlier, not trained again")
         else:

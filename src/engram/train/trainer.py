@@ -36,43 +36,69 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engram.data.batches import TokenBatches, token_byte_lengths, validation_batches
 from engram.data.corpus import Corpus, load_or_prepare
-from engram.model import EngramLM, EngramLMConfig, LMOutput
-from engram.parallel import (DistContext, all_reduce_sum, gather_full_model, init_distributed, load_table_moments,
-                             local_rows, shard_engram_tables, sharded_tables, sync_router_load, wrap_ddp,
-                             write_table_shards)
+from engram.data.sources import PRESETS as DATA_PRESETS
+from engram.model import PRESETS, EngramLM, EngramLMConfig
+from engram.model.lm import LMOutput
+from engram.parallel import DistContext, init_distributed, local_rows, shard_engram_tables, wrap_ddp
+from engram.parallel.checkpoint import gather_full_model, load_table_moments, sharded_tables, write_table_shards
+from engram.parallel.distributed import all_reduce_sum, sync_router_load
 from engram.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_staging, save_checkpoint,
                                      staging_folder)
-from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
+from engram.train.optim import NOT_A_FLAG, EngramOptimizer, OptimConfig, enable_sparse_tables
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
+DEFAULT_DATA = ("shakespeare",)
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run (every CLI flag of ``engram train`` maps to a field)."""
+    """Settings of one training run. Every field but ``model`` is a flag of ``engram train`` and ``engram sweep``
+    (:mod:`engram.cli.flags`; ``metadata`` holds its help text)."""
 
-    preset: str = "tiny"
-    data: list[str] = field(default_factory=lambda: ["shakespeare"])  # presets, raw files/folders or a prepared corpus
-    tokenizer: str = "bpe-4096"  # registered name, tokenizer.json path, or "bpe-N": a BPE of N ids trained on the data
-    out: str = "runs/engram"
-    max_steps: int = 300
-    batch_size: int = 16  # global, in sequences
-    grad_accum: int = 1
-    seq_len: int = 256
-    seed: int = 0
-    device: str = "auto"  # "auto" = cuda when available
-    compile: bool | None = None  # torch.compile the model; None = on CUDA (faster there), not on the CPU
-    eval_every: int = 100
-    eval_batches: int = 16
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue out's latest checkpoint (one must exist); only RESUMABLE_CHANGES may differ
-    tensorboard: bool = True
-    progress: bool = True
+    preset: str = field(default="tiny", metadata={
+        "help": f"model preset: {', '.join(PRESETS)} (default: %(default)s)"})
+    data: list[str] = field(default_factory=lambda: list(DEFAULT_DATA), metadata={
+        "metavar": "SOURCE",
+        "help": f"preset names ({', '.join(DATA_PRESETS)}), .txt/.jsonl/.parquet files or folders, or a prepared "
+                "corpus; with too few documents for a split by document (one text file) the last 5%% of each is "
+                f"validation (default: {' '.join(DEFAULT_DATA)})"})
+    tokenizer: str = field(default="bpe-4096", metadata={
+        "help": "'deepseek-v3', a tokenizer.json path, or 'bpe-N' (a byte-level BPE of N ids trained on the data) "
+                "(default: %(default)s)"})
+    out: str = field(default="runs/engram", metadata={
+        "default": None,  # on the command line: a new run folder per run
+        "help": "run folder (default: runs/PRESET-YYYYmmdd-HHMMSS)"})
+    max_steps: int = field(default=300, metadata={"help": "optimiser steps to train for (default: %(default)s)"})
+    batch_size: int = field(default=16, metadata={
+        "help": "sequences per step, over all processes (default: %(default)s)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches each step's batch is split into (divides --batch-size) (default: %(default)s)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence (default: %(default)s)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the initial weights and of the batch order (default: %(default)s)"})
+    device: str = field(default="auto", metadata={
+        "help": "'auto' (CUDA when available), 'cpu', 'cuda', ... (default: %(default)s)"})
+    compile: bool | None = field(default=None, metadata={  # None: on CUDA (faster there), not on the CPU
+        "help": "torch.compile the model (default: on CUDA, not on the CPU)"})
+    eval_every: int = field(default=100, metadata={
+        "help": "steps between validation passes (and one at the end) (default: %(default)s)"})
+    eval_batches: int = field(default=16, metadata={
+        "help": "validation batches per pass, at most (default: %(default)s)"})
+    log_every: int = field(default=10, metadata={"help": "steps between lines of metrics.jsonl (default: %(default)s)"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (default: %(default)s)"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept: a save deletes the older ones (default: %(default)s)"})
+    resume: bool = field(default=False, metadata={  # only RESUMABLE_CHANGES may differ from the checkpoint's run
+        "help": "continue the run in --out from its latest checkpoint (engram train without --out: the latest "
+                "runs/PRESET-YYYYmmdd-HHMMSS run)"})
+    tensorboard: bool = field(default=True, metadata={
+        "help": "no TensorBoard logs (written into tensorboard/ of the run folder when TensorBoard is installed)"})
+    progress: bool = field(default=True, metadata={
+        "help": "no progress bar (stage messages and the final summary still print)"})
     optim: OptimConfig = field(default_factory=OptimConfig)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # EngramLMConfig fields over the preset
+    # The model to train, before the data's tokenizer and seq_len are applied (model_config_for); None: the preset's.
+    model: EngramLMConfig | None = field(default=None, metadata=NOT_A_FLAG)
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
@@ -93,22 +119,16 @@ class TrainConfig:
 
 
 def model_config_for(cfg: TrainConfig, corpus: Corpus) -> EngramLMConfig:
-    """The preset with the corpus's tokenizer and the run's sequence length and overrides applied."""
-    base = EngramLMConfig.from_preset(cfg.preset)
-    tokenizer_path = corpus.tokenizer_path
-    vocab = corpus.vocab_size
-    fields: dict[str, Any] = {}
-    if base.tokenizer != corpus.tokenizer_name:
-        padded = -(-vocab // 64) * 64
-        fields.update(tokenizer=str(tokenizer_path), vocab_size=padded, tokenizer_vocab_size=vocab)
-        if base.engram is not None:
-            fields["engram"] = dataclasses.replace(base.engram, tokenizer=str(tokenizer_path),
-                                                   pad_id=min(base.engram.pad_id, vocab - 1))
-    fields["max_position_embeddings"] = max(base.max_position_embeddings, cfg.seq_len)
-    fields.update(cfg.model_overrides)
-    data = base.to_dict()
-    data.update({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in fields.items()})
-    return EngramLMConfig.from_dict(data)
+    """``cfg.model`` (else its preset's) with the corpus's tokenizer and room for the run's sequence length."""
+    model = cfg.model if cfg.model is not None else EngramLMConfig.from_preset(cfg.preset)
+    changes: dict[str, Any] = {"max_position_embeddings": max(model.max_position_embeddings, cfg.seq_len)}
+    if model.tokenizer != corpus.tokenizer_name:
+        tokenizer, vocab = str(corpus.tokenizer_path), corpus.vocab_size
+        changes.update(tokenizer=tokenizer, vocab_size=-(-vocab // 64) * 64, tokenizer_vocab_size=vocab)
+        if model.engram is not None:
+            changes["engram"] = dataclasses.replace(model.engram, tokenizer=tokenizer,
+                                                    pad_id=min(model.engram.pad_id, vocab - 1))
+    return dataclasses.replace(model, **changes)
 
 
 def lm_loss(forward: Callable[..., LMOutput], inputs: torch.Tensor, targets: torch.Tensor,
@@ -180,8 +200,11 @@ RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "device", "compile"
 
 
 def _exact_resume_settings(train_config: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a ``TrainConfig.to_dict()`` that must not change across a resume."""
-    return {key: value for key, value in train_config.items() if key not in RESUMABLE_CHANGES}
+    """The settings of a ``TrainConfig.to_dict()`` that must not change across a resume: this code's fields (a
+    checkpoint written before ``model`` replaced ``model_overrides`` resumes too) but the model, which is compared
+    as built with the checkpoint's own ``config.json`` (``Trainer._load_model``)."""
+    return {item.name: train_config.get(item.name) for item in dataclasses.fields(TrainConfig)
+            if item.name not in RESUMABLE_CHANGES and item.name != "model"}
 
 
 class Trainer:

@@ -1,7 +1,6 @@
 """Cross entropy of rows of logits, optionally overwriting them with the loss's gradient (one chunk of the
 language model's loss, :mod:`engram.model.loss`)."""
 
-from engram.kernels.cross_entropy.naive import naive_cross_entropy_rows
 from engram.kernels.cross_entropy.op import cross_entropy_rows
 
-__all__ = ["cross_entropy_rows", "naive_cross_entropy_rows"]
+__all__ = ["cross_entropy_rows"]

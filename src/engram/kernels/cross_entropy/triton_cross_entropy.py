@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engram.kernels.dispatch import kernel_output
+
 _MAX_BLOCK = 8192  # vocabulary entries per step of a row's loop
 
 
@@ -48,7 +50,7 @@ def cross_entropy_rows(logits: torch.Tensor, safe: torch.Tensor, valid: torch.Te
     """See :func:`~engram.kernels.cross_entropy.naive.naive_cross_entropy_rows`; ``logits`` has unit stride along
     the vocabulary."""
     rows, vocab = logits.shape
-    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    losses = kernel_output((rows,), torch.float32, logits.device)
     if rows:
         scale = row_scale if row_scale is not None else losses  # unread without WRITE_GRAD
         _cross_entropy_rows_kernel[(rows,)](logits, safe, valid, scale, losses, logits.stride(0), V=vocab,

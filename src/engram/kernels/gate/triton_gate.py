@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engram.kernels.dispatch import kernel_output
 from engram.kernels.gate.naive import GATE_FLOOR
 
 _TILE = 4096  # elements of the [BLOCK_M, BLOCK_D] tile of the reducing kernels
@@ -172,9 +173,8 @@ def gate_fwd(keys: torch.Tensor, hidden: torch.Tensor, value: torch.Tensor, key_
     *_, branches, dim = keys.shape
     tokens = keys.numel() // (branches * dim)
     k, h, v = _rows(keys, tokens, branches, dim), _rows(hidden, tokens, branches, dim), _rows(value, tokens, dim)
-    gated = torch.empty(keys.shape, dtype=value.dtype, device=keys.device)
-    gates, rstd_k, rstd_q, score = (torch.empty(keys.shape[:-1], dtype=torch.float32, device=keys.device)
-                                    for _ in range(4))
+    gated = kernel_output(keys.shape, value.dtype, keys.device)
+    gates, rstd_k, rstd_q, score = (kernel_output(keys.shape[:-1], torch.float32, keys.device) for _ in range(4))
     if tokens:
         block_m, block_d = _blocks(branches, dim, _TILE)
         _gate_fwd_kernel[(tokens,)](
@@ -197,15 +197,15 @@ def gate_bwd(grad_gated: torch.Tensor, grad_gates: torch.Tensor, keys: torch.Ten
     k, h, v = _rows(keys, tokens, branches, dim), _rows(hidden, tokens, branches, dim), _rows(value, tokens, dim)
     wk, wq = key_norm_weight.contiguous(), query_norm_weight.contiguous()
     gg = _rows(grad_gated, tokens, branches, dim)
-    grad_keys = torch.empty(keys.shape, dtype=keys.dtype, device=device)
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
-    grad_value = torch.empty(value.shape, dtype=value.dtype, device=device)
+    grad_keys = kernel_output(keys.shape, keys.dtype, device)
+    grad_hidden = kernel_output(hidden.shape, hidden.dtype, device)
+    grad_value = kernel_output(value.shape, value.dtype, device)
     # A power of two, so that the token-loop length (a compile-time constant) takes few values.
     tokens_per_program = triton.next_power_of_2(max(1, triton.cdiv(tokens, _WEIGHT_GRAD_BLOCKS)))
     num_blocks = triton.cdiv(tokens, tokens_per_program)
-    partial = torch.empty((2, num_blocks, branches, dim), dtype=torch.float32, device=device)
+    partial = kernel_output((2, num_blocks, branches, dim), torch.float32, device)
     if tokens:
-        grad_score = torch.empty((tokens, branches), dtype=torch.float32, device=device)
+        grad_score = kernel_output((tokens, branches), torch.float32, device)
         block_m, block_d = _blocks(branches, dim, _TILE)
         _gate_bwd_score_kernel[(tokens,)](
             gg, grad_gates.contiguous(), v, gates, score, grad_value, grad_score,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engram.kernels.dispatch import kernel_output
 from engram.kernels.fp8 import row_dim
 
 # Widest tile along D; wider rows loop over D in chunks of this.
@@ -66,7 +67,7 @@ def fp8_gather_fwd(table: Tensor, flat_rows: Tensor) -> Tensor:
     num_heads, row_bytes = flat_rows.shape[-1], table.shape[1]
     dim = row_dim(row_bytes)
     rows = flat_rows.reshape(-1, num_heads).contiguous()
-    out = torch.empty(rows.shape[0], num_heads * dim, dtype=torch.float32, device=table.device)
+    out = kernel_output((rows.shape[0], num_heads * dim), torch.float32, table.device)
     if out.numel():
         block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
         block_t = max(1, TILE // block_d)

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from engram.kernels.dispatch import kernel_output
+
 # Widest tile along D; wider head dims loop over D in chunks of this.
 MAX_BLOCK_D = 256
 # Elements per tile (tokens or gradient vectors times BLOCK_D).
@@ -89,7 +91,7 @@ def gather_fwd(weight: Tensor, flat_rows: Tensor) -> Tensor:
     weight = weight.contiguous()
     num_heads, dim = flat_rows.shape[-1], weight.shape[1]
     rows = flat_rows.reshape(-1, num_heads).contiguous()
-    out = torch.empty(rows.shape[0], num_heads * dim, dtype=weight.dtype, device=weight.device)
+    out = kernel_output((rows.shape[0], num_heads * dim), weight.dtype, weight.device)
     if out.numel():
         block_d = _block_d(dim)
         block_t = max(1, TILE // block_d)
@@ -133,7 +135,7 @@ def _segment_sums(vectors: Tensor, rows: Tensor, num_rows: int | None = None) ->
     seg_start = is_start.nonzero().view(-1)
     num_unique = seg_start.shape[0] - 1
     unique_rows = sorted_rows[seg_start[:-1]].to(rows.dtype)
-    sums = torch.empty(num_unique, dim, dtype=torch.float32, device=vectors.device)
+    sums = kernel_output((num_unique, dim), torch.float32, vectors.device)
     if num_unique:
         params = _segment_params(dim)
         grid = (triton.cdiv(num_unique, params["BLOCK_G"]), triton.cdiv(dim, params["BLOCK_D"]))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 DEAD_TOKEN = -1  # the original id written at a dead position (any negative id counts as dead)
+# Every prime (table size) below this takes the kernels' exact fp64 modulo; the kernels fall back to ``%`` otherwise.
+FAST_MOD_MAX_PRIME = 1 << 50
 
 
 def ngram_hash_naive(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from engram.kernels.dispatch import use_triton
-from engram.kernels.hash.naive import ngram_hash_decode_naive, ngram_hash_naive
+from engram.kernels.dispatch import kernel_output, use_triton
+from engram.kernels.hash.naive import FAST_MOD_MAX_PRIME, ngram_hash_decode_naive, ngram_hash_naive
 
 _BLOCK_T = 64
 _BLOCK_B = 64
@@ -37,14 +37,15 @@ def _check_constants(lookup: torch.Tensor, multipliers: torch.Tensor, primes: to
     return layers, n, primes.shape[2]
 
 
-def _fast_mod(primes: torch.Tensor) -> bool:
+def _fast_mod(primes: torch.Tensor, fast_mod: bool | None) -> bool:
     """Whether every prime is below ``FAST_MOD_MAX_PRIME`` (the kernels' exact fp64 modulo); else plain ``%``.
 
-    Reading the maximum synchronizes with the device, so the answer is cached on the tensor (the hasher passes
-    the same cached ``primes`` every call), keyed by its version counter so in-place edits are seen.
+    ``fast_mod`` given (the hasher knows its primes on the host) is the answer: no device read, so the launch
+    traces into a compiled graph. Otherwise reading the maximum synchronizes with the device, so the answer is
+    cached on the tensor, keyed by its version counter so in-place edits are seen.
     """
-    from engram.kernels.hash.triton_hash import FAST_MOD_MAX_PRIME
-
+    if fast_mod is not None:
+        return fast_mod
     cached = getattr(primes, "_engram_fast_mod", None)
     if cached is not None and cached[0] == primes._version:
         return cached[1]
@@ -69,6 +70,7 @@ def ngram_hash(
     pad_id: int,
     history: torch.Tensor | None = None,
     force: bool | None = None,
+    fast_mod: bool | None = None,
 ) -> torch.Tensor:
     """Row ids of every head, order and layer for a batch of token ids, in one launch.
 
@@ -83,6 +85,8 @@ def ngram_hash(
         history: optional ``[B, N - 1]`` int64 original ids preceding ``raw_ids``, oldest first, negative where
             dead; the caller left-fills missing positions with the original pad id.
         force: ``True`` insists on Triton, ``False`` on plain torch, ``None`` picks (see ``use_triton``).
+        fast_mod: whether every prime is below ``FAST_MOD_MAX_PRIME``, if the caller knows (``NgramHasher``
+            does); ``None`` reads it from ``primes`` once (a device sync, which breaks a compiled graph).
     Returns:
         ``[L, B, T, H]`` int64; column ``(n - 2) * K + j`` of layer ``l`` is row
         ``(XOR_{k<n} x_{t-k} * m_k) % primes[l, n - 2, j]`` of head ``j`` of order ``n`` (``x_{t-k}`` the pad
@@ -113,7 +117,7 @@ def ngram_hash(
     # Imported on first use: @triton.jit reads TRITON_INTERPRET when the kernel module is imported.
     from engram.kernels.hash.triton_hash import ngram_hash_kernel
 
-    out = torch.empty((layers, batch, length, (n - 1) * heads), dtype=torch.int64, device=device)
+    out = kernel_output((layers, batch, length, (n - 1) * heads), torch.int64, device)
     if out.numel() == 0:
         return out
     block = min(_BLOCK_T, _next_power_of_2(length))
@@ -122,7 +126,7 @@ def ngram_hash(
         raw_ids.contiguous(), history.contiguous() if history is not None else raw_ids, lookup.contiguous(),
         multipliers.contiguous(), primes.contiguous(), out, length, batch, pad_id,
         L=layers, N=n, K=heads, HP=_next_power_of_2((n - 1) * heads),
-        HAS_HISTORY=history is not None, BLOCK_T=block, FAST_MOD=_fast_mod(primes),
+        HAS_HISTORY=history is not None, BLOCK_T=block, FAST_MOD=_fast_mod(primes, fast_mod),
     )
     return out
 
@@ -135,6 +139,7 @@ def ngram_hash_decode(
     primes: torch.Tensor,
     pad_id: int,
     force: bool | None = None,
+    fast_mod: bool | None = None,
 ) -> torch.Tensor:
     """Row ids of one new token per sequence (decoding with a KV cache); advances ``history`` in place.
 
@@ -143,7 +148,7 @@ def ngram_hash_decode(
         history: ``[B, N - 1]`` contiguous int64 original ids preceding them, oldest first, negative where dead
             (start a sequence with the original pad id); shifted left by one with ``new_ids`` appended, in the
             same launch.
-        lookup, multipliers, primes, pad_id, force: as in :func:`ngram_hash`.
+        lookup, multipliers, primes, pad_id, force, fast_mod: as in :func:`ngram_hash`.
     Returns:
         ``[L, B, H]`` int64, equal to :func:`ngram_hash` of the whole sequence at the new position.
 
@@ -171,13 +176,13 @@ def ngram_hash_decode(
 
     from engram.kernels.hash.triton_hash import ngram_hash_decode_kernel
 
-    out = torch.empty((layers, batch, (n - 1) * heads), dtype=torch.int64, device=device)
+    out = kernel_output((layers, batch, (n - 1) * heads), torch.int64, device)
     if batch == 0:
         return out
     block = min(_BLOCK_B, _next_power_of_2(batch))
     ngram_hash_decode_kernel[(_cdiv(batch, block),)](
         new_ids.contiguous(), history, lookup.contiguous(), multipliers.contiguous(), primes.contiguous(), out,
         batch, pad_id, L=layers, N=n, K=heads, HP=_next_power_of_2((n - 1) * heads),
-        BLOCK_B=block, FAST_MOD=_fast_mod(primes),
+        BLOCK_B=block, FAST_MOD=_fast_mod(primes, fast_mod),
     )
     return out

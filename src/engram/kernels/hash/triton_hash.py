@@ -13,8 +13,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Every prime (table size) below this takes the fp64 path of _mod_fp64; op.py falls back to ``%`` otherwise.
-FAST_MOD_MAX_PRIME = 1 << 50
 
 
 @triton.jit
@@ -62,7 +60,7 @@ def _hash_rows(
 ):
     """Writes rows ``l * layer_rows + out_rows`` of the ``[*, H]`` output for every layer ``l``.
 
-    ``FAST_MOD`` (every prime below ``FAST_MOD_MAX_PRIME``) reduces with :func:`_mod_fp64` instead of the
+    ``FAST_MOD`` (every prime below ``naive.FAST_MOD_MAX_PRIME``) reduces with :func:`_mod_fp64` instead of the
     emulated 64-bit ``%``; both are exact on the valid inputs (non-negative mixes).
     """
     H: tl.constexpr = (N - 1) * K

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engram.kernels.dispatch import kernel_output
+
 _TILE = 2048  # elements of a [BLOCK_T, BLOCK_D] tile
 _MAX_BLOCK_D = 128
 _WEIGHT_GRAD_ROWS = 256  # at most about this many (sequence, time-block group) rows of weight partial sums
@@ -272,9 +274,9 @@ def short_conv_fwd(x: torch.Tensor, norm_weight: torch.Tensor, conv_weight: torc
     left_pad = (kernel_size - 1) * dilation
     x = _rows(x)
     device = x.device
-    y = torch.empty((batch, length, branches, dim), dtype=x.dtype, device=device)
-    rstd = torch.empty((batch, length, branches), dtype=torch.float32, device=device)
-    new_past = torch.empty((batch, channels, left_pad), dtype=x.dtype, device=device)
+    y = kernel_output((batch, length, branches, dim), x.dtype, device)
+    rstd = kernel_output((batch, length, branches), torch.float32, device)
+    new_past = kernel_output((batch, channels, left_pad), x.dtype, device)
     head = max(0, left_pad - length)  # new_past positions still inside past
     if head:
         if past is None:
@@ -312,7 +314,7 @@ def short_conv_bwd(grad_y: torch.Tensor, grad_new_past: torch.Tensor | None, x: 
     left_pad = (kernel_size - 1) * dilation
     x, grad_y = _rows(x), _rows(grad_y)
     device = x.device
-    grad_x = torch.empty((batch, length, branches, dim), dtype=x.dtype, device=device)
+    grad_x = kernel_output((batch, length, branches, dim), x.dtype, device)
     if batch == 0 or length == 0 or channels == 0:
         return grad_x, torch.zeros_like(norm_weight), torch.zeros_like(conv_weight)
     nw = norm_weight.contiguous()
@@ -322,8 +324,8 @@ def short_conv_bwd(grad_y: torch.Tensor, grad_new_past: torch.Tensor | None, x: 
     block_t, block_d, chunks = _conv_bwd_blocks(length, dim)
     num_blocks = triton.cdiv(length, block_t)
     per_group, groups = _groups(batch, num_blocks)
-    gz = torch.empty((batch, length, channels), dtype=torch.float32, device=device)
-    partial_cw = torch.empty((batch * groups, channels, kernel_size), dtype=torch.float32, device=device)
+    gz = kernel_output((batch, length, channels), torch.float32, device)
+    partial_cw = kernel_output((batch * groups, channels, kernel_size), torch.float32, device)
     _bwd_conv_kernel[(batch * groups, branches * chunks)](
         x, rstd, mask_arg, past_arg, nw, cw, grad_y, gz, partial_cw, length, groups,
         x.stride(0), x.stride(1), x.stride(2), *past_strides, grad_y.stride(0), grad_y.stride(1),
@@ -335,7 +337,7 @@ def short_conv_bwd(grad_y: torch.Tensor, grad_new_past: torch.Tensor | None, x: 
     block_t, block_d = _norm_bwd_blocks(length, dim)
     num_blocks = triton.cdiv(length, block_t)
     per_group, groups = _groups(batch, num_blocks, _NORM_WEIGHT_GRAD_ROWS)
-    partial_nw = torch.empty((batch * groups, channels), dtype=torch.float32, device=device)
+    partial_nw = kernel_output((batch * groups, channels), torch.float32, device)
     _bwd_norm_kernel[(batch * groups, branches)](
         x, rstd, mask_arg, nw, cw, gz, grad_past_arg, grad_x, partial_nw, length, groups,
         x.stride(0), x.stride(1), x.stride(2), *grad_past_strides, M=branches, D=dim, K=kernel_size,

@@ -1,6 +1,5 @@
 """Sinkhorn-Knopp projection towards the doubly stochastic matrices (mHC's residual mixing ``H_res``)."""
 
-from engram.kernels.sinkhorn.naive import SINKHORN_FLOOR, naive_sinkhorn
 from engram.kernels.sinkhorn.op import sinkhorn
 
-__all__ = ["SINKHORN_FLOOR", "naive_sinkhorn", "sinkhorn"]
+__all__ = ["sinkhorn"]

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engram.kernels.dispatch import kernel_output
 from engram.kernels.sinkhorn.naive import SINKHORN_FLOOR
 
 _TILE = 1024  # fp32 entries of a program's [BLOCK_T, BLOCK_M, BLOCK_M] tile
@@ -115,7 +116,7 @@ def _matrices(x: torch.Tensor) -> torch.Tensor:
 def sinkhorn_fwd(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """``[..., M, M]`` logits, any float dtype and strides -> contiguous fp32 ``[..., M, M]``."""
     size = logits.shape[-1]
-    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    out = kernel_output(logits.shape, torch.float32, logits.device)
     l = _matrices(logits)
     tokens = l.shape[0]
     if tokens:
@@ -130,7 +131,7 @@ def sinkhorn_bwd(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.
     """The logits' gradient (contiguous, the logits' shape and dtype) for the output's fp32 gradient ``grad``,
     recomputing the forward from ``logits``."""
     size = logits.shape[-1]
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_logits = kernel_output(logits.shape, logits.dtype, logits.device)
     l, g = _matrices(logits), _matrices(grad)
     tokens = l.shape[0]
     if tokens:

@@ -6,8 +6,7 @@ import argparse
 import logging
 
 
-def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``serve`` (and its ``add-tenant`` action) to the ``engram`` command line."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve", help="serve a model to several tenants over HTTP (OpenAI-style completions)",
         description="Serve one model to the tenants of a tenants file: each tenant's key reads the model through "
@@ -36,10 +35,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--tenants", required=True, help="the tenants file")
     add.add_argument("--name", required=True, help="tenant name (A-Z a-z 0-9 _ -, at most 64)")
     add.add_argument("--patch", default=None, help="a memory patch file this tenant reads (optional)")
+    return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Run ``engram serve`` or ``engram serve add-tenant`` from parsed arguments."""
+def run(args: argparse.Namespace) -> int:
     if args.serve_command == "add-tenant":
         from engram.serve.tenants import add_tenant
 

@@ -1,4 +1,4 @@
-"""`engram tune` and `engram memory ...`: memory-only fine-tuning, and patches and table rows from the shell.
+"""`engram memory lookup | write | apply | revert | merge | diff | show`: patches and table rows from the shell.
 
 Commands that change a model write a new ``save_pretrained`` folder (``--out``) unless told ``--in-place``, and
 save the inverse patch that undoes them beside it. Bad input raises ``ValueError`` naming the bad value (the
@@ -19,11 +19,10 @@ from rich.text import Text
 from engram.memory.edit import (DEFAULT_CORPUS_TOKENS, DEFAULT_TOP_NGRAMS, WRITE_MODES, LookupResult, lookup,
                                 lookup_deepseek_v41, write_ngram)
 from engram.memory.patch import MemoryPatch, apply_patch, diff, load_patch, merge, revert, save_patch
-from engram.memory.tune import DEFAULT_LR, DEFAULT_STEPS, tune_memory
 from engram.model import EngramLM
 from engram.models.deepseek_v41 import load_deepseek_v41_engram
-from engram.parallel import resolve_device
-from engram.storage import PLACEMENTS
+from engram.parallel.distributed import resolve_device
+from engram.storage.placement import PLACEMENTS
 
 COLLISIONS_SHOWN = 3  # per head, in the lookup table
 
@@ -36,38 +35,6 @@ def _finite_float(text: str) -> float:
     return number
 
 
-def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``engram tune``: train a saved model's Engram tables on new text into a patch."""
-    parser = subparsers.add_parser(
-        "tune", help="memory-only fine-tuning: train the Engram tables of a saved model into a patch",
-        description="Freeze the backbone, train the Engram tables (optionally also the Engram gate projections) on "
-                    "--data, and write the rows that changed as a patch over the base model.")
-    parser.add_argument("--checkpoint", required=True, help="the base model: a save_pretrained folder (e.g. RUN/final)")
-    parser.add_argument("--data", nargs="+", required=True,
-                        help="presets, raw files/folders or a prepared corpus (tokenised with the base's tokenizer)")
-    parser.add_argument("--out", required=True, help="the patch file to write (e.g. NAME.patch)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of the tables")
-    parser.add_argument("--train-gates", action="store_true",
-                        help="also train the Engram value/key projections and gate norms (the patch must be applied, "
-                             "not served as an overlay)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--eval-data", nargs="+", default=None,
-                        help="a second data spec (e.g. general text) whose validation loss is reported before/after")
-    parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_tune(args: argparse.Namespace) -> int:
-    tune_memory(args.checkpoint, args.data, args.out, steps=args.steps, lr=args.lr, train_gates=args.train_gates,
-                batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device,
-                progress=not args.no_progress, eval_data=args.eval_data, eval_batches=args.eval_batches)
-    return 0
-
-
 def _add_target(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="a new folder for the changed model")
@@ -78,8 +45,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
                              "NAME.inverse.patch)")
 
 
-def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``engram memory lookup|write|apply|revert|merge|diff|show``."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("memory", help="look up, write, apply, revert, merge and diff memory patches")
     actions = parser.add_subparsers(dest="memory_command", required=True)
 
@@ -148,6 +114,7 @@ def add_memory_parser(subparsers: argparse._SubParsersAction) -> None:
     info = actions.add_parser("show", help="what a patch holds")
     info.add_argument("patch")
     info.add_argument("--json", action="store_true")
+    return parser
 
 
 def _target(checkpoint: str, out: str | None, in_place: bool) -> Path:
@@ -212,7 +179,7 @@ def _print_lookup(result: LookupResult, console: Console) -> None:
         console.print(table)
 
 
-def run_memory(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     console = Console()
     command = args.memory_command
     if command == "lookup":

@@ -1,7 +1,5 @@
-"""`engram inspect gates | ablate | logit-lens | table`: the command line of the inspect tools.
-
-:func:`add_inspect_parser` adds the ``inspect`` command to ``engram``'s subparsers; :func:`run_inspect` runs
-the parsed arguments. Every subcommand writes its files (PNG, JSON; HTML for gates) into ``--out``.
+"""`engram inspect gates | ablate | logit-lens | table`: the command line of the inspect tools
+(:mod:`engram.inspection`). Every subcommand writes its files (PNG, JSON; HTML for gates) into ``--out``.
 """
 
 from __future__ import annotations
@@ -39,8 +37,7 @@ def _add_windows(parser: argparse.ArgumentParser, batches: int) -> None:
     parser.add_argument("--seq-len", type=_positive, default=256, help="tokens per window")
 
 
-def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``inspect`` and its four subcommands to ``subparsers``; returns the ``inspect`` parser."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("inspect", help="see what the memory does: gates, ablation, logit lens, tables",
                                    description="Interpretability tools for a trained model; each writes into --out.")
     tools = parser.add_subparsers(dest="inspect_command", required=True)
@@ -87,8 +84,8 @@ def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return parser
 
 
-def run_inspect(args: argparse.Namespace) -> int:
-    """Run the parsed ``engram inspect ...`` arguments; prints a short summary and the files written."""
+def run(args: argparse.Namespace) -> int:
+    """Prints a short summary and the files written."""
     command = args.inspect_command
     if command == "gates":
         from engram.inspection.gates import run_gates
