@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("atomic", "fetch", "primes", "tokenizer", "config", "hashing", "storage", "embedding", "layer")),
     ("model", ("model", "models", "parallel")),
     ("data", ("data",)),
-    ("apps", ("train", "inspection", "memory", "serve", "demo")),
+    ("apps", ("train", "inspection", "memory", "serve", "demo", "hf")),
     ("cli", ("cli", "__main__", ROOT_UNIT)),
 )
 LEAF = "kernels"

@@ -5,7 +5,7 @@ import unicodedata
 
 import torch
 
-# Before anything imports triton (torch._dynamo does): without a GPU the kernel tests (tests/kernels) run the
+# Before anything imports triton (torch._dynamo does): without a GPU the kernel tests (tests/kernel_ops) run the
 # Triton paths on CPU tensors through Triton's interpreter, which @triton.jit picks only if TRITON_INTERPRET=1
 # is set when it decorates. Decided here, the first module pytest imports, whatever order the tests come in.
 if not torch.cuda.is_available():

@@ -16,6 +16,7 @@ PUBLIC = {
                "EngramLMConfig", "MultiHeadEmbedding", "NgramHasher", "__version__", "convert_demo_state_dict",
                "load_deepseek_v41_engram"},
     "engram.data": set(),
+    "engram.hf": {"EngramForCausalLM", "EngramHFConfig"},
     "engram.inspection": {"run_ablate", "run_gates", "run_logit_lens", "run_table_stats"},
     "engram.kernels": set(),
     "engram.kernels.cross_entropy": {"cross_entropy_rows"},

@@ -47,6 +47,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
+MODEL_TYPE = "engram"  # config.json's "model_type": transformers' AutoConfig finds engram.hf's config by it
 MAX_SHARD_BYTES = 5 * 1024**3
 _FINGERPRINT_KEY = "engram_fingerprint"
 _TABLES_KEY = "engram_tables"
@@ -142,7 +143,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], max_sha
         model_config["tokenizer"] = TOKENIZER_NAME
         if model_config["engram"] is not None:
             model_config["engram"]["tokenizer"] = TOKENIZER_NAME
-    config = {"format_version": FORMAT_VERSION, "model": model_config,
+    config = {"format_version": FORMAT_VERSION, "model_type": MODEL_TYPE, "model": model_config,
               _FINGERPRINT_KEY: json.loads(metadata[_FINGERPRINT_KEY]),
               _TABLES_KEY: {str(layer): name for layer, name in tables.items()}, _TABLE_FORMAT_KEY: table_format(model)}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))

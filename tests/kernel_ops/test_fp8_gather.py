@@ -16,7 +16,7 @@ from engram.kernels.fp8 import quantize_rows
 from engram.kernels.gather import fp8_gather, multi_head_gather
 from engram.kernels.gather.naive import fp8_gather_naive
 from engram.kernels.gather.op import _fp8_gather
-from kernels.conftest import compile_for_h200
+from kernel_ops.conftest import compile_for_h200
 
 NUM_ROWS = 13
 SPECIAL_CODES = [0x00, 0x80, 0x01, 0x81, 0x07, 0x7E, 0xFE, 0x7F, 0xFF]  # +-0, subnormals, +-448, NaN

@@ -7,7 +7,7 @@ import torch
 
 from engram.kernels.shortconv import fused_short_conv
 from engram.kernels.shortconv.op import _short_conv_bwd, _short_conv_fwd
-from kernels.conftest import compile_for_h200
+from kernel_ops.conftest import compile_for_h200
 
 EPS = 1e-5
 FP32 = dict(atol=1e-5, rtol=1e-5)

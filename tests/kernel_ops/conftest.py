@@ -2,7 +2,7 @@
 Triton's interpreter (``TRITON_INTERPRET=1``, read by ``@triton.jit`` when it decorates: triton's own helpers
 at ``import triton``, the kernels when ``op.py`` first imports them). The root ``tests/conftest.py`` makes the
 same decision first, so a whole-suite run sets the variable before anything imports triton; this copy keeps
-``tests/kernels`` self-contained.
+``tests/kernel_ops`` self-contained.
 
 Every output a Triton launcher allocates starts as NaN (integers: the dtype's minimum), as flash-linear-attention's
 tests do, so an element a kernel never writes fails the comparison with the naive twin."""

@@ -9,7 +9,7 @@ import engram.kernels.dispatch as dispatch
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
 from engram.kernels.hash import DEAD_TOKEN, ngram_hash, ngram_hash_decode
 from engram.kernels.hash.naive import ngram_hash_naive
-from kernels.conftest import compile_for_h200
+from kernel_ops.conftest import compile_for_h200
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 from engram.kernels.sinkhorn import sinkhorn, triton_sinkhorn
 from engram.kernels.sinkhorn import naive as naive_module
 from engram.kernels.sinkhorn.naive import SINKHORN_FLOOR, naive_sinkhorn
-from kernels.conftest import compile_for_h200
+from kernel_ops.conftest import compile_for_h200
 
 
 def random_logits(lead, size, seed, device, dtype=torch.float32, scale=1.0):

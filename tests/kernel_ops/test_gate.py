@@ -9,7 +9,7 @@ import torch
 from engram import Engram, EngramConfig, NgramHasher  # noqa: E402
 from engram.kernels.gate import fused_gate  # noqa: E402
 from engram.kernels.gate.naive import GATE_FLOOR, naive_gate  # noqa: E402
-from kernels.conftest import compile_for_h200  # noqa: E402
+from kernel_ops.conftest import compile_for_h200  # noqa: E402
 
 CFG = EngramConfig(engram_vocab_size=[211, 307], n_embed_per_ngram=24, n_head_per_ngram=3, layer_ids=[2, 5])
 FP32_EPS = torch.finfo(torch.float32).eps

@@ -6,7 +6,7 @@ import torch
 
 from engram.kernels.cross_entropy import cross_entropy_rows
 from engram.kernels.cross_entropy.naive import naive_cross_entropy_rows
-from kernels.conftest import compile_for_h200
+from kernel_ops.conftest import compile_for_h200
 
 
 def rows(dtype, device, seed=0, count=7, vocab=301):

@@ -7,7 +7,7 @@ import torch
 from engram.kernels.gather import multi_head_gather
 from engram.kernels.gather.naive import multi_head_gather_naive
 from engram.kernels.gather.op import _gather, _gather_bwd_dense, _gather_bwd_sparse
-from kernels.conftest import compile_for_h200
+from kernel_ops.conftest import compile_for_h200
 
 NUM_ROWS = 13  # small: many duplicate rows per batch
 DTYPES = [torch.float32, torch.bfloat16]
