@@ -1,5 +1,6 @@
 """EngramLM in transformers: importing this package registers the ``"engram"`` model type with ``AutoConfig`` and
-``AutoModelForCausalLM`` (``import engram`` alone does not: transformers is optional and slow to import).
+``AutoModelForCausalLM`` (``import engram`` alone does not: transformers is optional and slow to import); and
+:func:`retrofit` adds Engram layers to a transformers causal LM, saved and loaded as adapters (:mod:`.retrofit`).
 
 Example:
     >>> import engram.hf  # doctest: +SKIP
@@ -10,8 +11,11 @@ import transformers
 
 from engram.hf.config import EngramHFConfig
 from engram.hf.modeling import EngramForCausalLM
+from engram.hf.retrofit import (base_fingerprint, engram_parameters, freeze_base, load_adapter, retrofit,
+                                save_adapter)
 
 transformers.AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(EngramHFConfig, EngramForCausalLM, exist_ok=True)
 
-__all__ = ["EngramForCausalLM", "EngramHFConfig"]
+__all__ = ["EngramForCausalLM", "EngramHFConfig", "base_fingerprint", "engram_parameters", "freeze_base",
+           "load_adapter", "retrofit", "save_adapter"]
