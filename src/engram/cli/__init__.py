@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from engram import __version__
-from engram.cli import data, demo, generate, inspection, memory, serve, sweep, train, tune
+from engram.cli import data, demo, generate, inspection, memory, retrofit, serve, sweep, train, tune
 
-COMMANDS = (demo, data, train, sweep, generate, tune, memory, serve, inspection)
+COMMANDS = (demo, data, train, sweep, generate, tune, retrofit, memory, serve, inspection)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from engram.data.batches import TokenBatches, token_byte_lengths, validation_batches
 from engram.data.corpus import Corpus, load_or_prepare
@@ -24,6 +23,7 @@ from engram.memory.patch import MemoryPatch, diff, engram_tables, save_patch
 from engram.model import EngramLM
 from engram.parallel.distributed import resolve_device
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
+from engram.train.steps import run_steps
 from engram.train.trainer import evaluate_loss, lm_loss
 
 DEFAULT_STEPS = 200
@@ -136,22 +136,10 @@ def tune_memory(cfg: TuneConfig) -> MemoryPatch:
     optimizer = EngramOptimizer(model, OptimConfig(lr=cfg.lr / mult, table_lr_mult=mult, weight_decay=0.0,
                                                    warmup_steps=max(1, cfg.steps // 10)))
     train_batches = TokenBatches(corpora["domain"].tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed)
-    bar = Progress(TextColumn("[bold]tuning memory"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
-                   disable=not cfg.progress)
-    loss_value = float("nan")
-    with bar:
-        task = bar.add_task("tune", total=cfg.steps, loss="-")
-        for step in range(cfg.steps):
-            optimizer.set_lr(step, cfg.steps)
-            inputs, targets = train_batches.batch(step)
-            loss, _ = lm_loss(model, inputs.to(resolved), targets.to(resolved), autocast)
-            loss.backward()
-            optimizer.clip_grad_norm()
-            optimizer.step()
-            optimizer.zero_grad()
-            loss_value = float(loss.detach())
-            bar.update(task, advance=1, loss=f"{loss_value:.3f}")
+    def step_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(model, inputs.to(resolved), targets.to(resolved), autocast)[0]
+
+    loss_value = run_steps(optimizer, train_batches, cfg.steps, step_loss, "tuning memory", console, cfg.progress)
     after = {name: evaluate_loss(model, windows, token_bytes, resolved, autocast)["val_loss"]
              for name, windows in eval_sets.items()}
 
