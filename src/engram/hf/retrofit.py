@@ -40,6 +40,7 @@ from engram.atomic import atomic_path, atomic_write_text
 from engram.config import EngramConfig
 from engram.hashing import NgramHasher
 from engram.layer import Engram
+from engram.memory.patch import hash_tensor
 from engram.tokenizer import CompressedTokenizer
 
 ATTRIBUTE = "engram_retrofit"  # the submodule of the retrofitted model that holds the Engram layers
@@ -189,17 +190,14 @@ def freeze_base(model: nn.Module) -> list[nn.Parameter]:
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 of a base model: its config (less the keys that saving, loading or casting change) as sorted JSON,
-    then every parameter outside the Engram layers by name: name, dtype, shape and bytes. Deterministic across
-    processes and devices."""
+    then every parameter outside the Engram layers by name (:func:`engram.memory.patch.hash_tensor`).
+    Deterministic across processes and devices."""
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, param in sorted(model.named_parameters()):
-        if name.split(".", 1)[0] == ATTRIBUTE:
-            continue
-        data = param.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{data.dtype}|{list(param.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
+        if name.split(".", 1)[0] != ATTRIBUTE:
+            hash_tensor(digest, name, param)
     return digest.hexdigest()
 
 

@@ -157,7 +157,8 @@ def _bits(tensor: Tensor) -> Tensor:
     return tensor.view(_BITS[tensor.element_size()])
 
 
-def _hash_tensor(digest: Any, name: str, tensor: Tensor) -> None:
+def hash_tensor(digest: Any, name: str, tensor: Tensor) -> None:
+    """Feed ``tensor``'s name, dtype, shape and bits (on any device, a chunk at a time) into ``digest``."""
     digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
     for chunk in _bits(tensor.detach().reshape(-1)).split(_CHUNK_ELEMENTS):
         digest.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
@@ -187,10 +188,10 @@ def model_fingerprint(model: EngramLM) -> str:
     """
     digest = hashlib.sha256(json.dumps(_identity(model), sort_keys=True).encode())
     for name, tensor in sorted(_dense_state(model).items()):
-        _hash_tensor(digest, name, tensor)
+        hash_tensor(digest, name, tensor)
     tables = engram_tables(model) if model.hasher is not None else {}
     for layer_id, table in sorted(tables.items()):
-        _hash_tensor(digest, f"engram-layer-{layer_id}", table.table())
+        hash_tensor(digest, f"engram-layer-{layer_id}", table.table())
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -244,7 +245,7 @@ def _checksum(tensors: dict[str, Tensor], base_fingerprint: str, metadata_json: 
     """sha256 over everything a patch file says: its base, its metadata and every tensor."""
     digest = hashlib.sha256(f"{base_fingerprint}\0{metadata_json}\0".encode())
     for name in sorted(tensors):
-        _hash_tensor(digest, name, tensors[name])
+        hash_tensor(digest, name, tensors[name])
     return f"sha256:{digest.hexdigest()}"
 
 
