@@ -9,7 +9,8 @@ step (``optimizer_step``: clipping, AdamW + sparse Adam for the tables, router-b
 
 Variants (from the ``small`` preset: d_model 512, 8 blocks, GQA 8/4 heads of 64, 129,280-id tied embedding):
 ``reference`` (the minimal GPT), ``dense`` (EngramLM with the reference's shape: SwiGLU 1536 in every block,
-``hc_mult=1``, no Engram), ``dense-hc4`` (the same with 4 mHC streams), ``small-no-engram`` (the preset without
+``hc_mult=1``, no Engram), ``dense-hc4`` (the same with 4 mHC streams, carried in bf16),
+``dense-hc4-fp32`` (the streams in fp32, ``hc_stream_dtype="float32"``), ``small-no-engram`` (the preset without
 Engram) and ``small``. MFU = 3 x forward FLOPs per token (``param_report``; the reference counts as ``dense``) x
 tokens/s over the peak bf16 rate named in the output.
 
@@ -39,7 +40,7 @@ from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_table
 from engram.train.trainer import lm_loss, optimizer_step
 
 DATASHEET_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16 (the device notes measured ~790e12 on a matmul)
-VARIANTS = ("reference", "dense", "dense-hc4", "small-no-engram", "small")
+VARIANTS = ("reference", "dense", "dense-hc4", "dense-hc4-fp32", "small-no-engram", "small")
 
 
 class _RefBlock(nn.Module):
@@ -101,6 +102,7 @@ def variant_config(name: str, seq_len: int) -> EngramLMConfig:
     small = EngramLMConfig.from_preset("small", max_position_embeddings=max(seq_len, 1024))
     dense = dataclasses.replace(small, moe=None, ffn_kinds=["dense"] * small.n_layers, hc_mult=1, engram=None)
     return {"reference": dense, "dense": dense, "dense-hc4": dataclasses.replace(dense, hc_mult=4),
+            "dense-hc4-fp32": dataclasses.replace(dense, hc_mult=4, hc_stream_dtype="float32"),
             "small-no-engram": dataclasses.replace(small, engram=None), "small": small}[name]
 
 
@@ -211,7 +213,8 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
                      f"{r['warmup_s']:.0f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |")
     lines.append("")
     for slower, faster, label in (("small", "small-no-engram", "Engram step-time overhead"),
-                                  ("dense-hc4", "dense", "mHC (hc_mult 4 vs 1) step-time overhead")):
+                                  ("dense-hc4", "dense", "mHC (hc_mult 4 vs 1, bf16 streams) step-time overhead"),
+                                  ("dense-hc4-fp32", "dense", "mHC (hc_mult 4 vs 1, fp32 streams) step-time overhead")):
         if slower in by_name and faster in by_name:
             overhead = by_name[slower]["step_s"] / by_name[faster]["step_s"] - 1
             lines.append(f"- {label}: {overhead:+.1%}")

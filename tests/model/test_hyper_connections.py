@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_helpers import small_config
 from torch import nn
 
+from engram.model import EngramLM
 from engram.model.hyper_connections import (
     HyperConnection,
     StreamMerge,
@@ -281,3 +283,32 @@ def test_compiled_stream_mixing_matches_eager(m: int) -> None:
     weights, x = torch.randn(2, 5, 3, m), torch.randn(2, 5, m, D)
     traced = torch.compile(mix_streams, backend="aot_eager", fullgraph=True)(weights, x)
     torch.testing.assert_close(traced, weights @ x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stream_dtype", ["autocast", "float32"])
+def test_model_stream_dtype_under_autocast(stream_dtype: str) -> None:
+    """Under bf16 autocast an mHC model carries its streams in bf16 (``hc_stream_dtype="autocast"``, the default)
+    or in fp32; both give the same loss within bf16 rounding, and the fp32 choice is the model outside autocast."""
+    torch.manual_seed(0)
+    model = EngramLM(small_config(hc_stream_dtype=stream_dtype))
+    reference = EngramLM(small_config(hc_stream_dtype="float32"))
+    reference.load_state_dict(model.state_dict())
+    seen: list[torch.dtype] = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype)) for block in model.blocks]
+    ids = torch.randint(0, 128815, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+        reference_loss = reference(ids, labels=ids).loss
+    for hook in hooks:
+        hook.remove()
+    expected = torch.bfloat16 if stream_dtype == "autocast" else torch.float32
+    assert seen == [expected] * len(model.blocks)
+    torch.testing.assert_close(loss, reference_loss, atol=2e-2, rtol=0)
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model(ids).logits.dtype == torch.float32
+
+
+def test_bad_stream_dtype_raises() -> None:
+    with pytest.raises(ValueError, match="hc_stream_dtype.*'fp16'"):
+        small_config(hc_stream_dtype="fp16")

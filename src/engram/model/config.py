@@ -21,6 +21,7 @@ from typing import Any, Callable
 from engram.config import EngramConfig
 
 FFN_KINDS = ("dense", "moe")
+HC_STREAM_DTYPES = ("autocast", "float32")
 
 
 @dataclass
@@ -73,6 +74,10 @@ class EngramLMConfig:
     moe: MoEConfig | None = field(default_factory=MoEConfig)
     hc_mult: int = 1  # residual streams: 1 = plain pre-norm residual, 4 = mHC
     hc_sinkhorn_iters: int = 20
+    # dtype of the M residual streams: "autocast" keeps them in the autocast dtype (bf16) while autocast is on, as
+    # DeepSeek-V4's mHC does (half the bytes of the widened residual; coefficients and mixing stay fp32);
+    # "float32" keeps them in the embedding's dtype. A plain residual (hc_mult=1) always stays in the latter.
+    hc_stream_dtype: str = "autocast"
     engram: EngramConfig | None = None  # Engram at engram.layer_ids (0-based blocks), before attention
     engram_conv_zero_init: bool = True  # the paper's identity start for the ShortConv
     tie_embeddings: bool = False
@@ -93,6 +98,8 @@ class EngramLMConfig:
                      "max_position_embeddings", "dense_ffn_dim", "hc_mult", "hc_sinkhorn_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hc_stream_dtype not in HC_STREAM_DTYPES:
+            raise ValueError(f"hc_stream_dtype must be one of {HC_STREAM_DTYPES}, got {self.hc_stream_dtype!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads must be a multiple of n_kv_heads={self.n_kv_heads}, got {self.n_heads}")
         if self.head_dim % 2:

@@ -77,8 +77,8 @@ class Block(nn.Module):
         if self.engram is not None:
             token_mask = key_padding_mask[:, -streams.shape[1]:] if key_padding_mask is not None else None
             conv_states = cache.conv_states if cache is not None else None
-            streams = self.engram.add_to(streams, memory=memories[self.layer_idx].wait(),
-                                         conv_states=conv_states, token_mask=token_mask)
+            streams = self.engram.add_to(streams, memory=memories[self.layer_idx].wait(), conv_states=conv_states,
+                                         token_mask=token_mask).to(streams.dtype)
 
         def attention(u: torch.Tensor) -> torch.Tensor:
             return self.attn(self.attn_norm(u), positions, key_padding_mask, cache, self.layer_idx)
@@ -225,7 +225,7 @@ class EngramLM(nn.Module):
         memories = self._fetch_memories(input_ids, attention_mask, past, engram_history)  # prefetch of every table
 
         hidden = self.embed(input_ids)  # [B, T, D]
-        streams = expand_streams(hidden, self.cfg.hc_mult) if self.cfg.hc_mult > 1 else hidden.unsqueeze(2)
+        streams = self.residual_streams(hidden)
         for block in self.blocks:
             streams = block(streams, positions, key_padding_mask, cache, memories)  # [B, T, M, D]
         if cache is not None:
@@ -310,6 +310,16 @@ class EngramLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         """The LM head's ``[V, D]`` weight: the embedding when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def residual_streams(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual streams ``[B, T, M, D]`` that start from the embedding ``hidden`` ``[B, T, D]``: ``M`` copies
+        with mHC, in the autocast dtype while autocast is on unless ``cfg.hc_stream_dtype`` is ``"float32"``."""
+        if self.cfg.hc_mult == 1:
+            return hidden.unsqueeze(2)
+        device_type = hidden.device.type
+        if self.cfg.hc_stream_dtype == "autocast" and torch.is_autocast_enabled(device_type):
+            hidden = hidden.to(torch.get_autocast_dtype(device_type))
+        return expand_streams(hidden, self.cfg.hc_mult)
 
     def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
         """``[B, T, D]`` states the LM head reads from residual streams ``[B, T, M, D]``: merged, final norm."""
