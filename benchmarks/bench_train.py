@@ -123,13 +123,13 @@ def _reference_step(cfg: EngramLMConfig, device: torch.device, compile_model: bo
     return step
 
 
-def _engram_step(cfg: EngramLMConfig, device: torch.device, compile_model: bool
+def _engram_step(cfg: EngramLMConfig, device: torch.device, compile_model: bool, compile_mode: str | None = None
                  ) -> Callable[[torch.Tensor], float | torch.Tensor]:
     model = EngramLM(cfg)
     enable_sparse_tables(model)
     model.to(device)
     optimizer = EngramOptimizer(model, OptimConfig(lr=1e-3, warmup_steps=1))
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, mode=compile_mode) if compile_model else model
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         loss, aux = lm_loss(forward, ids[:, :-1], ids[:, 1:], autocast=True)
@@ -141,13 +141,16 @@ def _engram_step(cfg: EngramLMConfig, device: torch.device, compile_model: bool
 
 
 def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool,
-                device: torch.device, profile_dir: str | None = None) -> dict:
+                device: torch.device, profile_dir: str | None = None, compile_mode: str | None = None) -> dict:
     """Time ``steps`` optimiser steps of variant ``name`` after ``warmup`` ones; peak memory from a fresh count."""
     cfg = variant_config(name, seq_len)
     graphs_before = counters["stats"]["unique_graphs"]
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
-    step = (_reference_step if name == "reference" else _engram_step)(cfg, device, compile_model)
+    if name == "reference":
+        step = _reference_step(cfg, device, compile_model)
+    else:
+        step = _engram_step(cfg, device, compile_model, compile_mode)
     limit = cfg.tokenizer_vocab_size or cfg.vocab_size
     generator = torch.Generator(device=device).manual_seed(1)
     times, losses = [], []
@@ -171,7 +174,8 @@ def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, co
     flops = report["flops_per_token"]
     step_s = statistics.median(times)
     tokens_per_s = batch * seq_len / step_s
-    return {"variant": name, "compiled": compile_model, "step_s": step_s, "step_min_s": min(times),
+    mode = (compile_mode or "default") if name != "reference" else "default"
+    return {"variant": name, "compiled": compile_model, "compile_mode": mode if compile_model else None, "step_s": step_s, "step_min_s": min(times),
             "step_max_s": max(times), "tokens_per_s": tokens_per_s, "flops_per_token": flops,
             "mfu": 3 * flops * tokens_per_s / DATASHEET_BF16_FLOPS, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "warmup_s": warmup_s,
@@ -200,13 +204,13 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
              f"Command: `python {' '.join(sys.argv)}`",
              f"Batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps after {args.warmup} warm-up, "
              f"bf16 autocast; MFU against {DATASHEET_BF16_FLOPS / 1e12:.0f} TFLOP/s (bf16 datasheet).", "",
-             "| variant | compiled (graphs) | params | tokens/s | x ref | MFU | peak mem | x ref | step ms (min-max) |"
+             "| variant | compile mode (graphs) | params | tokens/s | x ref | MFU | peak mem | x ref | step ms (min-max) |"
              " warm-up s | loss first→last |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
         memory = f"{r['peak_mem_gb'] / ref['peak_mem_gb']:.2f}" if ref else "-"
-        compiled = f"yes ({r['graphs']})" if r["compiled"] else "no"
+        compiled = f"{r.get('compile_mode') or 'default'} ({r['graphs']})" if r["compiled"] else "no"
         lines.append(f"| {r['variant']} | {compiled} | {r['params'] / 1e6:.1f}M | "
                      f"{r['tokens_per_s']:,.0f} | {speed} | {r['mfu']:.1%} | {r['peak_mem_gb']:.1f} GB | {memory} | "
                      f"{r['step_s'] * 1e3:.1f} ({r['step_min_s'] * 1e3:.1f}-{r['step_max_s'] * 1e3:.1f}) | "
@@ -229,6 +233,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--eager", action="store_true", help="run the project's models without torch.compile")
+    parser.add_argument("--compile-mode", default=None, choices=["reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the project's models (reduce-overhead: CUDA graphs); the "
+                             "reference always compiles with the default mode")
     parser.add_argument("--profile-dir", default=None, help="write 3 profiled steps of every variant here")
     parser.add_argument("--out", default=None, help="append the markdown report to this file")
     parser.add_argument("--json", default=None, help="write the raw numbers here")
@@ -240,7 +247,7 @@ def main() -> None:
     for name in args.variants:
         compiled = name == "reference" or not args.eager
         results.append(run_variant(name, args.batch_size, args.seq_len, args.steps, args.warmup, compiled, device,
-                                   args.profile_dir))
+                                   args.profile_dir, args.compile_mode))
         print(json.dumps(results[-1]), flush=True)
         torch.cuda.empty_cache()
     text = render(results, args)

@@ -277,9 +277,17 @@ class EngramLM(nn.Module):
     def _fetch_memories(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
                         engram_history: torch.Tensor | None) -> dict[int, PendingRows] | None:
         """Every Engram layer's table read, issued now (the hash ids of all layers computed once, padding hashed
-        as the pad id); ``None`` without Engram."""
+        as the pad id); ``None`` without Engram.
+
+        Under ``torch.compile`` with sparse-gradient tables (training with sparse Adam) the reads run eagerly, one
+        graph break ahead of the blocks: inductor cannot build a sparse gradient, and the compiled graph then only
+        sees the rows read (its backward hands their gradient to the eager gather's sparse backward).
+        """
         if self.hasher is None:
             return None
+        if torch.compiler.is_compiling() and any(block.engram.multi_head_embedding.sparse
+                                                 for block in self.blocks if block.engram is not None):
+            return torch.compiler.disable(self._fetch_memories)(input_ids, attention_mask, past, engram_history)
         if attention_mask is not None:
             input_ids = input_ids.masked_fill(~attention_mask[:, past:].bool(), self.cfg.engram.pad_id)
         hash_ids = self.hasher.hash_all(input_ids, history=engram_history)
