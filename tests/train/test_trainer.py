@@ -159,11 +159,15 @@ def test_compile_defaults_to_cuda_only_and_checks_ids_on_the_host(text_dir, tmp_
     model skips its own check, a host sync). ``torch.compile`` is replaced by a recording identity here, so the
     model still checks too: a compiled step checks twice, an eager one once."""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    monkeypatch.setattr(torch, "compile", lambda module, mode: compiled.append((module, mode)) or module)
     eager = Trainer(config(text_dir, tmp_path / "auto", max_steps=1))  # CPU
     assert not eager.compiled and compiled == []
     trainer = Trainer(config(text_dir, tmp_path / "on", max_steps=1, compile=True))
-    assert trainer.compiled and compiled == [trainer.model]
+    assert trainer.compiled and compiled == [(trainer.model, "default")]
+    Trainer(config(text_dir, tmp_path / "graphs", max_steps=1, compile=True, compile_mode="reduce-overhead"))
+    assert compiled[-1][1] == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile_mode.*'fast'"):
+        config(text_dir, tmp_path / "bad", compile_mode="fast")
     for run, checks in ((eager, 1), (trainer, 2)):
         checked = []
         real = run.model.check_input_ids

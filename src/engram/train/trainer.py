@@ -49,6 +49,7 @@ from engram.train.optim import NOT_A_FLAG, EngramOptimizer, OptimConfig, enable_
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 DEFAULT_DATA = ("shakespeare",)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes
 
 
 @dataclass
@@ -81,6 +82,9 @@ class TrainConfig:
         "help": "'auto' (CUDA when available), 'cpu', 'cuda', ... (default: %(default)s)"})
     compile: bool | None = field(default=None, metadata={  # None: on CUDA (faster there), not on the CPU
         "help": "torch.compile the model (default: on CUDA, not on the CPU)"})
+    compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES, "help": (
+        "torch.compile mode when compiling: 'reduce-overhead' replays the compiled forward and backward as CUDA "
+        "graphs (no per-kernel launch cost) (default: %(default)s)")})
     eval_every: int = field(default=100, metadata={
         "help": "steps between validation passes (and one at the end) (default: %(default)s)"})
     eval_batches: int = field(default=16, metadata={
@@ -113,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         if not self.data:
             raise ValueError("data must name at least one source")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,8 +201,8 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
 
 # TrainConfig fields a resumed run may change: they alter neither the model nor the batches nor the updates
 # before max_steps (extending a run is what resuming is for; the LR schedule then spans the new max_steps).
-RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "device", "compile", "eval_every", "eval_batches",
-                               "log_every", "save_every", "keep_checkpoints", "tensorboard", "progress"})
+RESUMABLE_CHANGES = frozenset({"out", "resume", "max_steps", "device", "compile", "compile_mode", "eval_every",
+                               "eval_batches", "log_every", "save_every", "keep_checkpoints", "tensorboard", "progress"})
 
 
 def _exact_resume_settings(train_config: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +253,7 @@ class Trainer:
         self.autocast = self.device.type == "cuda"
         wrapped = wrap_ddp(self.model, self.dist, self.device)
         self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self.forward = torch.compile(wrapped) if self.compiled else wrapped
+        self.forward = torch.compile(wrapped, mode=cfg.compile_mode) if self.compiled else wrapped
 
     def _existing_checkpoint(self) -> Path | None:
         """The checkpoint to resume from: refused without ``resume``, required with it."""
