@@ -1,7 +1,9 @@
 """Small model configs shared by the model tests (fast on a 2-core CPU)."""
 
+import torch
+
 from engram import EngramConfig
-from engram.model import EngramLMConfig
+from engram.model import EngramLM, EngramLMConfig
 from engram.model.config import MoEConfig
 
 
@@ -27,3 +29,26 @@ VARIANTS = {
     "baseline-mhc4-moe": dict(engram=False, hc_mult=4, use_moe=True),
     "baseline-plain-dense": dict(engram=False, hc_mult=1, use_moe=False),
 }
+
+
+def assert_same_outputs(placed, model, ids_of, forwards: int = 3, new_tokens: int = 6) -> None:
+    """``placed`` (tables elsewhere) gives ``model``'s logits, left padding included, over ``forwards`` batches (a
+    cache refreshes in between) and its greedy generations, bit for bit. ``ids_of(seed, batch=, length=)``
+    makes token ids."""
+    for seed in range(forwards):
+        ids = ids_of(seed)
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        assert torch.equal(placed(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    prompt = ids_of(7, batch=2, length=5)
+    assert torch.equal(placed.generate(prompt, max_new_tokens=new_tokens, temperature=0),
+                       model.generate(prompt, max_new_tokens=new_tokens, temperature=0))
+
+
+def saved_small_model(folder, seed: int = 0, **config) -> EngramLM:
+    """A :func:`small_config` model (``config``: its arguments) with weights of ``seed``, in eval mode, saved into
+    ``folder``."""
+    torch.manual_seed(seed)
+    model = EngramLM(small_config(**config)).eval()
+    model.save_pretrained(folder)
+    return model

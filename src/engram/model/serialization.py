@@ -38,7 +38,8 @@ from engram.kernels.fp8 import ROW_FORMATS, quantize_table
 from engram.model.config import EngramLMConfig
 from engram.storage import load_table, map_table, open_table_store, write_table
 from engram.storage.checksums import record_checksums, verify_recorded, verify_safetensors, write_safetensors
-from engram.storage.placement import PLACEMENTS
+from engram.storage.placement import MODEL_PLACEMENTS
+from engram.storage.published import PublishedTables
 from engram.storage.table_file import TableHeader, read_header
 from engram.tokenizer import NAMED_TOKENIZERS, resolve_tokenizer_path
 
@@ -158,6 +159,23 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], max_sha
     return directory
 
 
+def table_fingerprint(header: TableHeader) -> Any:
+    """The Engram hashing fingerprint a table file was saved with (``None`` if it has none)."""
+    return json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))
+
+
+def table_files(directory: str | os.PathLike[str]) -> dict[int, Path]:
+    """The table file of every Engram layer of a ``save_pretrained`` folder (its ``config.json`` checked against
+    ``checksums.json``); ``ValueError`` for a folder whose tables are row parts or inside the model weights."""
+    directory = Path(directory)
+    verify_recorded(directory, [CONFIG_NAME])
+    entries = json.loads((directory / CONFIG_NAME).read_text()).get(_TABLES_KEY, {})
+    if not entries or not all(isinstance(entry, str) for entry in entries.values()):
+        raise ValueError(f"{directory} has no table file per Engram layer (config.json lists {entries or 'none'}): "
+                         "load it with the default placement and save_pretrained it again")
+    return {int(layer): directory / entry for layer, entry in entries.items()}
+
+
 def _fingerprint_differences(saved: Any, current: Any) -> list[str]:
     if saved is None or current is None:
         if saved == current:
@@ -203,7 +221,7 @@ def _load_table_parts(directory: Path, parts: list[list[Any]], fingerprint: Any,
     """The ``[R, D]`` table assembled from its row parts ``[file, start, end]``, which must tile ``[0, R)``."""
     headers = [read_header(directory / file) for file, _, _ in parts]
     for header in headers:
-        _refuse_mismatch(directory, [json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))], fingerprint)
+        _refuse_mismatch(directory, [table_fingerprint(header)], fingerprint)
     expected = 0
     for (file, start, end), header in zip(parts, headers):
         if start != expected or header.num_rows != end - start or header.dim != headers[0].dim:
@@ -231,19 +249,46 @@ def _load_device_table(header: TableHeader, embedding: MultiHeadEmbedding, verif
     return load_table(header.path, verify=verify)
 
 
+def _use_published_tables(model: nn.Module, directory: Path, table_files: dict[str, Any], fingerprint: Any,
+                          cache_rows: int, options: dict[str, Any]) -> None:
+    """Read every Engram table of ``model`` from Mooncake Store (placement ``store``, ``options``: those of
+    :class:`~engram.storage.published.PublishedTables`). A table file the folder has only says which weights the
+    store must hold; none is needed."""
+    published = PublishedTables(**options)
+    opened = []
+    try:
+        published.check_fingerprint(fingerprint)
+        for block in model.blocks:
+            if block.engram is None:
+                continue
+            entry = table_files.get(str(block.layer_idx))
+            own_file = isinstance(entry, str) and (directory / entry).is_file()
+            source = read_header(directory / entry) if own_file else None
+            embedding = block.engram.multi_head_embedding
+            opened.append(published.open_layer(block.layer_idx, embedding.row_format, source, cache_rows))
+            embedding.use_store(opened[-1])
+    except BaseException:
+        for store in opened:
+            store.close()
+        raise
+    finally:
+        published.close()
+
+
 def load_pretrained(cls: type[Model], directory: str | os.PathLike[str], engram_placement: str = "device",
                     engram_cache_rows: int = 0, engram_table_format: str | None = None,
                     **placement_options: Any) -> Model:
     """Build the model of ``config.json`` and load its weights, refusing a hashing mismatch.
 
     Engram tables go where ``engram_placement`` says, in ``engram_table_format`` (see
-    :meth:`EngramLM.from_pretrained`).
+    :meth:`EngramLM.from_pretrained`); ``"store"`` reads them from Mooncake Store, ``placement_options`` then being
+    those of :class:`~engram.storage.published.PublishedTables` (``store_master``, ``store_prefix``).
     """
-    if engram_placement not in PLACEMENTS:
-        raise ValueError(f"engram_placement must be one of {PLACEMENTS}, got {engram_placement!r}")
+    if engram_placement not in MODEL_PLACEMENTS:
+        raise ValueError(f"engram_placement must be one of {MODEL_PLACEMENTS}, got {engram_placement!r}")
     if engram_cache_rows and engram_placement == "device":
-        raise ValueError(f"engram_cache_rows={engram_cache_rows} needs engram_placement 'host' or 'disk' "
-                         "(a device table is all in device memory already)")
+        raise ValueError(f"engram_cache_rows={engram_cache_rows} needs engram_placement 'host' or 'disk' (or "
+                         "'store'): a device table is all in device memory already")
     if engram_table_format is not None and engram_table_format not in ROW_FORMATS:
         raise ValueError(f"engram_table_format must be one of {ROW_FORMATS} (or None: as saved), got "
                          f"{engram_table_format!r}")
@@ -276,12 +321,16 @@ def load_pretrained(cls: type[Model], directory: str | os.PathLike[str], engram_
     _refuse_mismatch(directory, fingerprints + [data.get(_FINGERPRINT_KEY)], current)
     table_files = data.get(_TABLES_KEY, {})
     verify = placement_options.get("verify", True)
+    if engram_placement == "store":
+        _use_published_tables(model, directory, table_files, current, engram_cache_rows, placement_options)
     for block in model.blocks:
         if block.engram is None:
             continue
         embedding = block.engram.multi_head_embedding
         inline = state.pop(_table_key(block.layer_idx), None)  # a folder from before table files
         entry = table_files.get(str(block.layer_idx))
+        if engram_placement == "store":
+            continue
         if isinstance(entry, list):  # row parts, one per rank of a distributed run
             if engram_placement != "device":
                 raise ValueError(f"{directory} holds Engram layer {block.layer_idx}'s table in {len(entry)} row "
@@ -290,7 +339,7 @@ def load_pretrained(cls: type[Model], directory: str | os.PathLike[str], engram_
             embedding.use_table(_in_format(_load_table_parts(directory, entry, current, verify), embedding))
         elif entry is not None:
             header = read_header(directory / entry)
-            _refuse_mismatch(directory, [json.loads(header.metadata.get(_FINGERPRINT_KEY, "null"))], current)
+            _refuse_mismatch(directory, [table_fingerprint(header)], current)
             if engram_placement == "device":
                 embedding.use_table(_load_device_table(header, embedding, verify))
             else:

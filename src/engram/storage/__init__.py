@@ -8,7 +8,11 @@
 - :class:`HostStore` (pinned host memory: CPU gather + copy, or a GPU kernel reading over UVA),
   :class:`DiskStore` (a memory-mapped file larger than RAM), :class:`CachedStore` (hot rows in HBM in front
   of either), all behind :class:`~engram.storage.store.TableStore`: ``fetch`` now, ``wait`` later (a prefetch);
-- :func:`open_table_store`: a table file opened for a placement.
+- :func:`open_table_store`: a table file opened for a placement;
+- Mooncake Store (placement ``store``, the optional extra ``store``): :mod:`~engram.storage.mooncake` (the library,
+  a client, the master process), :mod:`~engram.storage.published` (the objects, their manifest, publishing and
+  opening them), :mod:`~engram.storage.remote` (:class:`~engram.storage.remote.MooncakeStore`: rows read with ranged
+  gets).
 """
 
 from engram.storage.cache import CachedStore

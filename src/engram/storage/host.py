@@ -15,7 +15,6 @@ GPU: n-gram traffic is Zipfian, so this cuts both CPU work and link bytes.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,7 @@ import torch
 from torch import Tensor
 
 from engram.kernels.gather import multi_head_gather
-from engram.storage.store import PendingRows, SideStreams, as_device, check_row_dtype, check_rows, receive_rows, \
-    snapshot_rows
+from engram.storage.store import PendingRows, StagedStore, as_device, check_rows, receive_rows, snapshot_rows
 
 # Measured on an H200 (benchmarks/results/bench_offload.md): sorted UVA reads reach ~60% of the link, the CPU
 # gather ~45% with its deduplication; a CPU-only machine has only the CPU gather.
@@ -167,145 +165,35 @@ def pin_in_place(table: Tensor) -> None:
                            f"{cudart.cudaGetErrorString(error)}")
 
 
-class GatherStore:
-    """The fetch machinery of :class:`HostStore` and :class:`DiskStore`: a CPU gather on ``workers`` threads,
-    synchronous for a CPU target; for a CUDA target a background thread gathers into pinned memory and copies
-    to the GPU on a side stream (subclasses may replace that path, see :meth:`_fetch_cuda`).
-
-    Thread-safe: each fetch has its own buffers; the counters ``rows_requested`` (every row asked for) and
-    ``rows_transferred`` (rows read from the table and sent, distinct ones with ``dedup``) are kept under a lock.
-    ``check``, when given, is called at every fetch before anything is read (e.g.
-    :meth:`engram.storage.table_file.MappedTable.check_intact`: a clear error instead of a crash on a truncated file).
-    """
-
-    placement = "host"
+class GatherStore(StagedStore):
+    """A table in CPU memory (or a memory map) read by :func:`cpu_gather` on ``workers`` threads, with the fetch
+    machinery of :class:`~engram.storage.store.StagedStore`: the common part of :class:`HostStore` and
+    :class:`DiskStore`."""
 
     def __init__(self, table: Tensor, workers: int | None = None, dedup: bool = True,
                  on_close: Callable[[], None] | None = None, default_workers: int = DEFAULT_WORKERS,
                  check: Callable[[], None] | None = None):
         if table.dim() != 2 or table.device.type != "cpu":
             raise ValueError(f"a store's table is a [R, D] CPU tensor, got {tuple(table.shape)} on {table.device}")
-        self._table = table.detach()
-        self.num_rows, self.dim = table.shape
-        self.dtype = table.dtype
-        self.dedup = dedup
         self.workers = default_workers if workers is None else workers
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        self.rows_requested = 0
-        self.rows_transferred = 0
+        super().__init__(*table.shape, table.dtype, dedup, on_close, check)
+        self._table = table.detach()
         self._pool = ThreadPoolExecutor(self.workers, "engram-gather") if self.workers > 1 else None
-        self._jobs = ThreadPoolExecutor(1, "engram-fetch")  # one job at a time, in fetch order
-        self._streams = SideStreams()
-        self._lock = threading.Lock()
-        self._on_close = on_close
-        self._check = check
-        self._closed = False
 
     def table(self) -> Tensor:
         return self._table
 
-    def fetch(self, rows: Tensor, device: torch.device | str) -> PendingRows:
-        """Start reading int ``rows`` ``[...]``; ``wait()`` gives ``[..., D]`` on ``device``, equal to
-        ``table[rows]`` (see :class:`engram.storage.store.TableStore`)."""
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} is closed")
-        if self._check is not None:
-            self._check()
-        device = as_device(device)
-        if rows.is_cuda:
-            check_row_dtype(rows)
-        else:
-            check_rows(rows, self.num_rows)
-        if device.type == "cuda":
-            return self._fetch_cuda(rows, device)
-        flat = rows.reshape(-1).to("cpu", torch.int64)
-        return PendingRows.ready(self._expand(*self._gather(flat, pin=False)).view(*rows.shape, self.dim))
-
-    def _fetch_cuda(self, rows: Tensor, device: torch.device) -> PendingRows:
-        done = torch.cuda.Event()
-        if rows.is_cuda and self.dedup:  # distinct rows found on the GPU: torch.unique is slow on the CPU
-            snapshot, copied = snapshot_rows(rows, device)
-            return PendingRows(self._jobs.submit(self._unique_on_device_job, snapshot, copied, device, done), done)
-        snapshot, copied = snapshot_rows(rows, torch.device("cpu"))
-        return PendingRows(self._jobs.submit(self._copy_job, snapshot, copied, device, done), done)
-
-    def _copy_job(self, snapshot: Tensor, copied: torch.cuda.Event | None, device: torch.device,
-                  done: torch.cuda.Event) -> Tensor:
-        host_rows = receive_rows(snapshot, copied, torch.device("cpu"))
-        gathered, inverse = self._gather(host_rows.reshape(-1), pin=True)
-        with self._streams.on(device):
-            # The staging buffer stays alive until this copy ends: the caching host allocator records it.
-            rows_out = self._expand(gathered.to(device, non_blocking=True),
-                                    None if inverse is None else inverse.pin_memory().to(device, non_blocking=True))
-            done.record()
-        return rows_out.view(*snapshot.shape, self.dim)
-
-    def _unique_on_device_job(self, snapshot: Tensor, copied: torch.cuda.Event | None, device: torch.device,
-                              done: torch.cuda.Event) -> Tensor:
-        with self._streams.on(device):
-            flat = receive_rows(snapshot, copied, device).reshape(-1)
-            distinct, inverse = torch.unique(flat, return_inverse=True)  # ascending: the CPU reads in address order
-            host_rows = distinct.cpu()
-            check_rows(host_rows, self.num_rows)
-            out = torch.empty(host_rows.shape[0], self.dim, dtype=self.dtype, pin_memory=True)
-            cpu_gather(self._table, host_rows, out, self._pool)
-            self._count(flat.shape[0], host_rows.shape[0])
-            rows_out = out.to(device, non_blocking=True).index_select(0, inverse)
-            done.record()
-        return rows_out.view(*snapshot.shape, self.dim)
-
-    def _gather(self, flat_rows: Tensor, pin: bool) -> tuple[Tensor, Tensor | None]:
-        """int64 ``[N]`` CPU rows -> the rows read ``[U, D]`` (pinned if ``pin``) and, with ``dedup``, the
-        ``[N]`` inverse index that expands them (``U`` distinct rows), else ``None`` (``U = N``)."""
-        requested, inverse = flat_rows.shape[0], None
-        if self.dedup:
-            flat_rows, inverse = torch.unique(flat_rows, return_inverse=True)
-        out = torch.empty(flat_rows.shape[0], self.dim, dtype=self.dtype, pin_memory=pin)
-        cpu_gather(self._table, flat_rows, out, self._pool)
-        self._count(requested, flat_rows.shape[0])
-        return out, inverse
-
-    @staticmethod
-    def _expand(gathered: Tensor, inverse: Tensor | None) -> Tensor:
-        return gathered if inverse is None else gathered.index_select(0, inverse)
-
-    def _count(self, requested: int, transferred: int) -> None:
-        with self._lock:
-            self.rows_requested += requested
-            self.rows_transferred += transferred
-
-    def close(self) -> None:
-        """Finish pending fetches, stop the threads, then call ``on_close`` (e.g. unmap the file). Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._jobs.shutdown(wait=True)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        for device in self._streams.devices:
-            torch.cuda.synchronize(device)  # nothing may still read the table once on_close releases it
-        self._release()
-        if self._on_close is not None:
-            self._on_close()
+    def _read_rows(self, rows: Tensor, out: Tensor) -> None:
+        cpu_gather(self._table, rows, out, self._pool)
 
     def _release(self) -> None:
-        """What a subclass frees after the last read and before ``on_close``."""
-
-    def __enter__(self) -> GatherStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _details(self) -> str:
-        return f"workers={self.workers}, dedup={self.dedup}"
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, {self._details()}, "
-                f"requested={self.rows_requested}, transferred={self.rows_transferred}"
-                f"{', closed' if self._closed else ''})")
+        return f"workers={self.workers}, {super()._details()}"
 
 
 class HostStore(GatherStore):
@@ -417,6 +305,7 @@ class HostStore(GatherStore):
         return alias
 
     def _release(self) -> None:
+        super()._release()
         self._aliases.clear()
         if self._unpin is not None:
             self._unpin()

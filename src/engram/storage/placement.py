@@ -16,7 +16,9 @@ from engram.storage.host import HostStore
 from engram.storage.store import TableStore
 from engram.storage.table_file import load_table, map_table, read_header, share_in_shm
 
-PLACEMENTS = ("device", "host", "disk")
+PLACEMENTS = ("device", "host", "disk")  # where a table file goes
+# ... and where EngramLM.from_pretrained may put tables: also Mooncake Store (engram.storage.published)
+MODEL_PLACEMENTS = (*PLACEMENTS, "store")
 
 
 def available_host_memory() -> int | None:

@@ -5,7 +5,9 @@ cache in front of either). Engram's row ids depend only on the input tokens, so 
 reads before its first block and waits for each just before the layer needs it: the copy overlaps compute.
 
 The helpers here are shared by the stores that do their work on a background thread: a private snapshot of
-the caller's rows, its arrival on the thread's side stream, and the side streams themselves.
+the caller's rows, its arrival on the thread's side stream, the side streams themselves, and
+:class:`StagedStore`, the fetch machinery of every store that reads rows into host memory first (host, disk,
+Mooncake Store).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -83,7 +85,7 @@ class _Then(PendingRows):
 class TableStore(Protocol):
     """An ``[R, D]`` table served from outside the compute device's own parameters."""
 
-    placement: str  # "host" | "disk" | "cache"
+    placement: str  # "host" | "disk" | "store" | "cache"
     num_rows: int
     dim: int
     dtype: torch.dtype
@@ -203,3 +205,147 @@ class SideStreams:
                 stream = self._streams[device] = torch.cuda.Stream(device, priority=-1)
         with torch.cuda.device(device), torch.cuda.stream(stream):
             yield
+
+
+class StagedStore:
+    """The fetch machinery of the stores whose rows are read into host memory, then copied to the target device:
+    :class:`~engram.storage.host.HostStore` (CPU method), :class:`~engram.storage.disk.DiskStore` and
+    :class:`~engram.storage.remote.MooncakeStore`. A subclass says how rows are read (:meth:`_read_rows`).
+
+    For a CUDA target a background thread reads the rows into pinned memory and copies them to the GPU on a side
+    stream; for a CPU target the caller's thread reads them, or (``cpu_in_background``: a read that waits on the
+    network, not on the CPU) the background thread does, so ``fetch`` returns at once there too. With ``dedup``
+    each distinct row is read once (in ascending order) and expanded on the target device.
+
+    Thread-safe: each fetch has its own buffers; the counters ``rows_requested`` (every row asked for) and
+    ``rows_transferred`` (rows read, distinct ones with ``dedup``) are kept under a lock. ``check``, when given, is
+    called at every fetch before anything is read (e.g. :meth:`engram.storage.table_file.MappedTable.check_intact`:
+    a clear error instead of a crash on a truncated file).
+    """
+
+    placement = "host"
+
+    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype, dedup: bool = True,
+                 on_close: Callable[[], None] | None = None, check: Callable[[], None] | None = None,
+                 cpu_in_background: bool = False):
+        self.num_rows, self.dim, self.dtype = num_rows, dim, dtype
+        self.dedup = dedup
+        self.rows_requested = 0
+        self.rows_transferred = 0
+        self._jobs = ThreadPoolExecutor(1, "engram-fetch")  # one job at a time, in fetch order
+        self._streams = SideStreams()
+        self._lock = threading.Lock()
+        self._on_close = on_close
+        self._check = check
+        self._cpu_in_background = cpu_in_background
+        self._closed = False
+
+    def _read_rows(self, rows: Tensor, out: Tensor) -> None:
+        """Fill ``out`` ``[U, D]`` (a contiguous CPU tensor of the table's dtype, pinned for a CUDA target) with
+        the table's int64 ``rows`` ``[U]`` (CPU, in ``[0, R)``; ascending and distinct with ``dedup``)."""
+        raise NotImplementedError
+
+    def fetch(self, rows: Tensor, device: torch.device | str) -> PendingRows:
+        """Start reading int ``rows`` ``[...]``; ``wait()`` gives ``[..., D]`` on ``device``, equal to
+        ``table[rows]`` (see :class:`TableStore`)."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        if self._check is not None:
+            self._check()
+        device = as_device(device)
+        if rows.is_cuda:
+            check_row_dtype(rows)
+        else:
+            check_rows(rows, self.num_rows)
+        if device.type == "cuda":
+            return self._fetch_cuda(rows, device)
+        if self._cpu_in_background:
+            snapshot, copied = snapshot_rows(rows, device)
+            return PendingRows(self._jobs.submit(self._copy_job, snapshot, copied, device, None))
+        flat = rows.reshape(-1).to("cpu", torch.int64)
+        return PendingRows.ready(self._expand(*self._gather(flat, pin=False)).view(*rows.shape, self.dim))
+
+    def _fetch_cuda(self, rows: Tensor, device: torch.device) -> PendingRows:
+        done = torch.cuda.Event()
+        if rows.is_cuda and self.dedup:  # distinct rows found on the GPU: torch.unique is slow on the CPU
+            snapshot, copied = snapshot_rows(rows, device)
+            return PendingRows(self._jobs.submit(self._unique_on_device_job, snapshot, copied, device, done), done)
+        snapshot, copied = snapshot_rows(rows, torch.device("cpu"))
+        return PendingRows(self._jobs.submit(self._copy_job, snapshot, copied, device, done), done)
+
+    def _copy_job(self, snapshot: Tensor, copied: torch.cuda.Event | None, device: torch.device,
+                  done: torch.cuda.Event | None) -> Tensor:
+        host_rows = receive_rows(snapshot, copied, torch.device("cpu"))
+        gathered, inverse = self._gather(host_rows.reshape(-1), pin=device.type == "cuda")
+        if device.type != "cuda":
+            return self._expand(gathered, inverse).view(*snapshot.shape, self.dim)
+        with self._streams.on(device):
+            # The staging buffer stays alive until this copy ends: the caching host allocator records it.
+            rows_out = self._expand(gathered.to(device, non_blocking=True),
+                                    None if inverse is None else inverse.pin_memory().to(device, non_blocking=True))
+            done.record()
+        return rows_out.view(*snapshot.shape, self.dim)
+
+    def _unique_on_device_job(self, snapshot: Tensor, copied: torch.cuda.Event | None, device: torch.device,
+                              done: torch.cuda.Event) -> Tensor:
+        with self._streams.on(device):
+            flat = receive_rows(snapshot, copied, device).reshape(-1)
+            distinct, inverse = torch.unique(flat, return_inverse=True)  # ascending: the CPU reads in address order
+            host_rows = distinct.cpu()
+            check_rows(host_rows, self.num_rows)
+            out = torch.empty(host_rows.shape[0], self.dim, dtype=self.dtype, pin_memory=True)
+            self._read_rows(host_rows, out)
+            self._count(flat.shape[0], host_rows.shape[0])
+            rows_out = out.to(device, non_blocking=True).index_select(0, inverse)
+            done.record()
+        return rows_out.view(*snapshot.shape, self.dim)
+
+    def _gather(self, flat_rows: Tensor, pin: bool) -> tuple[Tensor, Tensor | None]:
+        """int64 ``[N]`` CPU rows -> the rows read ``[U, D]`` (pinned if ``pin``) and, with ``dedup``, the
+        ``[N]`` inverse index that expands them (``U`` distinct rows), else ``None`` (``U = N``)."""
+        requested, inverse = flat_rows.shape[0], None
+        if self.dedup:
+            flat_rows, inverse = torch.unique(flat_rows, return_inverse=True)
+        out = torch.empty(flat_rows.shape[0], self.dim, dtype=self.dtype, pin_memory=pin)
+        self._read_rows(flat_rows, out)
+        self._count(requested, flat_rows.shape[0])
+        return out, inverse
+
+    @staticmethod
+    def _expand(gathered: Tensor, inverse: Tensor | None) -> Tensor:
+        return gathered if inverse is None else gathered.index_select(0, inverse)
+
+    def _count(self, requested: int, transferred: int) -> None:
+        with self._lock:
+            self.rows_requested += requested
+            self.rows_transferred += transferred
+
+    def close(self) -> None:
+        """Finish pending fetches, stop the threads, then call ``on_close`` (e.g. unmap the file). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._jobs.shutdown(wait=True)
+        for device in self._streams.devices:
+            torch.cuda.synchronize(device)  # nothing may still read the table once on_close releases it
+        self._release()
+        if self._on_close is not None:
+            self._on_close()
+
+    def _release(self) -> None:
+        """What a subclass frees after the last read and before ``on_close``."""
+
+    def __enter__(self) -> StagedStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _details(self) -> str:
+        return f"dedup={self.dedup}"
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, {self._details()}, "
+                f"requested={self.rows_requested}, transferred={self.rows_transferred}"
+                f"{', closed' if self._closed else ''})")
