@@ -58,6 +58,11 @@ def table_views(views: Mapping[nn.Module, TableView]) -> Iterator[None]:
         _views.by_table = outer
 
 
+def has_view(table: nn.Module) -> bool:
+    """Whether this thread reads ``table`` through a view (inside :func:`table_views`)."""
+    return table in _views.by_table
+
+
 def through_view(table: nn.Module, flat_rows: torch.Tensor, pending: PendingRows) -> PendingRows:
     """``pending`` (the read of ``flat_rows`` from ``table``) as this thread's view of ``table`` shows it
     (:func:`table_views`); ``pending`` itself without one."""

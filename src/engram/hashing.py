@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engram.config import EngramConfig, table_sizes_for
-from engram.kernels.hash import DEAD_TOKEN, ngram_hash
+from engram.kernels.hash import DEAD_TOKEN, ngram_hash, ngram_hash_decode
 from engram.kernels.hash.naive import FAST_MOD_MAX_PRIME
 from engram.tokenizer import RULES_VERSION, CompressedTokenizer
 
@@ -227,6 +227,20 @@ class NgramHasher:
         if history is None:
             history = raw.new_full((raw.shape[0], self.context), self.cfg.pad_id)
         return torch.cat([history, raw], dim=1)[:, -self.context:].contiguous()
+
+    def hash_step(self, new_ids: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Decoding: the row ids of one new token per sequence for every layer, ``{layer_id: [B, H]}``, advancing
+        ``history`` in place (:func:`engram.kernels.hash.ngram_hash_decode`, one launch on CUDA).
+
+        Args:
+            new_ids: ``[B]`` int64 original ids, :data:`DEAD_TOKEN` at dead positions.
+            history: ``[B, max_ngram_size - 1]`` contiguous int64, :meth:`next_history` of the tokens before.
+        Nothing is checked against the vocabulary and nothing is read back to the host, so the call traces into a
+        compiled graph and a CUDA graph (the constants must be on the device already: :meth:`prepare`).
+        """
+        lookup, multipliers, primes = self._stacked_constants(new_ids.device)
+        rows = ngram_hash_decode(new_ids, history, lookup, multipliers, primes, self.pad_id, fast_mod=self.fast_mod)
+        return dict(zip(self.cfg.layer_ids, rows.unbind(0)))
 
     def prepare(self, device: torch.device | str) -> None:
         """Put the hashing constants on ``device`` now, not inside the first (compiled) call: filling the cache

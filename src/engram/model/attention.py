@@ -120,6 +120,51 @@ class KVCache:
         self.seq_len += n
 
 
+class SlotCache:
+    """Static key/value storage of decode slots: one sequence per slot, every slot at its own length.
+
+    ``keys`` and ``values`` ``[L, B, KV, max_length, hd]`` are preallocated and written in place: a decode step
+    stores each slot's new key at ``positions[b]`` (the index of its new token, which is also its RoPE position) and
+    attends to indices ``0..positions[b]`` of that slot, so sequences of different lengths share the batch and a slot
+    is reused by the next sequence without reallocating (continuous batching). Nothing here reads a value on the
+    host: a step traces into one compiled graph and replays as a CUDA graph. Entries past a slot's position may hold
+    an earlier sequence's keys; they are masked, and must be finite (whoever hands a slot to a new sequence zeroes
+    it: a NaN key would turn the masked scores into NaN).
+
+    Args:
+        keys, values: ``[L, B, KV, max_length, hd]``.
+        positions: ``[B]`` int64 index of every slot's new token, in ``[0, max_length)``.
+        conv_states: the Engram ShortConv state per Engram layer (``[B, C, P]``, as in :class:`KVCache`).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 conv_states: dict[int, torch.Tensor]):
+        if keys.dim() != 5 or keys.shape != values.shape or positions.shape != keys.shape[1:2]:
+            raise ValueError(f"SlotCache expects keys and values [L, B, KV, S, hd] and positions [B], got "
+                             f"{tuple(keys.shape)}, {tuple(values.shape)} and {tuple(positions.shape)}")
+        self.keys = keys
+        self.values = values
+        self.positions = positions
+        self.conv_states = conv_states
+        index = torch.arange(keys.shape[3], device=keys.device)
+        self.visible = index[None, :] <= positions[:, None]  # [B, S] keys each slot's new token attends to
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store ``k``, ``v`` ``[B, KV, 1, hd]`` at every slot's position and attend ``q`` ``[B, H, 1, hd]`` to the
+        slot's keys up to it; returns ``[B, H, 1, hd]``."""
+        batch, kv_heads, length, head_dim = k.shape
+        if length != 1 or q.shape[2] != 1:
+            raise ValueError(f"SlotCache decodes one token per slot, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        index = self.positions.view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
+        keys = self.keys[layer_idx].scatter_(2, index, k.to(self.keys.dtype))  # [B, KV, S, hd]
+        values = self.values[layer_idx].scatter_(2, index, v.to(self.values.dtype))
+        # The query heads sharing a key head (GQA) become that head's queries: no copy of the cache per group.
+        groups = q.shape[1] // kv_heads
+        grouped = q.to(keys.dtype).reshape(batch, kv_heads, groups, head_dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.visible[:, None, None, :])
+        return out.reshape(batch, kv_heads * groups, 1, head_dim)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None) -> torch.Tensor:
     """Plain ``softmax(Q K^T / sqrt(hd)) V`` in fp32, returned in q's dtype.
@@ -152,7 +197,7 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+                cache: KVCache | SlotCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         """Attend ``x`` ``[B, T, D]`` -> ``[B, T, D]``.
 
         Args:
@@ -160,7 +205,8 @@ class Attention(nn.Module):
             key_padding_mask: ``[B, S]`` bool over every key seen so far (``S = cache.seq_len + T`` with a
                 cache, else ``T``), True = real token; None = no padding.
             cache: with a cache, query ``i`` sits at absolute index ``cache.seq_len + i``; the new keys
-                and values are stored in it for ``layer_idx`` (the caller advances it after all layers).
+                and values are stored in it for ``layer_idx`` (the caller advances it after all layers). A
+                :class:`SlotCache` (one new token per slot, ``T = 1``) stores them at each slot's own position.
         """
         if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
             raise ValueError(f"Attention expects x of shape [B, T, {self.q_proj.in_features}], got {tuple(x.shape)}")
@@ -169,6 +215,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if isinstance(cache, SlotCache):
+            out = cache.attend(layer_idx, q, k, v)
+        else:
+            out = self._attend(q, k, v, key_padding_mask, cache, layer_idx)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                cache: KVCache | None, layer_idx: int) -> torch.Tensor:
+        """``q`` ``[B, H, T, hd]`` attending to ``k``, ``v`` ``[B, KV, T, hd]`` after the cache's earlier entries
+        (stored there first), causally, padding masked; ``[B, H, T, hd]``."""
+        batch, _, length, _ = q.shape
         offset = 0
         if cache is not None:
             offset = cache.seq_len
@@ -177,14 +234,12 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, S, hd]
 
         if cache is None and key_padding_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            mask = self._mask(batch, length, offset, key_padding_mask, x.device)  # [B, 1, T, S]
-            has_key = mask.any(-1, keepdim=True)
-            # A query that sees only padding would softmax over nothing (NaN): let it see every key, then zero it.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
-            out = out.masked_fill(~has_key, 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = self._mask(batch, length, offset, key_padding_mask, q.device)  # [B, 1, T, S]
+        has_key = mask.any(-1, keepdim=True)
+        # A query that sees only padding would softmax over nothing (NaN): let it see every key, then zero it.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
+        return out.masked_fill(~has_key, 0.0)
 
     @staticmethod
     def _mask(batch: int, length: int, offset: int, key_padding_mask: torch.Tensor | None,

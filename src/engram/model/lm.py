@@ -11,12 +11,16 @@ Architecture (every choice in one place):
   before the first Engram layer run); ``from_pretrained(engram_placement=...)`` picks where tables live;
 - memory patches are served per request from outside the model, behind the tables' ``fetch``
   (:func:`engram.model.overlay.row_overlays`): the forward never sees them;
+- :meth:`EngramLM.generate` runs one of the decode loops of :mod:`engram.model.generation`: the plain loop over
+  ``forward`` with a growing :class:`KVCache`, or the sync-free step of a :class:`~engram.model.slots.SlotDecoder`
+  (one slot per sequence, CUDA graphs on a GPU);
 - every weight is set in :meth:`EngramLM.init_weights`: matrices, embeddings and tables N(0, init_std),
   norms 1, the ShortConv kernel 0 when ``engram_conv_zero_init``, mHC and MoE bias as their modules say.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,12 +32,14 @@ from torch import nn
 
 from engram.hashing import NgramHasher, check_token_batch
 from engram.layer import Engram
-from engram.model.attention import Attention, KVCache
+from engram.model.attention import Attention, KVCache, SlotCache
 from engram.model.config import EngramLMConfig
 from engram.model.hyper_connections import HyperConnection, StreamMerge, expand_streams
 from engram.model.loss import linear_cross_entropy
 from engram.model.moe import FeedForward, MoE
-from engram.model.sampling import sample_next
+from engram.model.generation import generate_tokens, resolve_decode
+from engram.model.sampling import RowSampling
+from engram.model.slots import SlotDecoder
 from engram.model.serialization import MAX_SHARD_BYTES, load_pretrained, save_pretrained
 from engram.storage.store import PendingRows
 
@@ -71,7 +77,7 @@ class Block(nn.Module):
             self.ffn_hc = HyperConnection(cfg.hc_mult, cfg.d_model, cfg.hc_sinkhorn_iters, init_std=cfg.init_std)
 
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                cache: KVCache | None, memories: dict[int, PendingRows] | None) -> torch.Tensor:
+                cache: KVCache | SlotCache | None, memories: dict[int, PendingRows] | None) -> torch.Tensor:
         """``[B, T, M, D]`` -> ``[B, T, M, D]``; ``key_padding_mask`` is ``[B, S]`` over every token so far;
         ``memories`` holds the table reads issued at the start of the forward, by Engram layer."""
         if self.engram is not None:
@@ -110,6 +116,7 @@ class EngramLM(nn.Module):
                  table_device: torch.device | str | None = None):
         """``table_device="meta"`` allocates no Engram table (for :meth:`from_pretrained` with a store)."""
         super().__init__()
+        self._slot_decoder: tuple[tuple, SlotDecoder] | None = None  # see slot_decoder()
         self.cfg = cfg
         self.hasher = hasher
         if cfg.engram is not None and hasher is None:
@@ -124,6 +131,7 @@ class EngramLM(nn.Module):
 
     def _apply(self, fn, recurse: bool = True) -> "EngramLM":
         module = super()._apply(fn, recurse)
+        self._slot_decoder = None  # its buffers and graphs belong to the old device and dtype
         self._prepare_hasher()  # .to(device): the hashing constants follow, outside any compiled forward
         return module
 
@@ -384,14 +392,20 @@ class EngramLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, seed: int | None = None,
+                 decode: str = "auto") -> torch.Tensor:
         """Prompt followed by up to ``max_new_tokens`` new tokens, ``[B, T + new]`` (the HF convention).
 
         Decodes with a KV cache and incremental Engram hashing. ``temperature=0`` is greedy. Batched
         prompts of different lengths are left-padded with ``attention_mask`` marking real tokens. A
         sequence that produced ``eos_token_id`` keeps emitting it; generation stops when all have.
         Ids past ``cfg.tokenizer_vocab_size`` (embedding padding) are never sampled. Inside
-        :func:`engram.model.overlay.row_overlays` every step reads each row's overlay.
+        :func:`engram.model.overlay.row_overlays` every step reads each row's overlay. ``seed`` seeds every row's
+        own random stream (:func:`engram.model.sampling.sample_rows`); without it the streams are drawn from torch's
+        global generator. ``decode`` picks the loop (:mod:`engram.model.generation`): ``"auto"`` (CUDA graphs of a
+        sync-free step on CUDA, the plain loop elsewhere), ``"eager"``, ``"static"`` or ``"graph"``; all give the same
+        greedy tokens. The static and graph loops keep their :meth:`slot_decoder` (its KV cache and graphs) for the
+        next call.
         """
         self.check_input_ids(input_ids)
         if max_new_tokens < 0:
@@ -400,60 +414,42 @@ class EngramLM(nn.Module):
         if prompt_len + max_new_tokens > self.cfg.max_position_embeddings:
             raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        seeds = (torch.randint(0, 2**62, (batch,)).tolist() if seed is None
+                 else [(seed + row * 0x9E3779B97F4A7C15) % 2**63 for row in range(batch)])
+        sampling = [RowSampling(temperature, top_k, top_p, row_seed) for row_seed in seeds]
+        if max_new_tokens == 0:
+            return input_ids
         was_training = self.training
         self.eval()
-        device = input_ids.device
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        decoding = Decoding(self, input_ids, max_new_tokens, attention_mask)
-        ids = input_ids
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            next_ids = sample_next(decoding.logits, temperature, top_k, top_p, generator,
-                                   self.cfg.tokenizer_vocab_size)
-            if eos_token_id is not None:
-                next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
-                finished |= next_ids == eos_token_id
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            decoding.step(next_ids)
-        self.train(was_training)
-        return ids
+        try:
+            return generate_tokens(self, input_ids, max_new_tokens, sampling, eos_token_id, attention_mask,
+                                   resolve_decode(self, decode))
+        finally:
+            self.train(was_training)
 
+    def slot_decoder(self, num_slots: int, max_length: int, cuda_graphs: bool = False) -> SlotDecoder:
+        """A :class:`~engram.model.slots.SlotDecoder` of this model for ``num_slots`` sequences of at least
+        ``max_length`` tokens (rounded up to a multiple of 256 within the context). The last one made is kept and
+        returned again while it fits (same slots and graph setting, enough length, the same parameter tensors and
+        table stores), so its CUDA graphs are captured once; a new one replaces it (``.to()`` drops it)."""
+        key = (num_slots, cuda_graphs, self._decoder_fingerprint())
+        if self._slot_decoder is not None:
+            held_key, held = self._slot_decoder
+            if held_key == key and held.max_length >= max_length:
+                return held
+        self._slot_decoder = None  # its cache is freed before the next is allocated
+        length = min(-(-max_length // 256) * 256, self.cfg.max_position_embeddings)
+        decoder = SlotDecoder(self, num_slots, length, cuda_graphs)
+        self._slot_decoder = (key, decoder)
+        return decoder
 
-class Decoding:
-    """One batched decode of ``model`` with a KV cache: the prompt is prefilled when built, then :meth:`step`
-    feeds one new token per row. Keeps what incremental decoding needs besides the cache: the attention mask
-    over every token so far and the raw ids Engram hashes (padding as its pad id), whose last ones are each
-    step's ``engram_history``. Used by :meth:`EngramLM.generate` and by the server's batched decode loop.
-
-    Args:
-        input_ids: ``[B, T]`` prompts, left-padded where ``attention_mask`` ``[B, T]`` is 0.
-        max_new_tokens: steps the cache must hold room for.
-
-    Attributes:
-        logits: ``[B, V]`` fp32 logits of the next token of every row (after the prefill or the last step).
-    """
-
-    def __init__(self, model: EngramLM, input_ids: torch.Tensor, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None = None):
-        self.model = model
-        self.mask = (torch.ones_like(input_ids) if attention_mask is None
-                     else attention_mask.to(input_ids.device).long())
-        pad = model.cfg.engram.pad_id if model.cfg.engram is not None else 0
-        self.hash_source = input_ids.masked_fill(self.mask == 0, pad)  # raw ids as Engram sees them
-        self.context = model.hasher.context if model.hasher is not None else 0
-        self.cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        self.logits = model(input_ids, attention_mask=self.mask, cache=self.cache, logits_to_keep=1).logits[:, -1]
-
-    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Feed ``next_ids`` ``[B]`` (one token per row); returns (and keeps) the next ``[B, V]`` logits."""
-        history = self.hash_source[:, self.hash_source.shape[1] - self.context:] if self.context else None
-        self.hash_source = torch.cat([self.hash_source, next_ids[:, None]], dim=1)
-        self.mask = torch.cat([self.mask, torch.ones_like(next_ids[:, None])], dim=1)
-        self.logits = self.model(next_ids[:, None], attention_mask=self.mask, cache=self.cache,
-                                 engram_history=history).logits[:, -1]
-        return self.logits
+    def _decoder_fingerprint(self) -> tuple:
+        """What a kept decoder's graphs depend on: the address of every parameter and buffer, and the tables' stores."""
+        tensors = tuple(tensor.data_ptr() for tensor in itertools.chain(self.parameters(), self.buffers()))
+        return tensors + tuple(id(block.engram.multi_head_embedding.store) for block in self.blocks
+                               if block.engram is not None)
 
 
 def _numel(module: nn.Module | None) -> int:

@@ -1,23 +1,29 @@
-"""The server's inference engine: one model shared by every tenant, one worker thread, batched decoding.
+"""The server's inference engine: one model shared by every tenant, one worker thread, continuous batching.
 
-Requests wait in a queue. The worker takes the first one, waits ``batch_window_s`` for more (up to
-``max_batch``), left-pads the prompts into one batch and runs ONE prefill and one decode loop over it with a
-KV cache through :class:`~engram.model.lm.Decoding`, as :meth:`EngramLM.generate` does (``attention_mask`` for the
-padding, ``engram_history`` for the incremental hashing). The batch runs inside
-:func:`~engram.model.overlay.row_overlays` with each row's tenant :class:`RowOverlay`, so tenants share a batch and
-each row still reads its own tenant's memory (the model's tables are never changed). Rows have their own
-``max_tokens``, temperature, top-p, seed and stop strings and finish independently; the batch ends when its last
-row does, then the next batch starts (static batching: a request arriving meanwhile waits for it).
+Requests wait in a queue. The worker keeps a running batch in the slots of a
+:class:`~engram.model.slots.SlotDecoder` (``max_batch`` of them): at every decode step, waiting requests join while
+slots are free (their prompts prefilled together, one ``EngramLM.forward``, copied into their slots) and finished
+ones leave, their slot free for the next request at once. When nothing runs, the first request waits
+``batch_window_s`` for company. A step samples every row on the device and runs the sync-free decode step, replayed
+from CUDA graphs on a GPU (``decode="graph"``; ``"static"`` runs it op by op); the host reads the tokens of step t
+while the device runs step t + 1. Each slot reads its own tenant's :class:`RowOverlay` (the model's tables are never
+changed). Rows have their own ``max_tokens``, temperature, top-p, seed and stop strings and finish independently.
+``decode="eager"`` is static batching instead: a batch of up to ``max_batch`` requests runs one prefill and one decode
+loop (:class:`~engram.model.generation.Decoding`) to its last row, inside
+:func:`~engram.model.overlay.row_overlays`; requests arriving meanwhile wait for the next batch.
 
 Every row reports through a callback: one :class:`GenerationEvent` per new piece of text, the last one with a
 ``finish_reason``.
 
 One request never fails another. :meth:`Engine.prepare` refuses bad parameters and makes temperatures below
-:data:`~engram.model.sampling.GREEDY_BELOW` greedy before a request enters a batch; a row whose scores come out
-NaN or infinite is failed alone at that step. Should a batched step still raise, the rows still running are
-split in halves and each half runs on as a batch of its own, from the tokens it has (recursively, down to
-single rows): only a row that fails alone gets ``finish_reason="error"``, with its own exception's text; the
-others finish with the text they would have had (greedy rows exactly, up to the rounding of a fresh prefill).
+:data:`~engram.model.sampling.GREEDY_BELOW` greedy before a request is queued; a request whose overlay the model
+cannot read fails alone when it would join; a row whose scores come out NaN or infinite is failed alone at that
+step. Should a prefill or a step still raise, the rows it held are run on with static batching from the tokens they
+have: split in halves, each half a batch of its own (recursively, down to single rows), so that only a row that fails
+alone gets ``finish_reason="error"``, with its own exception's text; the others finish with the text they would have
+had (greedy rows exactly, up to the rounding of a fresh prefill). Sampling draws from each row's own seeded stream
+(:func:`~engram.model.sampling.sample_rows`) in both batching modes, so a seeded request samples the same text
+whatever shares its batch, and across such a fallback.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import functools
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,9 +47,10 @@ from tokenizers import Tokenizer
 from engram.data.corpus import bos_id
 from engram.memory.patch import load_patch, model_fingerprint
 from engram.model import EngramLM
-from engram.model.lm import Decoding
-from engram.model.overlay import RowOverlay, row_overlays
-from engram.model.sampling import GREEDY_BELOW, broken_rows, sample_next
+from engram.model.generation import Decoding, graph_blockers, resolve_decode, vocab_limit
+from engram.model.overlay import RowOverlay, check_row_overlays, row_overlays
+from engram.model.sampling import GREEDY_BELOW, RowSampling, SamplingTensors, sample_rows, sampling_mode
+from engram.model.slots import SlotDecoder, StepTokens
 from engram.parallel.distributed import resolve_device
 from engram.serve.metrics import Metrics
 from engram.tokenizer import load_tokenizer
@@ -173,13 +181,14 @@ class TextStream:
 
 @dataclass
 class _Row:
-    """One request's state inside a running batch."""
+    """One request's state while it runs."""
 
     job: Job
     text: TextStream
-    generator: torch.Generator | None
+    seed: int  # the request's seed, or one drawn for it: its sampling stream in either batching mode
     ids: list[int] = field(default_factory=list)  # the tokens generated so far
     done: bool = False
+    batch: int = 0  # rows of the batch it ran in (continuous batching: when it joined)
 
     @property
     def tokens(self) -> int:
@@ -189,6 +198,19 @@ class _Row:
     def context(self) -> list[int]:
         """The prompt and the tokens generated so far: what a row resumed in another batch prefills."""
         return [*self.job.request.prompt_ids, *self.ids]
+
+    @property
+    def sampling(self) -> RowSampling:
+        request = self.job.request
+        return RowSampling(request.temperature, None, request.top_p if request.top_p < 1 else None, self.seed)
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A step queued on the device: the rows of the slots it ran, and its tokens on their way to the host."""
+
+    rows: dict[int, _Row]
+    out: StepTokens
 
 
 class Engine:
@@ -201,13 +223,17 @@ class Engine:
 
     def __init__(self, model: EngramLM, tokenizer: Tokenizer, model_name: str = "engram", max_batch: int = 16,
                  batch_window_s: float = 0.005, max_tokens_limit: int = 512, max_queue: int = 1024,
-                 max_prompt_chars: int | None = None, metrics: Metrics | None = None):
+                 max_prompt_chars: int | None = None, metrics: Metrics | None = None, decode: str = "auto"):
         if max_batch < 1 or max_queue < 1 or max_tokens_limit < 1 or batch_window_s < 0 or (
                 max_prompt_chars is not None and max_prompt_chars < 1):
             raise ValueError(f"max_batch, max_queue, max_tokens_limit and max_prompt_chars must be >= 1 and "
                              f"batch_window_s >= 0, got {max_batch}, {max_queue}, {max_tokens_limit}, "
                              f"{max_prompt_chars} and {batch_window_s}")
         self.model = model.eval()
+        # "auto": the graph-captured step where possible, the same step op by op elsewhere (continuous batching
+        # everywhere); "eager": static batching with the plain decode loop.
+        self.decode = (("static" if graph_blockers(model) else "graph") if decode == "auto"
+                       else resolve_decode(model, decode))
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_batch = max_batch
@@ -223,6 +249,8 @@ class Engine:
         self._wakeup = threading.Condition()
         self._closing = False
         self._worker: threading.Thread | None = None
+        # made now, so that a model the slots cannot serve is refused here rather than in the worker
+        self._continuous = _ContinuousBatching(self) if self.decode != "eager" else None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike[str], device: str = "auto", model_name: str | None = None,
@@ -349,19 +377,24 @@ class Engine:
                                           event.completion_tokens, event.batch_size, event.error))
         return completions
 
-    def _next_batch(self) -> list[Job] | None:
-        """Block until a request waits, then collect more for up to ``batch_window_s``; None when closing.
-        Requests cancelled while they waited get their last event here and are left out (the list may be empty)."""
+    def _take_jobs(self, free: int, idle: bool) -> list[Job] | None:
+        """Up to ``free`` waiting requests; None when the engine closes and nothing is ``idle``-waiting to finish.
+
+        ``idle`` (nothing runs): block until a request waits, then collect more for up to ``batch_window_s``. Requests
+        cancelled while they waited get their last event here and are left out (the list may be empty). While the
+        engine closes, running rows still finish, but no request joins them.
+        """
         with self._wakeup:
-            while not self._pending and not self._closing:
-                self._wakeup.wait()
+            if idle:
+                while not self._pending and not self._closing:
+                    self._wakeup.wait()
+                if not self._closing:
+                    deadline = time.perf_counter() + self.batch_window_s
+                    while len(self._pending) < free and (left := deadline - time.perf_counter()) > 0:
+                        self._wakeup.wait(left)
             if self._closing:
-                return None
-            deadline = time.perf_counter() + self.batch_window_s
-            while len(self._pending) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
-                self._wakeup.wait(left)
-            count = min(self.max_batch, len(self._pending))
-            jobs = [self._pending.popleft() for _ in range(count)]
+                return None if idle else []
+            jobs = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
             self.metrics.set("engram_queue_depth", len(self._pending))
         live = []
         for job in jobs:
@@ -372,15 +405,19 @@ class Engine:
         return live
 
     def _work(self) -> None:
-        while (jobs := self._next_batch()) is not None:
-            if jobs:
-                self._run_jobs(jobs)
-            if self._closing:
-                break
-        with self._wakeup:
-            leftover, self._pending = list(self._pending), collections.deque()
-        for job in leftover:
-            job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), error="the server is shutting down"))
+        try:
+            if self._continuous is None:
+                while (jobs := self._take_jobs(self.max_batch, idle=True)) is not None:
+                    if jobs:
+                        self._run_jobs(jobs)
+            else:
+                self._continuous.run()
+        finally:
+            with self._wakeup:
+                leftover, self._pending = list(self._pending), collections.deque()
+            for job in leftover:
+                job.emit(GenerationEvent("", "error", len(job.request.prompt_ids),
+                                         error="the server is shutting down"))
 
     def _run_jobs(self, jobs: list[Job]) -> None:
         """Decode ``jobs`` as one batch (:meth:`_run_isolated`); the worker survives whatever happens."""
@@ -389,18 +426,21 @@ class Engine:
             with torch.inference_mode():
                 self._run_isolated(rows)
         except Exception:  # noqa: BLE001 - a bug in the bookkeeping must not stop the server
-            logger.exception("batch of %d requests failed outside decoding", len(jobs))
-            self.metrics.inc("engram_engine_errors_total")
-            for job in jobs:  # no exception text: it need not be this request's
-                if not job.finished:
-                    job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), batch_size=len(jobs),
-                                             error="internal server error (see the server's log)"))
+            self._fail_unfinished(jobs, "batch")
+
+    def _fail_unfinished(self, jobs: Sequence[Job], what: str) -> None:
+        """Give every unfinished job of ``jobs`` a generic error after a failure outside decoding (logged)."""
+        logger.exception("%s of %d requests failed outside decoding", what, len(jobs))
+        self.metrics.inc("engram_engine_errors_total")
+        for job in jobs:  # no exception text: it need not be this request's
+            if not job.finished:
+                job.emit(GenerationEvent("", "error", len(job.request.prompt_ids), batch_size=len(jobs),
+                                         error="internal server error (see the server's log)"))
 
     def _start_row(self, job: Job) -> _Row:
         self.metrics.observe("engram_queue_wait_seconds", time.perf_counter() - job.submitted)
-        seed = job.request.seed
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        return _Row(job, TextStream(self.tokenizer, job.request.stop), generator)
+        seed = job.request.seed if job.request.seed is not None else secrets.randbits(63)
+        return _Row(job, TextStream(self.tokenizer, job.request.stop), seed)
 
     def _run_isolated(self, rows: list[_Row]) -> None:
         """Decode ``rows`` as one batch. When it raises, the rows still running are split in halves, each run
@@ -429,13 +469,9 @@ class Engine:
         batch = len(rows)
         self.metrics.inc("engram_batches_total")
         self.metrics.observe("engram_batch_size", batch)
-        contexts = [row.context for row in rows]
-        width = max(len(context) for context in contexts)
-        ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for index, context in enumerate(contexts):
-            ids[index, width - len(context):] = torch.tensor(context, device=self.device)
-            mask[index, width - len(context):] = 1
+        for row in rows:
+            row.batch = batch
+        ids, mask = self._left_padded([row.context for row in rows])
         overlays = [row.job.request.overlay for row in rows]
         tenants_memory = (row_overlays(self.model, overlays, self.device)
                           if any(overlay is not None for overlay in overlays) else contextlib.nullcontext())
@@ -443,40 +479,39 @@ class Engine:
         with tenants_memory:
             decoding = Decoding(self.model, ids, max_new, mask)
             while True:  # every row ends by its max_tokens, within the cache (which refuses to overflow)
-                next_ids = self._sample(decoding.logits, rows)
-                for row, token_id in zip(rows, next_ids.tolist()):
+                next_ids, broken = self._sample(decoding.logits, rows)
+                for row, token_id, is_broken in zip(rows, next_ids.tolist(), broken.tolist()):
                     if not row.done:
-                        self._advance(row, token_id, batch)
+                        self._take_token(row, token_id, is_broken)
                 if all(row.done for row in rows):
                     return
                 decoding.step(next_ids)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """``[B, V]`` -> ``[B]`` next ids: one :func:`sample_next` per group of rows sampling alike (a seeded
-        row alone, with its generator); finished rows get 0 (their outputs are ignored). A row whose scores are
-        NaN or infinite is failed here, alone."""
-        vocab = self.model.cfg.tokenizer_vocab_size  # ids past it are never sampled, whatever their scores
-        for row, broken in zip(rows, broken_rows(logits[:, :vocab]).tolist()):
-            if broken and not row.done:
-                self._finish(row, "", "error", len(rows), error="the model's scores for this request are NaN or "
-                                                                "infinite")
-        next_ids = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
-        groups: dict[tuple[float, float, int], list[int]] = {}
-        for index, row in enumerate(rows):
-            if row.done:
-                continue
-            request = row.job.request
-            if request.temperature == 0:
-                key = (0.0, 1.0, -1)
-            else:
-                key = (request.temperature, request.top_p, index if row.generator is not None else -1)
-            groups.setdefault(key, []).append(index)
-        for (temperature, top_p, _), indices in groups.items():
-            first = rows[indices[0]]
-            picked = torch.tensor(indices, device=logits.device)
-            next_ids[picked] = sample_next(logits[picked], temperature, top_p=top_p if top_p < 1 else None,
-                                           generator=first.generator, vocab_limit=vocab)
-        return next_ids
+    def _left_padded(self, contexts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id lists as one left-padded batch: ``(ids [B, T], attention_mask [B, T])`` on the engine's device."""
+        width = max(len(context) for context in contexts)
+        ids = torch.zeros(len(contexts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for index, context in enumerate(contexts):
+            ids[index, width - len(context):] = torch.tensor(context)
+            mask[index, width - len(context):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, V]`` -> ``([B] next ids, [B] broken rows)``, every row with its own parameters and seeded stream at
+        its own token count (:func:`~engram.model.sampling.sample_rows`: what a slot step draws)."""
+        sampling = [row.sampling for row in rows]
+        counters = torch.tensor([row.tokens for row in rows], device=logits.device)
+        mode = sampling_mode(row.sampling for row in rows if not row.done)
+        return sample_rows(logits, SamplingTensors.of(sampling, logits.device), counters, vocab_limit(self.model),
+                           mode)
+
+    def _take_token(self, row: _Row, token_id: int, broken: bool) -> None:
+        """Hand ``row`` its next token, or fail it alone when its scores were NaN or infinite."""
+        if broken:
+            self._finish(row, "", "error", row.batch, error="the model's scores for this request are NaN or infinite")
+        else:
+            self._advance(row, token_id, row.batch)
 
     def _advance(self, row: _Row, token_id: int, batch: int) -> None:
         """Take ``token_id`` into ``row``: emit its text, finish it on a stop, the end of the document or
@@ -508,3 +543,116 @@ class Engine:
         self.metrics.inc("engram_prompt_tokens_total", len(request.prompt_ids), tenant=request.tenant)
         self.metrics.inc("engram_completion_tokens_total", row.tokens, tenant=request.tenant)
         row.job.emit(GenerationEvent(text, reason, len(request.prompt_ids), row.tokens, batch, error))
+
+
+class _ContinuousBatching:
+    """The worker's loop with continuous batching (see the module doc): the running batch lives in the slots of a
+    :class:`~engram.model.slots.SlotDecoder`; requests join between any two steps while slots are free and leave the
+    step they finish; on a CUDA device the host reads step t's tokens while the device runs step t + 1."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.decoder = self._new_decoder()
+        self.running: dict[int, _Row] = {}  # slot -> its row
+        # a CUDA device runs step t + 1 while the host reads step t; on the CPU a step is done when launched, and
+        # reading it at once saves a step of latency per token
+        self.overlap = engine.device.type == "cuda"
+        self.head_dims = {block.layer_idx: block.engram.multi_head_embedding.head_dim
+                          for block in engine.model.blocks if block.engram is not None}
+
+    def _new_decoder(self) -> SlotDecoder:
+        engine = self.engine
+        return SlotDecoder(engine.model, engine.max_batch, engine.context_length,
+                           cuda_graphs=engine.decode == "graph")
+
+    def run(self) -> None:
+        """Serve until the engine closes and the running rows have finished."""
+        launched: _Launched | None = None
+        idle = True
+        while (jobs := self.engine._take_jobs(self.engine.max_batch - len(self.running), idle)) is not None:
+            try:
+                with torch.inference_mode():
+                    if jobs:
+                        self._admit(jobs)
+                    queued = self._launch() if self.running else None
+                    if launched is not None:
+                        self._collect(launched)
+                    launched = queued
+                    if launched is not None and not self.overlap:
+                        self._collect(launched)
+                        launched = None
+            except Exception:  # noqa: BLE001 - a bug in the bookkeeping must not stop the server
+                self.engine._fail_unfinished([*jobs, *(row.job for row in self.running.values())], "decode step")
+                self.running.clear()
+                self.decoder = self._new_decoder()
+                launched = None
+            idle = not self.running and launched is None
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` together into free slots. A request whose overlay the model cannot read fails alone; when
+        the prefill raises, the joining requests run with static batching instead (:meth:`Engine._run_isolated`)."""
+        engine = self.engine
+        joining = []
+        for row in (engine._start_row(job) for job in jobs):
+            try:
+                check_row_overlays([row.job.request.overlay], self.head_dims)
+            except ValueError as err:
+                engine.metrics.inc("engram_engine_errors_total")
+                engine._finish(row, "", "error", 1, error=f"{type(err).__name__}: {err}")
+            else:
+                joining.append(row)
+        if not joining:
+            return
+        slots = self.decoder.free_slots()[:len(joining)]
+        ids, mask = engine._left_padded([row.context for row in joining])
+        try:
+            self.decoder.admit(slots, ids, mask, [row.sampling for row in joining], [row.tokens for row in joining],
+                               [row.job.request.overlay for row in joining])
+        except Exception as err:  # noqa: BLE001 - one failing request must not fail the others
+            logger.warning("prefill of %d joining requests failed (%s: %s); they run with static batching",
+                           len(joining), type(err).__name__, err)
+            engine._run_isolated(joining)
+            return
+        size = len(self.running) + len(joining)
+        engine.metrics.inc("engram_batches_total")
+        engine.metrics.observe("engram_batch_size", size)
+        for slot, row in zip(slots, joining):
+            row.batch = size
+            self.running[slot] = row
+
+    def _launch(self) -> _Launched | None:
+        """Queue one step of the running batch and the copy of its tokens to the host."""
+        rows = self.decoder.rows_for_step()
+        try:
+            self.decoder.step(rows)
+            return _Launched(dict(self.running), self.decoder.copy_out(rows))
+        except Exception as err:  # noqa: BLE001 - one failing request must not fail the others
+            self._step_failed(err)
+            return None
+
+    def _collect(self, launched: _Launched) -> None:
+        """Hand every row of ``launched`` its token; a row that finishes leaves its slot at once."""
+        try:
+            tokens, broken = launched.out.read()
+        except Exception as err:  # noqa: BLE001 - one failing request must not fail the others
+            self._step_failed(err)
+            return
+        for slot, row in launched.rows.items():
+            if row.done:  # finished in an earlier step: this step ran its slot for nothing
+                continue
+            self.engine._take_token(row, tokens[slot], broken[slot])
+            if row.done:
+                del self.running[slot]
+                self.decoder.release([slot])
+
+    def _step_failed(self, err: Exception) -> None:
+        """A step raised: nothing tells which row caused it, so every running row leaves its slot and runs on with
+        static batching from the tokens it has, bisected until a row that fails alone gets the error."""
+        engine = self.engine
+        engine.metrics.inc("engram_engine_errors_total")
+        rows = [row for row in self.running.values() if not row.done]
+        logger.warning("decode step of %d rows failed (%s: %s); they run on with static batching", len(rows),
+                       type(err).__name__, err)
+        self.decoder.release(list(self.running))
+        self.running.clear()
+        engine._run_isolated(rows)

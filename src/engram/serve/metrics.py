@@ -28,8 +28,10 @@ METRICS: dict[str, MetricSpec] = {
                                             LATENCY_BUCKETS),
     "engram_prompt_tokens_total": MetricSpec("counter", "Prompt tokens (BOS included) by tenant."),
     "engram_completion_tokens_total": MetricSpec("counter", "Generated tokens by tenant."),
-    "engram_batches_total": MetricSpec("counter", "Batches run by the engine."),
-    "engram_batch_size": MetricSpec("histogram", "Requests per batch.", BATCH_BUCKETS),
+    "engram_batches_total": MetricSpec("counter", "Batched prefills: requests joining the running batch together "
+                                                  "(continuous batching) or a batch (static batching)."),
+    "engram_batch_size": MetricSpec("histogram", "Requests in the running batch once a prefill's requests joined.",
+                                    BATCH_BUCKETS),
     "engram_engine_errors_total": MetricSpec("counter", "Batches that failed (their requests got an error)."),
     "engram_queue_depth": MetricSpec("gauge", "Requests waiting for a batch."),
 }

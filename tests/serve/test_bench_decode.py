@@ -1,0 +1,35 @@
+"""benchmarks/bench_decode.py --quick: every part runs on the CPU, the loops agree, and the report is written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # builds and decodes eight tiny models in a subprocess: deselect with -m "not slow"
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode.py"
+
+
+def test_quick_run_measures_every_part_and_writes_the_report(tmp_path):
+    report, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(report), "--json", str(raw)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(raw.read_text())["results"]
+    rows = {(row["model"], row["loop"]): row for row in results["generate"]}
+    for model in ("dense", "small", "small-no-engram", "small-host"):
+        for loop in ("eager", "graph"):
+            row = rows[(model, loop)]
+            assert row["tokens_per_s"] > 0 and row["match"] == 1.0, row  # greedy tokens equal the eager loop's
+        assert rows[(model, "graph")]["decode"] == "static"  # the sync-free step, op by op on the CPU
+    assert rows[("dense", "hf-eager")]["tokens_per_s"] > 0
+    assert "CUDA only" in rows[("dense", "hf-static")]["note"]
+    server = {row["batching"]: row for row in results["server"]}
+    assert set(server) == {"static", "continuous"} and server["continuous"]["decode"] == "static"
+    assert all(row["requests"] == 3 and row["errors"] == 0 and row["tokens_per_s"] > 0 for row in server.values())
+    text = report.read_text()
+    assert "| model | loop | batch | new tokens/s |" in text and "| batching | decode | requests/s |" in text
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| continuous | static |")  # the table comes last
