@@ -1,15 +1,16 @@
 """Retrofit Engram onto tiny random transformers causal LMs (no hub): exact no-op at init, only Engram parameters
-train, cached generation equals uncached, adapter round trip and refusal of another base."""
+train, cached generation equals uncached, adapter round trip and refusal of another base, merged standalone folders."""
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from engram import EngramConfig
-from engram.hf import (base_fingerprint, engram_parameters, freeze_base, load_adapter, retrofit,
-                       save_adapter)
+from engram.hf import (base_fingerprint, engram_parameters, freeze_base, load_adapter, retrofit, save_adapter,
+                       save_merged)
 
 VOCAB = 48
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -156,3 +157,29 @@ def test_adapter_refuses_another_base(tokenizer, tmp_path):
         load_adapter(other, tokenizer, tmp_path / "adapter")
     assert base_fingerprint(model) in str(err.value) and base_fingerprint(other) in str(err.value)
     assert not hasattr(other, "engram_retrofit")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_folder_loads_standalone(family, tokenizer, tmp_path):
+    model = retrofit(_model(family), tokenizer, [0, 2], ENGRAM)
+    _perturb(model)
+    folder = save_merged(model, tokenizer, tmp_path / "merged")
+    assert AutoConfig.from_pretrained(folder).model_type == "engram_retrofit"
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(loaded) is type(model) and hasattr(loaded, "engram_retrofit")
+    assert not any(key.startswith("engram_retrofit") for key in AutoModelForCausalLM.from_pretrained(
+        folder / "base").state_dict())  # the base folder holds the base only
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert AutoTokenizer.from_pretrained(folder)("w1 W2").input_ids == tokenizer("w1 W2").input_ids
+    half = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_merged_folder_refuses_a_swapped_base(tokenizer, tmp_path):
+    model = retrofit(_model("llama"), tokenizer, [0], ENGRAM)
+    folder = save_merged(model, tokenizer, tmp_path / "merged")
+    _model("llama", seed=1).save_pretrained(folder / "base")
+    with pytest.raises(ValueError, match="fingerprint"):
+        AutoModelForCausalLM.from_pretrained(folder)

@@ -1,6 +1,7 @@
 """EngramLM in transformers: importing this package registers the ``"engram"`` model type with ``AutoConfig`` and
 ``AutoModelForCausalLM`` (``import engram`` alone does not: transformers is optional and slow to import); and
-:func:`retrofit` adds Engram layers to a transformers causal LM, saved and loaded as adapters (:mod:`.retrofit`).
+:func:`retrofit` adds Engram layers to a transformers causal LM, saved and loaded as adapters (:mod:`.retrofit`) or
+as one standalone folder (:func:`save_merged`, model type ``"engram_retrofit"``, also registered).
 
 Example:
     >>> import engram.hf  # doctest: +SKIP
@@ -9,13 +10,17 @@ Example:
 
 import transformers
 
+from engram.hf import merged
 from engram.hf.config import EngramHFConfig
+from engram.hf.merged import save_merged
 from engram.hf.modeling import EngramForCausalLM
 from engram.hf.retrofit import (base_fingerprint, engram_parameters, freeze_base, load_adapter, retrofit,
                                 save_adapter)
 
 transformers.AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(EngramHFConfig, EngramForCausalLM, exist_ok=True)
+transformers.AutoConfig.register(merged.MODEL_TYPE, merged.EngramRetrofitConfig, exist_ok=True)
+transformers.AutoModelForCausalLM.register(merged.EngramRetrofitConfig, merged.RetrofittedCausalLM, exist_ok=True)
 
 __all__ = ["EngramForCausalLM", "EngramHFConfig", "base_fingerprint", "engram_parameters", "freeze_base",
-           "load_adapter", "retrofit", "save_adapter"]
+           "load_adapter", "retrofit", "save_adapter", "save_merged"]

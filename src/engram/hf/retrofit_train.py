@@ -3,7 +3,8 @@ adapter (:func:`~engram.hf.retrofit.save_adapter`).
 
 The base stays frozen and in eval mode. The Engram tables train with sparse gradients and ``SparseAdam``, the
 other Engram weights (value/key projections, norms, ShortConv) with AdamW, both through
-:class:`~engram.train.optim.EngramOptimizer`. The text is prepared with the model's own ``tokenizer.json``
+:class:`~engram.train.optim.EngramOptimizer` (:func:`~engram.hf.injection.train_adapter`: bf16 autocast on CUDA).
+The text is prepared with the model's own ``tokenizer.json``
 (:func:`~engram.data.corpus.load_or_prepare`); the loss on held-out windows of its validation split is measured
 before and after training.
 """
@@ -14,18 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engram.data.batches import TokenBatches, validation_batches
 from engram.data.corpus import load_or_prepare
-from engram.hf.retrofit import ATTRIBUTE, freeze_base, retrofit, save_adapter
+from engram.hf.evaluate import held_out_loss
+from engram.hf.injection import EngramInjection, train_adapter
+from engram.hf.retrofit import save_adapter
 from engram.parallel.distributed import resolve_device
 from engram.tokenizer import resolve_tokenizer_path
-from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
-from engram.train.steps import run_steps
+from engram.train.optim import OptimConfig
 from engram.train.retrofit import RetrofitConfig
 
 
@@ -38,23 +39,6 @@ class RetrofitResult:
     val_loss_before: float
     val_loss_after: float
     final_loss: float
-
-
-def batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of ``model`` on ``inputs`` against ``targets`` (int64 ``[B, T]`` each)."""
-    logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
-def held_out_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  device: torch.device) -> float:
-    """Mean loss per token of ``model`` over ``batches`` (:func:`~engram.data.batches.validation_batches`)."""
-    total, tokens = 0.0, 0
-    for inputs, targets in batches:
-        total += float(batch_loss(model, inputs.to(device), targets.to(device))) * targets.numel()
-        tokens += targets.numel()
-    return total / tokens
 
 
 def load_base(folder: str) -> tuple[nn.Module, object]:
@@ -87,25 +71,19 @@ def train_retrofit(cfg: RetrofitConfig) -> RetrofitResult:
     if positions is not None and cfg.seq_len > positions:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {positions}")
     torch.manual_seed(cfg.seed)
-    retrofit(model, tokenizer, cfg.layers)
-    freeze_base(model)
-    holder = getattr(model, ATTRIBUTE)
-    enable_sparse_tables(holder)
-    model.to(device)
+    EngramInjection(cfg.layers).attach(model, tokenizer).to(device)
 
     corpus = load_or_prepare(cfg.data, tokenizer=str(tokenizer_file), progress=cfg.progress)
     held_out = validation_batches(corpus.tokens("val"), cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     train_batches = TokenBatches(corpus.tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed)
     before = held_out_loss(model, held_out, device)
 
-    optimizer = EngramOptimizer(holder, OptimConfig(lr=cfg.lr, weight_decay=0.0,
-                                                    warmup_steps=max(1, cfg.steps // 10)))
-    final = run_steps(optimizer, train_batches, cfg.steps,
-                      lambda inputs, targets: batch_loss(model, inputs.to(device), targets.to(device)),
-                      "retrofitting", console, cfg.progress)
+    losses = train_adapter(model, train_batches, cfg.steps,
+                           OptimConfig(lr=cfg.lr, weight_decay=0.0, warmup_steps=max(1, cfg.steps // 10)), device,
+                           "retrofitting", cfg.progress)
     after = held_out_loss(model, held_out, device)
 
     save_adapter(model, cfg.out, base_reference=cfg.model)
     console.print(f"held-out loss: {before:.4f} -> {after:.4f} after {cfg.steps} steps; "
                   f"adapter written to {cfg.out}", markup=False, soft_wrap=True)
-    return RetrofitResult(model, before, after, final)
+    return RetrofitResult(model, before, after, losses[-1])
