@@ -108,7 +108,8 @@ def test_variant_defaults_and_old_dicts():
     old = EngramConfig().to_dict()
     del old["variant"], old["compressed_vocab_size"]  # a config saved before these fields existed
     assert EngramConfig.from_dict(old) == EngramConfig()
-    with pytest.raises(ValueError, match=r"variant must be one of \['deepseek-v4.1', 'demo'\], got 'v5'"):
+    with pytest.raises(ValueError,
+                       match=r"variant must be one of \['conv-only', 'deepseek-v4.1', 'demo', 'no-memory'\], got 'v5'"):
         EngramConfig(variant="v5")
     with pytest.raises(ValueError, match="compressed_vocab_size must be >= 1 .*got 0"):
         EngramConfig(compressed_vocab_size=0)

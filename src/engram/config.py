@@ -2,7 +2,9 @@
 
 Two variants share the hashing (tokenizer compression, multipliers, prime table sizes) and differ in the
 layer around it (:data:`VARIANTS`): ``"demo"``, the paper's public demo, and ``"deepseek-v4.1"``, the Engram
-of DeepSeek-V4.1 checkpoints (:meth:`EngramConfig.from_hf_config` reads their ``config.json``).
+of DeepSeek-V4.1 checkpoints (:meth:`EngramConfig.from_hf_config` reads their ``config.json``). The controls of
+the allocation sweep, ``"no-memory"`` and ``"conv-only"`` (:data:`DEMO_ABLATIONS`), are the demo layer with a part
+removed.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from engram.kernels.fp8 import FP8_SCALE_BLOCK
@@ -60,6 +62,8 @@ class EngramVariant:
         residual_in_fp32: ``h + gate * value`` is computed in fp32 and cast back to the hidden dtype.
         table_format: ``"float"`` (rows in a float dtype) or ``"fp8-e4m3-ue8m0"`` (per row ``head_dim`` FP8
             E4M3 values and one UE8M0 scale byte per :data:`FP8_SCALE_BLOCK` values; value = fp8 * 2^(e - 127)).
+        ablation: ``None`` for a whole layer; one of :data:`DEMO_ABLATIONS` for a control of ``engram sweep``: the
+            demo layer with a part removed, its tables one row per head (:func:`table_sizes_for`).
     """
 
     name: str
@@ -72,14 +76,22 @@ class EngramVariant:
     gate_zero_positive: bool
     residual_in_fp32: bool
     table_format: str
+    ablation: str | None = None
 
+
+_DEMO = EngramVariant("demo", use_short_conv=True, projection_bias=True, projection_layout="value,keys", rms_eps=None,
+                      masks_dead_tokens=False, dead_token_ids=(), gate_zero_positive=False, residual_in_fp32=False,
+                      table_format="float")
+# The controls of the allocation sweep (docs/results/allocation-v2): "no-memory" puts one learned vector in place of
+# the rows read (the lookup removed; the same projections, gate and ShortConv); "conv-only" keeps only the ShortConv,
+# applied to the hidden state (no projection or gate).
+DEMO_ABLATIONS = ("no-memory", "conv-only")
 
 VARIANTS: dict[str, EngramVariant] = {
     v.name: v
     for v in [
-        EngramVariant("demo", use_short_conv=True, projection_bias=True, projection_layout="value,keys",
-                      rms_eps=None, masks_dead_tokens=False, dead_token_ids=(), gate_zero_positive=False,
-                      residual_in_fp32=False, table_format="float"),
+        _DEMO,
+        *(replace(_DEMO, name=name, ablation=name) for name in DEMO_ABLATIONS),
         EngramVariant("deepseek-v4.1", use_short_conv=False, projection_bias=False, projection_layout="keys,value",
                       rms_eps=1e-20, masks_dead_tokens=True, dead_token_ids=(DEEPSEEK_V41_IMAGE_TOKEN_ID,),
                       gate_zero_positive=True, residual_in_fp32=True, table_format="fp8-e4m3-ue8m0"),
@@ -312,8 +324,11 @@ def table_sizes_for(cfg: EngramConfig) -> dict[int, list[list[int]]]:
     """Prime table size per layer (``layer_ids`` order), per order, per head; no prime is used twice.
 
     Each order's search starts at ``engram_vocab_size[n - 2] - 1`` and each head takes the next prime
-    strictly above the previous head's, skipping primes already taken by earlier layers.
+    strictly above the previous head's, skipping primes already taken by earlier layers. An ablation variant
+    (:data:`DEMO_ABLATIONS`) has one row per head instead: every n-gram hashes to it (``mix mod 1 = 0``).
     """
+    if cfg.variant_spec.ablation is not None:
+        return {layer_id: [[1] * cfg.n_head_per_ngram for _ in range(cfg.num_orders)] for layer_id in cfg.layer_ids}
     taken: set[int] = set()
     sizes: dict[int, list[list[int]]] = {}
     for layer_id in cfg.layer_ids:

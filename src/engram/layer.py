@@ -15,6 +15,11 @@ norms and dot product run in fp32 whatever the autocast dtype.
 RMSNorm eps ``cfg.rms_norm_eps`` (its config's), ``sign(0) = +1`` in the gate (a score of exactly 0 gives
 sigmoid(1e-3), as in its engines), FP8 table rows, gate 0 at dead positions (``dead_mask`` and the tokens of
 ``cfg.dead_token_ids``), and ``h + value_m`` computed in fp32 and cast back to the hidden dtype.
+
+The controls of the allocation sweep (``cfg.variant_spec.ablation``; their tables of one row per head are read by
+the model's prefetch and not used): ``"no-memory"`` replaces ``e_t`` by one learned vector ``c`` at every position
+(projections, gate and ShortConv as they are); ``"conv-only"`` returns ``SiLU(causal depthwise conv(RMSNorm_m(h)))``
+alone (no projection, no gate).
 """
 
 from __future__ import annotations
@@ -129,9 +134,16 @@ class Engram(nn.Module):
             device=table_device, row_format="fp8" if spec.table_format == "fp8-e4m3-ue8m0" else "float")
         # "value,keys" (demo): rows [0, D) are W_V (shared by branches), rows [(m + 1) D, (m + 2) D) are W_K^(m).
         # "keys,value" (V4.1's wkv): rows [m D, (m + 1) D) are W_K^(m), rows [M D, (M + 1) D) are W_V.
-        self.value_key_proj = nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size, bias=spec.projection_bias)
-        self.key_norm = BranchRMSNorm(hc_mult, hidden_size, eps=cfg.rms_norm_eps)
-        self.query_norm = BranchRMSNorm(hc_mult, hidden_size, eps=cfg.rms_norm_eps)
+        # The conv-only control has no projection and no gate: its gate norms hold no weights (EngramLM's init
+        # sets them).
+        conv_only = spec.ablation == "conv-only"
+        self.value_key_proj = None if conv_only else nn.Linear(cfg.memory_dim, (1 + hc_mult) * hidden_size,
+                                                               bias=spec.projection_bias)
+        gate_shape = (0, 0) if conv_only else (hc_mult, hidden_size)
+        self.key_norm = BranchRMSNorm(*gate_shape, eps=cfg.rms_norm_eps)
+        self.query_norm = BranchRMSNorm(*gate_shape, eps=cfg.rms_norm_eps)
+        # The no-memory control's e_t: one embedding row, so that EngramLM initialises it as it does the tables.
+        self.memory_constant = nn.Embedding(1, cfg.memory_dim) if spec.ablation == "no-memory" else None
         self.short_conv = None
         if spec.use_short_conv:
             self.short_conv = ShortConv(hidden_size, hc_mult, cfg.kernel_size, dilation=cfg.max_ngram_size,
@@ -170,6 +182,11 @@ class Engram(nn.Module):
             ``return_gates``, ``(delta, gates)``.
         """
         h = self._branches(hidden_states)  # [B, T, M, D]
+        if self.value_key_proj is None:  # the conv-only control
+            if return_gates:
+                raise ValueError(f"variant {self.cfg.variant!r} has no gate: return_gates must be False")
+            delta = self._conv(h, conv_states, token_mask)
+            return delta.squeeze(2) if hidden_states.dim() == 3 else delta
         dead_mask = self._dead_positions(h, input_ids, dead_mask)  # [B, T] or None
         e = self._memory(h, input_ids, hash_ids, memory, dead_mask)  # [B, T, E]
         keys, value = self._keys_and_value(e)  # k_m [B, T, M, D], v [B, T, D]
@@ -210,7 +227,10 @@ class Engram(nn.Module):
     def _memory(self, branches: torch.Tensor, input_ids: torch.Tensor | None, hash_ids: torch.Tensor | None,
                 memory: torch.Tensor | None, dead_mask: torch.Tensor | None) -> torch.Tensor:
         """``e_t`` ``[B, T, E]``: ``memory`` as given, else the rows of ``hash_ids``, else of ``input_ids`` hashed
-        here; ``ValueError`` without any, or when it disagrees with ``branches`` ``[B, T, M, D]`` on ``[B, T]``."""
+        here; ``ValueError`` without any, or when it disagrees with ``branches`` ``[B, T, M, D]`` on ``[B, T]``. The
+        no-memory control has its learned constant at every position whatever it is given."""
+        if self.memory_constant is not None:
+            return self.memory_constant.weight[0].expand(*branches.shape[:2], -1)
         if memory is None:
             if hash_ids is None:
                 if input_ids is None:

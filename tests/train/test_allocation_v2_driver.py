@@ -1,0 +1,57 @@
+"""docs/results/allocation-v2/gpu_run.sh at toy size on the CPU: five sweep processes side by side, the report of every
+run and seed, `engram eval` on the first seed's checkpoints, and what comes back in $OUT; then a deadline that stops
+training before any run finishes still leaves the logs packed."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from engram.data.corpus import prepare_corpus
+
+SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "results" / "allocation-v2" / "gpu_run.sh"
+
+
+def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CORPUS": str(corpus), "PRESET": "tiny", "RHOS": "0.5", "STEPS": "1", "BATCH": "2",
+           "SEQ": "32", "SEEDS": "0 1", "EVAL_EVERY": "1", "EVAL_BATCHES": "1", "DEVICE": "cpu", "THREADS": "1",
+           "WORK": str(work), "PYTHON": sys.executable, "EVAL_ARGS": "--samples 4 --batches 1 --batch-size 2",
+           **settings}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    prepare_corpus([str(text_dir)], corpus, tokenizer="bpe-300", progress=False)
+    done = run_driver(corpus, tmp_path / "work")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "work" / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "results.tgz", "status.txt", "sweep.png",
+                                                     "sweep_summary.csv"]
+    summary = list(csv.DictReader(io.StringIO((out / "sweep_summary.csv").read_text())))
+    assert [(row["run"], row["seeds"]) for row in summary] == [
+        ("rho-1.00", "2"), ("rho-0.50", "2"), ("moe-top3", "2"), ("no-memory", "2"), ("conv-only", "2")]
+    with tarfile.open(out / "results.tgz") as archive:
+        names = set(archive.getnames())
+        report = json.load(archive.extractfile("report/eval.json"))
+    assert {"report/sweep.csv", "report/sweep_differences.csv", "report/sweep_curves.png", "report/corpus-index.json",
+            "logs/report.log", "runs/no-memory-seed1/metrics.jsonl", "runs/conv-only-seed0/final/config.json"} <= names
+    assert not [name for name in names if name.endswith(".safetensors")]
+    assert list(report["checkpoints"]) == ["rho-1.00-seed0", "moe-top3-seed0", "rho-0.50-seed0", "no-memory-seed0",
+                                           "conv-only-seed0"]
+
+    stopped = run_driver(corpus, tmp_path / "stopped", DEADLINE="1")  # training cut before any run ends
+    assert stopped.returncode == 1
+    status = (tmp_path / "stopped" / "out" / "status.txt").read_text()
+    assert "rho-1.00 seed 0: not finished" in status and "no run finished: nothing to report" in status
+    assert "packing" in status
+    with tarfile.open(tmp_path / "stopped" / "out" / "results.tgz") as archive:
+        assert "logs/train-moe-topx.log" in archive.getnames()
