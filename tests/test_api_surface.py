@@ -17,7 +17,7 @@ PUBLIC = {
                "load_deepseek_v41_engram"},
     "engram.data": set(),
     "engram.hf": {"EngramForCausalLM", "EngramHFConfig", "base_fingerprint", "engram_parameters", "freeze_base",
-                  "load_adapter", "retrofit", "save_adapter"},
+                  "load_adapter", "retrofit", "save_adapter", "save_merged"},
     "engram.inspection": {"run_ablate", "run_gates", "run_logit_lens", "run_table_stats"},
     "engram.kernels": set(),
     "engram.kernels.cross_entropy": {"cross_entropy_rows"},

@@ -89,7 +89,7 @@ def test_train_help_shows_each_flag_and_its_default(capsys):
 def test_every_command_is_a_module_of_the_registry(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "{demo,data,train,sweep,generate,tune,retrofit,memory,serve,inspect}" in capsys.readouterr().out
+    assert "{demo,data,train,sweep,eval,generate,tune,retrofit,memory,serve,store,inspect}" in capsys.readouterr().out
     for command in COMMANDS:
         assert command.__name__.startswith("engram.cli.") and callable(command.add_parser) and callable(command.run)
 

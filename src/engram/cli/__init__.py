@@ -2,8 +2,8 @@
 
 Every command is a module of this package with ``add_parser(subparsers)``, which adds its parser and returns it,
 and ``run(args) -> int``, which does the job and returns the exit code; :data:`COMMANDS` lists them. Bad input
-raises ``ValueError`` (or ``FileNotFoundError``, ``FileExistsError``) naming the bad value: :func:`main` prints
-it and exits with code 2.
+raises ``ValueError`` (or ``FileNotFoundError``, ``FileExistsError``; ``ConnectionError`` for a service that does not
+answer) naming the bad value: :func:`main` prints it and exits with code 2.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from engram import __version__
-from engram.cli import data, demo, generate, inspection, memory, retrofit, serve, sweep, train, tune
+from engram.cli import (data, demo, evaluate, generate, inspection, memory, retrofit, serve, store, sweep, train,
+                        tune)
 
-COMMANDS = (demo, data, train, sweep, generate, tune, retrofit, memory, serve, inspection)
+COMMANDS = (demo, data, train, sweep, evaluate, generate, tune, retrofit, memory, serve, store, inspection)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as err:
         print(f"engram {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+from engram.storage.placement import MODEL_PLACEMENTS
+from engram.storage.published import DEFAULT_PREFIX
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,7 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     parser.add_argument("--batch-window-ms", type=float, default=5.0,
-                        help="how long a batch waits for more requests after its first")
+                        help="how long an idle engine waits for more requests after the first")
+    parser.add_argument("--decode", default="auto", choices=("auto", "graph", "static", "eager"),
+                        help="auto: continuous batching, the decode step replayed from CUDA graphs on a GPU (graph) "
+                             "or run op by op (static); eager: static batching with the plain decode loop")
     parser.add_argument("--max-tokens-limit", type=int, default=512,
                         help="largest max_tokens a request may ask for (also capped by the model's context)")
     parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond which new ones get 429")
@@ -28,6 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "of the model's context)")
     parser.add_argument("--model-name", default=None, help="model id shown to clients (default: the checkpoint "
                                                            "folder's name)")
+    parser.add_argument("--engram-placement", default="device", choices=MODEL_PLACEMENTS,
+                        help="where the Engram tables live (README 'Tables anywhere'); store: Mooncake Store, one "
+                             "copy shared by every server (docs/store.md)")
+    parser.add_argument("--engram-cache-rows", type=int, default=0,
+                        help="hot rows cached in the device's memory in front of host, disk or store tables")
+    parser.add_argument("--store-master", default=None, help="host:port of the store's master (placement store)")
+    parser.add_argument("--store-prefix", default=DEFAULT_PREFIX,
+                        help="the prefix the tables were published under (engram store publish --prefix)")
     actions = parser.add_subparsers(dest="serve_command")
     add = actions.add_parser("add-tenant", help="add a tenant with a new key (printed once; the file keeps its hash)",
                              description="Add a tenant to the tenants file, creating the file and an admin key "
@@ -36,6 +51,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add.add_argument("--name", required=True, help="tenant name (A-Z a-z 0-9 _ -, at most 64)")
     add.add_argument("--patch", default=None, help="a memory patch file this tenant reads (optional)")
     return parser
+
+
+def placement_options(args: argparse.Namespace) -> dict:
+    """The ``EngramLM.from_pretrained`` keywords of the placement flags."""
+    options = dict(engram_placement=args.engram_placement, engram_cache_rows=args.engram_cache_rows)
+    if args.engram_placement == "store":
+        if not args.store_master:
+            raise ValueError("--engram-placement store needs --store-master HOST:PORT (the store's master)")
+        options.update(store_master=args.store_master, store_prefix=args.store_prefix)
+    elif args.store_master:
+        raise ValueError(f"--store-master goes with --engram-placement store, not {args.engram_placement!r}")
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,15 +82,19 @@ def run(args: argparse.Namespace) -> int:
         from engram.serve.app import create_app
     except ImportError as err:
         raise ValueError(f"engram serve needs the serve extra (pip install 'engram[serve]'): {err}") from err
+    from engram.model import EngramLM
+    from engram.parallel.distributed import resolve_device
     from engram.serve.engine import Engine
     from engram.serve.tenants import TenantRegistry, read_tenants
+    from engram.tokenizer import load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tenants_file = read_tenants(args.tenants)  # a bad file is refused before the model loads
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, model_name=args.model_name,
-                                    max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-                                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-                                    max_prompt_chars=args.max_prompt_chars)
+    model = EngramLM.from_pretrained(args.checkpoint, **placement_options(args)).to(resolve_device(args.device))
+    engine = Engine(model, load_tokenizer(model.cfg.tokenizer), args.model_name or Path(args.checkpoint).resolve().name,
+                    max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+                    max_prompt_chars=args.max_prompt_chars, decode=args.decode)
     registry = TenantRegistry(tenants_file, engine.load_overlay)  # loads and checks every tenant's patch
     with engine:
         uvicorn.run(create_app(engine, registry), host=args.host, port=args.port)

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from engram.config import EngramConfig
+from engram.config import DEMO_ABLATIONS, EngramConfig
 
 FFN_KINDS = ("dense", "moe")
 HC_STREAM_DTYPES = ("autocast", "float32")
@@ -115,8 +115,9 @@ class EngramLMConfig:
         if "moe" in self.ffn_kinds and self.moe is None:
             raise ValueError(f"ffn_kinds {self.ffn_kinds} has MoE layers but moe is None")
         if self.engram is not None:
-            if self.engram.variant != "demo":
-                raise ValueError(f"engram.variant {self.engram.variant!r}: EngramLM builds the demo variant's layers; "
+            if self.engram.variant not in ("demo", *DEMO_ABLATIONS):
+                raise ValueError(f"engram.variant {self.engram.variant!r}: EngramLM builds the demo variant's layers "
+                                 f"(or its controls {DEMO_ABLATIONS}); "
                                  "DeepSeek-V4.1's Engram layers load with engram.load_deepseek_v41_engram (its "
                                  "backbone is not part of this package)")
             if self.engram.tokenizer != self.tokenizer:
