@@ -48,7 +48,9 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert list(report["checkpoints"]) == ["rho-1.00-seed0", "moe-top3-seed0", "rho-0.50-seed0", "no-memory-seed0",
                                            "conv-only-seed0"]
 
-    stopped = run_driver(corpus, tmp_path / "stopped", DEADLINE="1")  # training cut before any run ends
+    # training cut before any run ends: runs far longer than the deadline, so whether the SIGINT lands in an import
+    # (which may swallow it) or in the loop (a checkpoint, no final/), no run can finish first
+    stopped = run_driver(corpus, tmp_path / "stopped", DEADLINE="1", STEPS="100000")
     assert stopped.returncode == 1
     status = (tmp_path / "stopped" / "out" / "status.txt").read_text()
     assert "rho-1.00 seed 0: not finished" in status and "no run finished: nothing to report" in status
