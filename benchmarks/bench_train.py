@@ -37,7 +37,7 @@ from engram.model import EngramLM, EngramLMConfig
 from engram.model.params import param_report
 from engram.parallel import DistContext
 from engram.train.optim import EngramOptimizer, OptimConfig, enable_sparse_tables
-from engram.train.trainer import lm_loss, optimizer_step
+from engram.train.trainer import COMPILE_MODES, lm_loss, optimizer_step
 
 DATASHEET_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16 (the device notes measured ~790e12 on a matmul)
 VARIANTS = ("reference", "dense", "dense-hc4", "dense-hc4-fp32", "small-no-engram", "small")
@@ -123,7 +123,7 @@ def _reference_step(cfg: EngramLMConfig, device: torch.device, compile_model: bo
     return step
 
 
-def _engram_step(cfg: EngramLMConfig, device: torch.device, compile_model: bool, compile_mode: str | None = None
+def _engram_step(cfg: EngramLMConfig, device: torch.device, compile_model: bool, compile_mode: str = "default"
                  ) -> Callable[[torch.Tensor], float | torch.Tensor]:
     model = EngramLM(cfg)
     enable_sparse_tables(model)
@@ -141,7 +141,7 @@ def _engram_step(cfg: EngramLMConfig, device: torch.device, compile_model: bool,
 
 
 def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool,
-                device: torch.device, profile_dir: str | None = None, compile_mode: str | None = None) -> dict:
+                device: torch.device, profile_dir: str | None = None, compile_mode: str = "default") -> dict:
     """Time ``steps`` optimiser steps of variant ``name`` after ``warmup`` ones; peak memory from a fresh count."""
     cfg = variant_config(name, seq_len)
     graphs_before = counters["stats"]["unique_graphs"]
@@ -174,8 +174,9 @@ def run_variant(name: str, batch: int, seq_len: int, steps: int, warmup: int, co
     flops = report["flops_per_token"]
     step_s = statistics.median(times)
     tokens_per_s = batch * seq_len / step_s
-    mode = (compile_mode or "default") if name != "reference" else "default"
-    return {"variant": name, "compiled": compile_model, "compile_mode": mode if compile_model else None, "step_s": step_s, "step_min_s": min(times),
+    mode = compile_mode if name != "reference" else "default"
+    return {"variant": name, "compiled": compile_model, "compile_mode": mode if compile_model else None,
+            "step_s": step_s, "step_min_s": min(times),
             "step_max_s": max(times), "tokens_per_s": tokens_per_s, "flops_per_token": flops,
             "mfu": 3 * flops * tokens_per_s / DATASHEET_BF16_FLOPS, "loss_first": losses[0], "loss_last": losses[-1],
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "warmup_s": warmup_s,
@@ -210,7 +211,7 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
     for r in results:
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
         memory = f"{r['peak_mem_gb'] / ref['peak_mem_gb']:.2f}" if ref else "-"
-        compiled = f"{r.get('compile_mode') or 'default'} ({r['graphs']})" if r["compiled"] else "no"
+        compiled = f"{r['compile_mode']} ({r['graphs']})" if r["compiled"] else "no"
         lines.append(f"| {r['variant']} | {compiled} | {r['params'] / 1e6:.1f}M | "
                      f"{r['tokens_per_s']:,.0f} | {speed} | {r['mfu']:.1%} | {r['peak_mem_gb']:.1f} GB | {memory} | "
                      f"{r['step_s'] * 1e3:.1f} ({r['step_min_s'] * 1e3:.1f}-{r['step_max_s'] * 1e3:.1f}) | "
@@ -233,7 +234,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--eager", action="store_true", help="run the project's models without torch.compile")
-    parser.add_argument("--compile-mode", default=None, choices=["reduce-overhead", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile mode of the project's models (reduce-overhead: CUDA graphs); the "
                              "reference always compiles with the default mode")
     parser.add_argument("--profile-dir", default=None, help="write 3 profiled steps of every variant here")
