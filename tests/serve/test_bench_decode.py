@@ -33,3 +33,22 @@ def test_quick_run_measures_every_part_and_writes_the_report(tmp_path):
     text = report.read_text()
     assert "| model | loop | batch | new tokens/s |" in text and "| batching | decode | requests/s |" in text
     assert result.stdout.rstrip().splitlines()[-1].startswith("| continuous | static |")  # the table comes last
+
+
+def test_a_failing_loop_is_reported_in_its_row_and_the_others_still_run():
+    import argparse
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class Broken:
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("capture failed at batch 3")
+
+    args = argparse.Namespace(new_tokens=2, repeats=1, prompt_len=4)
+    row = bench.run_engram(Broken(), torch.zeros(3, 4, dtype=torch.long), "graph", "graph", args, torch.device("cpu"))
+    assert row == {"decode": "graph", "note": "failed: RuntimeError: capture failed at batch 3"}
