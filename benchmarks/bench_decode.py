@@ -17,7 +17,8 @@ Part ``server``: an in-process :class:`engram.serve.engine.Engine` (no HTTP: no 
 ``--streams`` closed-loop clients, each sending its next request when the last one ends, ``--requests`` in all, of
 mixed prompt lengths and ``max_tokens`` (greedy). Requests/s, new tokens/s, p50/p99 time to first text and p50/p99
 time per token (first text to last, over the tokens after the first), for static batching (``decode="eager"``,
-before issue 23) and continuous batching (``decode="auto"``).
+before issue 23) and continuous batching (``decode="auto"``), once per ``--join-every`` (how many decode steps the
+running rows take between two joins of waiting requests: 1, at every step; the engine's default, 16).
 
     python benchmarks/bench_decode.py --out benchmarks/results/bench_decode.md --json benchmarks/results/decode.json
     python benchmarks/bench_decode.py --quick          # a CPU smoke run of every part on a tiny model (seconds)
@@ -211,11 +212,12 @@ def server_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     new_tokens = rng.integers(args.min_new, args.max_new + 1, size=args.requests)
     rows = []
     prompts = [rng.integers(3, limit, size=n - 1).tolist() for n in lengths]
-    for decode in ("eager", "auto"):
-        row = {"batching": "static" if decode == "eager" else "continuous", "streams": args.streams}
+    modes = [("static", "eager", 1)] + [("continuous", "auto", every) for every in args.join_every]
+    for batching, decode, join_every in modes:
+        row = {"batching": batching, "join_every": join_every if decode != "eager" else None, "streams": args.streams}
         try:
-            with Engine(model, tokenizer, max_batch=args.streams, max_tokens_limit=context - 1,
-                        decode=decode) as engine:
+            with Engine(model, tokenizer, max_batch=args.streams, max_tokens_limit=context - 1, decode=decode,
+                        join_every=join_every) as engine:
                 requests = [GenerationRequest((engine.bos_id, *prompt), int(m), 0.0)
                             for prompt, m in zip(prompts, new_tokens)]
                 engine.complete_many(requests[:args.streams])  # warm-up: graphs captured, kernels compiled
@@ -312,13 +314,15 @@ def render(results: dict, args: argparse.Namespace, device: torch.device) -> str
         lines += [f"Server (in-process engine, `small`): {args.requests} greedy requests from {args.streams} "
                   f"closed-loop streams, prompts {args.min_prompt}-{args.max_prompt} tokens, "
                   f"{args.min_new}-{args.max_new} new tokens.", "",
-                  "| batching | decode | requests/s | new tokens/s | TTFT p50 | TTFT p99 | per token p50 | "
-                  "per token p99 | errors |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| batching | join every | decode | requests/s | new tokens/s | TTFT p50 | TTFT p99 | per token p50 | "
+                  "per token p99 | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in server:
+            joins = f"{r['join_every']} steps" if r.get("join_every") else "-"
             if "note" in r:
-                lines.append(f"| {r['batching']} | {r['decode']} | {r['note']} |  |  |  |  |  |  |")
+                lines.append(f"| {r['batching']} | {joins} | {r['decode']} | {r['note']} |  |  |  |  |  |  |")
                 continue
-            lines.append(f"| {r['batching']} | {r['decode']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+            lines.append(f"| {r['batching']} | {joins} | {r['decode']} | {r['requests_per_s']:.2f} | "
+                         f"{r['tokens_per_s']:,.0f} | "
                          f"{1e3 * r['ttft_p50_s']:.0f} ms | {1e3 * r['ttft_p99_s']:.0f} ms | "
                          f"{1e3 * r['per_token_p50_s']:.1f} ms | {1e3 * r['per_token_p99_s']:.1f} ms | {r['errors']} |")
         lines.append("")
@@ -340,6 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--streams", type=int, default=64, help="server: concurrent clients (and max_batch)")
     parser.add_argument("--requests", type=int, default=192, help="server: requests in all")
+    parser.add_argument("--join-every", nargs="+", type=int, default=[1, 16],
+                        help="server: the continuous-batching rows, one per Engine(join_every=...) value")
     parser.add_argument("--min-prompt", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--min-new", type=int, default=16)

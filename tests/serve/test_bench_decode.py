@@ -27,12 +27,13 @@ def test_quick_run_measures_every_part_and_writes_the_report(tmp_path):
         assert rows[(model, "graph")]["decode"] == "static"  # the sync-free step, op by op on the CPU
     assert rows[("dense", "hf-eager")]["tokens_per_s"] > 0
     assert "CUDA only" in rows[("dense", "hf-static")]["note"]
-    server = {row["batching"]: row for row in results["server"]}
-    assert set(server) == {"static", "continuous"} and server["continuous"]["decode"] == "static"
+    server = {(row["batching"], row["join_every"]): row for row in results["server"]}
+    assert set(server) == {("static", None), ("continuous", 1), ("continuous", 16)}
+    assert server[("continuous", 16)]["decode"] == "static"
     assert all(row["requests"] == 3 and row["errors"] == 0 and row["tokens_per_s"] > 0 for row in server.values())
     text = report.read_text()
-    assert "| model | loop | batch | new tokens/s |" in text and "| batching | decode | requests/s |" in text
-    assert result.stdout.rstrip().splitlines()[-1].startswith("| continuous | static |")  # the table comes last
+    assert "| model | loop | batch | new tokens/s |" in text and "| batching | join every | decode |" in text
+    assert result.stdout.rstrip().splitlines()[-1].startswith("| continuous | 16 steps | static |")  # the table comes last
 
 
 def test_a_failing_loop_is_reported_in_its_row_and_the_others_still_run():

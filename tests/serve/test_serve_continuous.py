@@ -128,3 +128,34 @@ def test_on_a_gpu_the_graph_replayed_step_serves_the_same_text(tiny_checkpoint):
         requests = [graphs.prepare(prompt, max_tokens=6 + index, temperature=0.9 * (index % 2), seed=index)
                     for index, prompt in enumerate(PROMPTS)]
         assert [c.text for c in graphs.complete_many(requests)] == [c.text for c in steps.complete_many(requests)]
+
+
+@pytest.mark.parametrize("join_every, order", [(1, ["short", "long"]), (1000, ["long", "short"])])
+def test_join_every_holds_waiting_requests_back_while_rows_run(tiny_checkpoint, join_every, order):
+    """A request arriving while a row decodes joins at the next step with join_every=1, and only once the running
+    batch has emptied when join_every exceeds the running row's length."""
+    with Engine.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=4, join_every=join_every) as engine:
+        long_request = engine.prepare(PROMPTS[0], max_tokens=40, temperature=0)
+        short_request = engine.prepare(PROMPTS[1], max_tokens=3, temperature=0)
+        finished, started, both = [], threading.Event(), threading.Event()
+
+        def recorder(name):
+            def on_event(event):
+                started.set()
+                if event.finish_reason is not None:
+                    finished.append(name)
+                    if len(finished) == 2:
+                        both.set()
+            return on_event
+
+        engine.submit(long_request, recorder("long"))
+        assert started.wait(timeout=120)  # the long request is decoding
+        engine.submit(short_request, recorder("short"))
+        assert both.wait(timeout=120)
+        assert finished == order
+
+
+def test_join_every_must_be_positive(tiny_checkpoint):
+    model = EngramLM.from_pretrained(tiny_checkpoint)
+    with pytest.raises(ValueError, match="join_every.*got 16, 1024, 512, 0"):
+        Engine(model, load_tokenizer(model.cfg.tokenizer), join_every=0)

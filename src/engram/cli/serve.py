@@ -27,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--decode", default="auto", choices=("auto", "graph", "static", "eager"),
                         help="auto: continuous batching, the decode step replayed from CUDA graphs on a GPU (graph) "
                              "or run op by op (static); eager: static batching with the plain decode loop")
+    parser.add_argument("--join-every", type=int, default=16,
+                        help="continuous batching: while rows run, waiting requests join at most once every this "
+                             "many decode steps, prefilled together (1: at every step)")
     parser.add_argument("--max-tokens-limit", type=int, default=512,
                         help="largest max_tokens a request may ask for (also capped by the model's context)")
     parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond which new ones get 429")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, load_tokenizer(model.cfg.tokenizer), args.model_name or Path(args.checkpoint).resolve().name,
                     max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-                    max_prompt_chars=args.max_prompt_chars, decode=args.decode)
+                    max_prompt_chars=args.max_prompt_chars, decode=args.decode, join_every=args.join_every)
     registry = TenantRegistry(tenants_file, engine.load_overlay)  # loads and checks every tenant's patch
     with engine:
         uvicorn.run(create_app(engine, registry), host=args.host, port=args.port)

@@ -1,10 +1,12 @@
 """The server's inference engine: one model shared by every tenant, one worker thread, continuous batching.
 
 Requests wait in a queue. The worker keeps a running batch in the slots of a
-:class:`~engram.model.slots.SlotDecoder` (``max_batch`` of them): at every decode step, waiting requests join while
-slots are free (their prompts prefilled together, one ``EngramLM.forward``, copied into their slots) and finished
-ones leave, their slot free for the next request at once. When nothing runs, the first request waits
-``batch_window_s`` for company. A step samples every row on the device and runs the sync-free decode step, replayed
+:class:`~engram.model.slots.SlotDecoder` (``max_batch`` of them): waiting requests join while slots are free (their
+prompts prefilled together, one ``EngramLM.forward``, copied into their slots) and finished ones leave, their slot
+free for the next request at once. A prefill stalls every running row, so while rows run, requests join at most once
+every ``join_every`` decode steps, together (one prefill instead of one per request; the TGI server's
+``max_waiting_tokens`` is the same idea); a request that arrives after a longer pause joins at the next step. When
+nothing runs, the first request waits ``batch_window_s`` for company. A step samples every row on the device and runs the sync-free decode step, replayed
 from CUDA graphs on a GPU (``decode="graph"``; ``"static"`` runs it op by op); the host reads the tokens of step t
 while the device runs step t + 1. Each slot reads its own tenant's :class:`RowOverlay` (the model's tables are never
 changed). Rows have their own ``max_tokens``, temperature, top-p, seed and stop strings and finish independently.
@@ -223,12 +225,13 @@ class Engine:
 
     def __init__(self, model: EngramLM, tokenizer: Tokenizer, model_name: str = "engram", max_batch: int = 16,
                  batch_window_s: float = 0.005, max_tokens_limit: int = 512, max_queue: int = 1024,
-                 max_prompt_chars: int | None = None, metrics: Metrics | None = None, decode: str = "auto"):
-        if max_batch < 1 or max_queue < 1 or max_tokens_limit < 1 or batch_window_s < 0 or (
+                 max_prompt_chars: int | None = None, metrics: Metrics | None = None, decode: str = "auto",
+                 join_every: int = 16):
+        if max_batch < 1 or max_queue < 1 or max_tokens_limit < 1 or join_every < 1 or batch_window_s < 0 or (
                 max_prompt_chars is not None and max_prompt_chars < 1):
-            raise ValueError(f"max_batch, max_queue, max_tokens_limit and max_prompt_chars must be >= 1 and "
-                             f"batch_window_s >= 0, got {max_batch}, {max_queue}, {max_tokens_limit}, "
-                             f"{max_prompt_chars} and {batch_window_s}")
+            raise ValueError(f"max_batch, max_queue, max_tokens_limit, join_every and max_prompt_chars must be >= 1 "
+                             f"and batch_window_s >= 0, got {max_batch}, {max_queue}, {max_tokens_limit}, "
+                             f"{join_every}, {max_prompt_chars} and {batch_window_s}")
         self.model = model.eval()
         # "auto": the graph-captured step where possible, the same step op by op elsewhere (continuous batching
         # everywhere); "eager": static batching with the plain decode loop.
@@ -238,6 +241,7 @@ class Engine:
         self.model_name = model_name
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.join_every = join_every
         self.max_queue = max_queue
         self.context_length = model.cfg.max_position_embeddings
         self.max_tokens_limit = min(max_tokens_limit, self.context_length - 1)
@@ -569,12 +573,15 @@ class _ContinuousBatching:
         """Serve until the engine closes and the running rows have finished."""
         launched: _Launched | None = None
         idle = True
-        while (jobs := self.engine._take_jobs(self.engine.max_batch - len(self.running), idle)) is not None:
+        steps_since_join = self.engine.join_every  # the first requests join at once
+        while (jobs := self.engine._take_jobs(self._room(idle, steps_since_join), idle)) is not None:
             try:
                 with torch.inference_mode():
                     if jobs:
                         self._admit(jobs)
+                        steps_since_join = 0
                     queued = self._launch() if self.running else None
+                    steps_since_join += queued is not None
                     if launched is not None:
                         self._collect(launched)
                     launched = queued
@@ -587,6 +594,13 @@ class _ContinuousBatching:
                 self.decoder = self._new_decoder()
                 launched = None
             idle = not self.running and launched is None
+
+    def _room(self, idle: bool, steps_since_join: int) -> int:
+        """How many waiting requests may join now: the free slots when nothing runs or ``join_every`` steps have
+        passed since the last join, else none."""
+        if idle or steps_since_join >= self.engine.join_every:
+            return self.engine.max_batch - len(self.running)
+        return 0
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` together into free slots. A request whose overlay the model cannot read fails alone; when
