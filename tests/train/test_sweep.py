@@ -233,3 +233,22 @@ def test_bad_controls_seeds_and_run_filters_are_refused(text_dir, tmp_path):
         selected_runs(sweep, sweep_runs(sweep, small))
     sweep = SweepConfig(train=train, rhos=[1.0], only=["moe-top*"])
     assert [name for name, _, _ in selected_runs(sweep, sweep_runs(sweep, small))] == ["moe-top3"]
+
+
+def test_a_finished_run_trained_otherwise_is_refused_not_reused(text_dir, tmp_path, monkeypatch):
+    """A sweep reuses a finished run folder only when its run.json records this sweep's corpus, settings and model:
+    another corpus in the same --out (a warm machine's /tmp, say) must not pass off one run's results as another's."""
+    train = config(text_dir, tmp_path, max_steps=2, eval_every=2, model=None)
+    run_sweep(SweepConfig(train=train, rhos=[1.0], matched_baseline=False))
+
+    def no_training(self):
+        raise AssertionError(f"{self.out} was trained again")
+
+    monkeypatch.setattr(Trainer, "train", no_training)
+    assert run_sweep(SweepConfig(train=train, rhos=[1.0], matched_baseline=False))["results"][0]["run"] == "rho-1.00"
+    with pytest.raises(ValueError, match=r"rho-1.00 holds a finished run trained otherwise.*max_steps: run 2, now 3"):
+        run_sweep(SweepConfig(train=config(text_dir, tmp_path, max_steps=3, eval_every=2, model=None), rhos=[1.0],
+                              matched_baseline=False))
+    other_corpus = config(text_dir, tmp_path, max_steps=2, eval_every=2, model=None, tokenizer="bpe-280")
+    with pytest.raises(ValueError, match=r"corpus.tokenizer: run 'bpe-300', now 'bpe-280'"):
+        run_sweep(SweepConfig(train=other_corpus, rhos=[1.0], matched_baseline=False))

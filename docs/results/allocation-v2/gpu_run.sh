@@ -18,7 +18,8 @@
 #   DEADLINE      seconds after the start when training stops with Ctrl-C's effect, so that the report, the eval
 #                 and the packing still end inside the command's 10 minutes [480]
 #   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
-#   WORK, OUT     work folder, results folder [/tmp/allocation-v2, $WORK/out]
+#   WORK, OUT     work folder (one per corpus: `engram sweep` refuses a finished run of another corpus in its
+#                 --out), results folder [/tmp/allocation-v2/<corpus>, $WORK/out]
 #   PYTHON        the interpreter [python3]
 # Runs finished in an earlier call are restored from python-code/runs/ (english/runs/) beside this script, when
 # present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train a finished run again),
@@ -31,10 +32,10 @@ set -uo pipefail
 start=$SECONDS
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
-work=${WORK:-/tmp/allocation-v2}
+corpus_name=${CORPUS:-python-code}
+work=${WORK:-/tmp/allocation-v2/$(basename "$corpus_name")}
 out=${OUT:-$work/out}
 python=${PYTHON:-python3}
-corpus_name=${CORPUS:-python-code}
 steps=${STEPS:-350}
 seeds=${SEEDS:-0 1 2}
 deadline=${DEADLINE:-480}

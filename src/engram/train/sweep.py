@@ -19,7 +19,8 @@ Every run trains on the same data in the same order with the same seed, for the 
 ``OUT/<run>/`` (a normal training run folder); with ``seeds`` every run trains once per seed (the seed sets the
 initial weights and the batch order) into ``OUT/<run>-seed<S>/``, seed after seed. ``only`` keeps the runs whose
 names match (to split one sweep over processes that share ``OUT``). A sweep is resumable: a finished run
-(``final/`` present) is not trained again, an interrupted one continues from its checkpoint; ``report_only`` trains
+(``final/`` present) is not trained again (refused when its ``run.json`` records another corpus, other settings or
+another model than this sweep's: a reused folder never passes off one run as another), an interrupted one continues from its checkpoint; ``report_only`` trains
 nothing and writes the results of runs finished elsewhere (several sweep processes over parts of the values, say),
 refusing while one is missing. Results (:mod:`engram.train.sweep_report`): ``sweep.csv`` (a row per run and seed),
 ``sweep_summary.csv`` (mean ± sd per run), ``sweep_differences.csv`` (every pair of runs: does the difference exceed
@@ -47,7 +48,7 @@ from engram.train.checkpoint import latest_checkpoint
 from engram.train.compare import run_summary
 from engram.train.sweep_report import (CSV_FILE, CURVES_FILE, DIFFERENCES_FILE, PLOT_FILE, SUMMARY_FILE, differences,
                                        memory_fit, plot_allocation, plot_curves, plot_memory, summarize, write_csv)
-from engram.train.trainer import Trainer, TrainConfig, model_config_for
+from engram.train.trainer import Trainer, TrainConfig, finished_run_differences, model_config_for
 
 MODES = ("allocation", "memory")
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2)
@@ -222,6 +223,11 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> dict[str, A
         run_dir = out / folder
         train = dataclasses.replace(sweep.train, out=str(run_dir), model=cfg, seed=seed)
         if (run_dir / "final" / "config.json").is_file():
+            differences = finished_run_differences(run_dir, train, corpus)
+            if differences:
+                raise ValueError(f"{run_dir} holds a finished run trained otherwise than this sweep's {folder}: "
+                                 + "; ".join(differences) + ". Choose another --out, or remove that folder to "
+                                 "train it again")
             console.print(f"[bold]{index}/{len(runs)} {folder}[/bold]: finished earlier, not trained again")
         else:
             resume = run_dir.exists() and latest_checkpoint(run_dir) is not None

@@ -188,14 +188,15 @@ def evaluate_loss(forward: Callable[[torch.Tensor], LMOutput], batches: list[tup
     return {"val_loss": total_nats / total_tokens, "val_bpb": total_nats / math.log(2) / max(total_bytes, 1)}
 
 
-def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "", saved: str = "checkpoint"
+                        ) -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_differences(va, vb, f"{prefix}{key}.")
+            out += _config_differences(va, vb, f"{prefix}{key}.", saved)
         elif va != vb:
-            out.append(f"{prefix}{key}: checkpoint {va!r}, now {vb!r}")
+            out.append(f"{prefix}{key}: {saved} {va!r}, now {vb!r}")
     return out
 
 
@@ -211,6 +212,41 @@ def _exact_resume_settings(train_config: dict[str, Any]) -> dict[str, Any]:
     as built with the checkpoint's own ``config.json`` (``Trainer._load_model``)."""
     return {item.name: train_config.get(item.name) for item in dataclasses.fields(TrainConfig)
             if item.name not in RESUMABLE_CHANGES and item.name != "model"}
+
+
+def _without_tokenizer(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A model ``to_dict()`` without its tokenizer paths (a checkpoint carries its own copy, under another path)."""
+    data = {**model_config, "tokenizer": None}
+    if data.get("engram"):
+        data["engram"] = {**data["engram"], "tokenizer": None}
+    return data
+
+
+def finished_run_differences(run_dir: Path, cfg: TrainConfig, corpus: Corpus) -> list[str]:
+    """How a run recorded in ``run_dir`` (its ``run.json``) differs from training ``cfg`` on ``corpus`` in what
+    shapes its result: the corpus (by content: index and tokenizer digest, wherever it lies), every setting that an
+    exact resume keeps but the data and tokenizer paths, ``max_steps``, and the model but its tokenizer path.
+    ``ValueError`` when there is no ``run.json`` to compare."""
+    record = run_dir / RUN_FILE
+    if not record.is_file():
+        raise ValueError(f"{run_dir} has no {RUN_FILE}: what it was trained with cannot be checked")
+    saved = json.loads(record.read_text())
+
+    def settings(train: dict[str, Any]) -> dict[str, Any]:
+        kept = {**_exact_resume_settings(train), "max_steps": train.get("max_steps")}
+        return {key: value for key, value in kept.items() if key not in ("data", "tokenizer")}
+
+    def content(info: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in info.items() if key != "path"}
+
+    wanted = json.loads(json.dumps({"train": cfg.to_dict(), "corpus": corpus.info_dict()}, default=str))  # as saved
+    differences = _config_differences(settings(saved["train"]), settings(wanted["train"]), saved="run")
+    differences += _config_differences(content(saved.get("corpus", {})), content(wanted["corpus"]), "corpus.", "run")
+    if cfg.model is not None:
+        model = json.loads(json.dumps(cfg.model.to_dict(), default=str))
+        differences += _config_differences(_without_tokenizer(saved["model"]), _without_tokenizer(model), "model.",
+                                           "run")
+    return differences
 
 
 class Trainer:
@@ -284,12 +320,7 @@ class Trainer:
 
     def _load_model(self, checkpoint: Path) -> EngramLM:
         saved = json.loads((checkpoint / "config.json").read_text())["model"]
-        wanted = self.model_cfg.to_dict()
-        for data in (saved, wanted):  # the tokenizer travels inside the checkpoint under another path
-            data.pop("tokenizer")
-            if data.get("engram"):
-                data["engram"].pop("tokenizer")
-        differences = _config_differences(saved, wanted)
+        differences = _config_differences(_without_tokenizer(saved), _without_tokenizer(self.model_cfg.to_dict()))
         if differences:
             raise ValueError(f"refusing to resume from {checkpoint}: it was written for another model config: "
                              + "; ".join(differences))
