@@ -21,10 +21,10 @@
 #   WORK, OUT     work folder (one per corpus: `engram sweep` refuses a finished run of another corpus in its
 #                 --out), results folder [/tmp/allocation-v2/<corpus>, $WORK/out]
 #   PYTHON        the interpreter [python3]
-# Runs finished in an earlier call are restored from python-code/runs/ (english/runs/) beside this script, when
-# present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train a finished run again),
-# so SEEDS can be spread over several calls with the same other settings; `engram eval` then reads the first seed
-# trained in this call.
+# Runs finished in an earlier call are restored from python-code-<STEPS>steps/runs/ (english-<STEPS>steps/runs/)
+# beside this script, when present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train
+# a finished run again, and refuses one trained with other settings), so SEEDS can be spread over several calls with
+# the same other settings; `engram eval` then reads the first seed trained in this call.
 #
 # What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt and results.tgz (every
 # CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json).
@@ -78,7 +78,7 @@ esac
 [ -f "$tokenizer" ] || { status "no tokenizer.json for corpus $corpus"; exit 1; }
 status "corpus $corpus ready"
 
-restored=$here/$(basename "$corpus_name")/runs
+restored=$here/$(basename "$corpus_name")-${steps}steps/runs
 if [ -d "$restored" ]; then cp -rn "$restored/." "$work/runs/"; status "restored finished runs from $restored"; fi
 
 rhos=${RHOS:-0.8}
