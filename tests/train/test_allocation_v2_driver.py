@@ -31,7 +31,7 @@ def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.Complete
 def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_path):
     corpus = tmp_path / "corpus"
     prepare_corpus([str(text_dir)], corpus, tokenizer="bpe-300", progress=False)
-    done = run_driver(corpus, tmp_path / "work")
+    done = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3")  # the runs and seeds dealt over 3 processes
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "work" / "out"
     assert sorted(p.name for p in out.iterdir()) == ["eval.png", "results.tgz", "status.txt", "sweep.png",
@@ -45,6 +45,14 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert {"report/sweep.csv", "report/sweep_differences.csv", "report/sweep_curves.png", "report/corpus-index.json",
             "logs/report.log", "runs/no-memory-seed1/metrics.jsonl", "runs/conv-only-seed0/final/config.json"} <= names
     assert not [name for name in names if name.endswith(".safetensors")]
+    # process p (of 3) trains jobs p, p + 3, ... of the 10 (run, seed) jobs, seed after seed, on GPU p mod 2
+    assert {"logs/train-rho-1.00-p0.log", "logs/train-moe-topx-p1.log", "logs/train-rho-1.00-p2.log"} <= names
+    status = (out / "status.txt").read_text()
+    assert "in 3 processes on 2 GPU(s)" in status
+    assert "rho-1.00 seeds 0: exit 0 (logs/train-rho-1.00-p0.log, GPU 0)" in status
+    assert "rho-1.00 seeds 1: exit 0 (logs/train-rho-1.00-p2.log, GPU 0)" in status
+    assert "moe-top* seeds 0: exit 0 (logs/train-moe-topx-p1.log, GPU 1)" in status
+    assert "moe-top* seeds 1: exit 0 (logs/train-moe-topx-p0.log, GPU 0)" in status
     assert list(report["checkpoints"]) == ["rho-1.00-seed0", "moe-top3-seed0", "rho-0.50-seed0", "no-memory-seed0",
                                            "conv-only-seed0"]
 
@@ -54,6 +62,8 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert stopped.returncode == 1
     status = (tmp_path / "stopped" / "out" / "status.txt").read_text()
     assert "rho-1.00 seed 0: not finished" in status and "no run finished: nothing to report" in status
+    assert "in 5 processes on 1 GPU(s)" in status  # one process per run, its seeds one after the other
+    assert "rho-1.00 seeds 0 1: exit " in status
     assert "packing" in status
     with tarfile.open(tmp_path / "stopped" / "out" / "results.tgz") as archive:
         assert "logs/train-moe-topx.log" in archive.getnames()

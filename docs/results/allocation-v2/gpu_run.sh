@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 21's first-priority runs in ONE command on one GPU (docs/results/allocation-v2/README.md): the pure MoE
-# (rho = 1), the activation-matched pure MoE (moe-top{k}), rho = 0.8 and the controls no-memory and conv-only, every
-# one with each seed, as five `engram sweep` processes side by side (one per run, its seeds one after the other; they
-# share --out), then `engram sweep --report-only` (CSVs and plots, mean ± sd over seeds) and `engram eval` (loss by
+# Issue 21's first-priority runs in ONE command (docs/results/allocation-v2/README.md): the pure MoE (rho = 1), the
+# activation-matched pure MoE (moe-top{k}), rho = 0.8 and the controls no-memory and conv-only, every one with each
+# seed, as `engram sweep` processes side by side (on one GPU: five, one per run, its seeds one after the other; on
+# several: at least one per GPU, the runs and seeds dealt round-robin; they share --out), then `engram sweep --report-only` (CSVs and plots, mean ± sd over seeds) and `engram eval` (loss by
 # position, retrieval) on the first seed's checkpoints.
 #
 #   bash docs/results/allocation-v2/gpu_run.sh            # on the GPU machine, from the repository root
@@ -15,6 +15,8 @@
 #   RHOS          the Engram splits besides rho = 1 (which, with its matched MoE, always runs) ["0.8"]
 #   WARMUP, EVAL_EVERY, EVAL_BATCHES   [STEPS / 10, 70, 16]
 #   PRESET, DEVICE, THREADS    model preset, device, OMP threads per process [small, auto, 3]
+#   GPUS, PROCS   GPUs to spread the processes over (process p on GPU p mod GPUS), training processes [the GPUs
+#                 nvidia-smi lists, or 1; the larger of GPUS and the number of runs]
 #   DEADLINE      seconds after the start when training stops with Ctrl-C's effect, so that the report, the eval
 #                 and the packing still end inside the command's 10 minutes [480]
 #   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
@@ -93,19 +95,38 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv -l 15 >"$logs/gpu.csv" 2>&1 &
   sampler=$!
 fi
+# The (run, seed) jobs, seed after seed, dealt round-robin to the training processes; each process trains its jobs
+# one after the other (one `engram sweep` per run, over that run's seeds), on GPU p mod GPUS when there are several.
+gpus=${GPUS:-$(command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)}
+[ "$gpus" -ge 1 ] 2>/dev/null || gpus=1
+procs=${PROCS:-$(( gpus > ${#groups[@]} ? gpus : ${#groups[@]} ))}
+jobs=()
+for seed in $seeds; do for group in "${groups[@]}"; do jobs+=("$group|$seed"); done; done
+train_process() {  # process $1: its jobs, grouped by run
+  local p=$1 order=() group seed code
+  declare -A seeds_of=()
+  for ((j = p; j < ${#jobs[@]}; j += procs)); do
+    group=${jobs[$j]%|*} seed=${jobs[$j]#*|}
+    [ -n "${seeds_of[$group]+x}" ] || order+=("$group")
+    seeds_of[$group]="${seeds_of[$group]:-} $seed"
+  done
+  for group in "${order[@]}"; do
+    local log=train-${group//\*/x}.log left=$(( deadline - (SECONDS - start) ))
+    [ "$procs" -eq "${#groups[@]}" ] || log=train-${group//\*/x}-p$p.log  # a run's seeds may span processes
+    [ $left -gt 0 ] || left=1
+    if [ "$gpus" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=$(( p % gpus )); fi
+    OMP_NUM_THREADS=${THREADS:-3} timeout --signal=INT --kill-after=30 "$left" \
+      "$python" -m engram sweep "${common[@]}" --only "$group" --seeds ${seeds_of[$group]} >"$logs/$log" 2>&1
+    code=$?
+    status "$group seeds${seeds_of[$group]}: exit $code (logs/$log${CUDA_VISIBLE_DEVICES:+, GPU $CUDA_VISIBLE_DEVICES})"
+  done
+}
 left=$(( deadline - (SECONDS - start) ))
-[ $left -gt 0 ] || left=1
-status "training ${#groups[@]} processes x seeds ($seeds), $steps steps each, for at most $left s"
+status "training ${#jobs[@]} runs ($(echo ${groups[*]}) x seeds $(echo $seeds)), $steps steps each, in $procs \
+processes on $gpus GPU(s), for at most $(( left > 0 ? left : 1 )) s"
 pids=()
-for group in "${groups[@]}"; do
-  OMP_NUM_THREADS=${THREADS:-3} timeout --signal=INT --kill-after=30 "$left" \
-    "$python" -m engram sweep "${common[@]}" --only "$group" >"$logs/train-${group//\*/x}.log" 2>&1 &
-  pids+=($!)
-done
-for i in "${!pids[@]}"; do
-  wait "${pids[$i]}"; code=$?
-  status "${groups[$i]}: exit $code (logs/train-${groups[$i]//\*/x}.log)"
-done
+for ((p = 0; p < procs; p++)); do train_process "$p" & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 # The report covers the seeds that every run finished; failing that, the runs that finished the first seed.
 finished_seeds=()
