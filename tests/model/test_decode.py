@@ -256,3 +256,24 @@ def test_cuda_graph_generate_matches_the_plain_loop_with_a_host_table(tmp_path):
         for _ in range(2):  # the second call replays the graphs captured by the first
             assert torch.equal(candidate.generate(ids, 12, temperature=0, attention_mask=mask, decode="graph"),
                                expected)
+
+
+@pytest.mark.parametrize("device, dtype, tolerance", [
+    ("cpu", torch.float32, 1e-5),  # measured ~3e-7
+    ("cpu", torch.bfloat16, 0.03),  # measured ~6e-3: bf16 keeps 8 bits
+    pytest.param("cuda", torch.bfloat16, 0.03, marks=needs_cuda),  # the same bound for the replayed CUDA graphs
+])
+def test_each_steps_scores_equal_a_full_forward_within_rounding(device, dtype, tolerance):
+    """The scores a slot holds after its prefill and after every step are the next-token logits of one forward over
+    the whole sequence so far (no cache), up to the dtype's rounding (relative to the largest score)."""
+    model = make_model().to(device, dtype)
+    decoder = SlotDecoder(model, num_slots=2, max_length=32, cuda_graphs=device == "cuda")
+    sequence = prompts([6], seed=21)[0].to(device)
+    decoder.admit([1], sequence[None], None, [RowSampling(0.0)])
+    for step in range(8):
+        with torch.inference_mode():
+            expected = model(sequence[None]).logits[0, -1].float()
+        error = (decoder.logits[1] - expected).abs().max() / expected.abs().max()
+        assert error <= tolerance, (step, error.item())
+        decoder.step()
+        sequence = torch.cat([sequence, decoder.tokens[1:2]])
