@@ -314,8 +314,8 @@ def render(results: dict, args: argparse.Namespace, device: torch.device) -> str
         lines += [f"Server (in-process engine, `small`): {args.requests} greedy requests from {args.streams} "
                   f"closed-loop streams, prompts {args.min_prompt}-{args.max_prompt} tokens, "
                   f"{args.min_new}-{args.max_new} new tokens.", "",
-                  "| batching | join every | decode | requests/s | new tokens/s | TTFT p50 | TTFT p99 | per token p50 | "
-                  "per token p99 | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| batching | join every | decode | requests/s | new tokens/s | TTFT p50 | TTFT p99 | "
+                  "per token p50 | per token p99 | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in server:
             joins = f"{r['join_every']} steps" if r.get("join_every") else "-"
             if "note" in r:

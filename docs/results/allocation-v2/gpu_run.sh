@@ -2,8 +2,9 @@
 # Issue 21's first-priority runs in ONE command (docs/results/allocation-v2/README.md): the pure MoE (rho = 1), the
 # activation-matched pure MoE (moe-top{k}), rho = 0.8 and the controls no-memory and conv-only, every one with each
 # seed, as `engram sweep` processes side by side (on one GPU: five, one per run, its seeds one after the other; on
-# several: at least one per GPU, the runs and seeds dealt round-robin; they share --out), then `engram sweep --report-only` (CSVs and plots, mean ± sd over seeds) and `engram eval` (loss by
-# position, retrieval) on the first seed's checkpoints.
+# several: at least one per GPU, the runs and seeds dealt round-robin; they share --out), then
+# `engram sweep --report-only` (CSVs and plots, mean ± sd over seeds) and `engram eval` (loss by position, retrieval)
+# on the first seed's checkpoints.
 #
 #   bash docs/results/allocation-v2/gpu_run.sh            # on the GPU machine, from the repository root
 #

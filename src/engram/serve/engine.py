@@ -1,18 +1,18 @@
 """The server's inference engine: one model shared by every tenant, one worker thread, continuous batching.
 
-Requests wait in a queue. The worker keeps a running batch in the slots of a
-:class:`~engram.model.slots.SlotDecoder` (``max_batch`` of them): waiting requests join while slots are free (their
-prompts prefilled together, one ``EngramLM.forward``, copied into their slots) and finished ones leave, their slot
-free for the next request at once. A prefill stalls every running row, so while rows run, requests join at most once
-every ``join_every`` decode steps, together (one prefill instead of one per request; the TGI server's
-``max_waiting_tokens`` is the same idea); a request that arrives after a longer pause joins at the next step. When
-nothing runs, the first request waits ``batch_window_s`` for company. A step samples every row on the device and runs the sync-free decode step, replayed
-from CUDA graphs on a GPU (``decode="graph"``; ``"static"`` runs it op by op); the host reads the tokens of step t
-while the device runs step t + 1. Each slot reads its own tenant's :class:`RowOverlay` (the model's tables are never
-changed). Rows have their own ``max_tokens``, temperature, top-p, seed and stop strings and finish independently.
-``decode="eager"`` is static batching instead: a batch of up to ``max_batch`` requests runs one prefill and one decode
-loop (:class:`~engram.model.generation.Decoding`) to its last row, inside
-:func:`~engram.model.overlay.row_overlays`; requests arriving meanwhile wait for the next batch.
+Requests wait in a queue. The worker keeps a running batch in the slots of a :class:`~engram.model.slots.SlotDecoder`
+(``max_batch`` of them): waiting requests join while slots are free (their prompts prefilled together, one
+``EngramLM.forward``, copied into their slots) and finished ones leave, their slot free for the next request at once. A
+prefill stalls every running row, so while rows run, requests join at most once every ``join_every`` decode steps,
+together (one prefill instead of one per request; the TGI server's ``max_waiting_tokens`` is the same idea); a request
+that arrives after a longer pause joins at the next step. When nothing runs, the first request waits ``batch_window_s``
+for company. A step samples every row on the device and runs the sync-free decode step, replayed from CUDA graphs on a
+GPU (``decode="graph"``; ``"static"`` runs it op by op); the host reads the tokens of step t while the device runs step
+t + 1. Each slot reads its own tenant's :class:`RowOverlay` (the model's tables are never changed). Rows have their own
+``max_tokens``, temperature, top-p, seed and stop strings and finish independently. ``decode="eager"`` is static
+batching instead: a batch of up to ``max_batch`` requests runs one prefill and one decode loop
+(:class:`~engram.model.generation.Decoding`) to its last row, inside :func:`~engram.model.overlay.row_overlays`;
+requests arriving meanwhile wait for the next batch.
 
 Every row reports through a callback: one :class:`GenerationEvent` per new piece of text, the last one with a
 ``finish_reason``.

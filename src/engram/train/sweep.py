@@ -17,14 +17,14 @@ parameters closest to the Engram runs') and their routed experts so that the tot
 
 Every run trains on the same data in the same order with the same seed, for the same number of steps, into
 ``OUT/<run>/`` (a normal training run folder); with ``seeds`` every run trains once per seed (the seed sets the
-initial weights and the batch order) into ``OUT/<run>-seed<S>/``, seed after seed. ``only`` keeps the runs whose
-names match (to split one sweep over processes that share ``OUT``). A sweep is resumable: a finished run
-(``final/`` present) is not trained again (refused when its ``run.json`` records another corpus, other settings or
-another model than this sweep's: a reused folder never passes off one run as another), an interrupted one continues from its checkpoint; ``report_only`` trains
-nothing and writes the results of runs finished elsewhere (several sweep processes over parts of the values, say),
-refusing while one is missing. Results (:mod:`engram.train.sweep_report`): ``sweep.csv`` (a row per run and seed),
-``sweep_summary.csv`` (mean ± sd per run), ``sweep_differences.csv`` (every pair of runs: does the difference exceed
-the seed spread?), ``sweep.png`` and ``sweep_curves.png``.
+initial weights and the batch order) into ``OUT/<run>-seed<S>/``, seed after seed. ``only`` keeps the runs whose names
+match (to split one sweep over processes that share ``OUT``). A sweep is resumable: a finished run (``final/``
+present) is not trained again (refused when its ``run.json`` records another corpus, other settings or another model
+than this sweep's: a reused folder never passes off one run as another), an interrupted one continues from its
+checkpoint; ``report_only`` trains nothing and writes the results of runs finished elsewhere (several sweep processes
+over parts of the values, say), refusing while one is missing. Results (:mod:`engram.train.sweep_report`):
+``sweep.csv`` (a row per run and seed), ``sweep_summary.csv`` (mean ± sd per run), ``sweep_differences.csv`` (every
+pair of runs: does the difference exceed the seed spread?), ``sweep.png`` and ``sweep_curves.png``.
 """
 
 from __future__ import annotations
