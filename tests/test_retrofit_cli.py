@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from engram.cli import main
 from engram.hf import engram_parameters, load_adapter
 from engram.hf.retrofit_train import load_base, train_retrofit
+from engram.model import EngramLM
 from engram.train.retrofit import RetrofitConfig
 
 ARGS = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "2", "--no-progress"]
@@ -31,10 +32,11 @@ def base_dir(tmp_path_factory):
 
 
 def test_retrofit_command_writes_an_adapter_that_reproduces_the_trained_model(base_dir, text_dir, tmp_path, capsys):
-    out = tmp_path / "adapter"
+    out, exported = tmp_path / "adapter", tmp_path / "engram-lm"
     assert main(["retrofit", "--model", str(base_dir), "--layers", "0", "2", "--out", str(out),
-                 "--data", str(text_dir), *ARGS]) == 0
-    assert "held-out loss:" in capsys.readouterr().out
+                 "--data", str(text_dir), "--export", str(exported), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out loss:" in printed and f"EngramLM folder written to {exported}" in printed
     assert {p.name for p in out.iterdir()} == {"engram_adapter.json", "engram_adapter.safetensors"}
 
     result = train_retrofit(RetrofitConfig(str(base_dir), [0, 2], str(tmp_path / "again"), [str(text_dir)],
@@ -48,6 +50,9 @@ def test_retrofit_command_writes_an_adapter_that_reproduces_the_trained_model(ba
         torch.testing.assert_close(fresh(ids).logits, result.model(ids).logits, rtol=0, atol=0)
         base, _ = load_base(str(base_dir))
         assert not torch.allclose(fresh(ids).logits, base(ids).logits)  # the adapter does something
+        # --export: the same trained model as an EngramLM folder (what engram serve and engram tune read)
+        torch.testing.assert_close(EngramLM.from_pretrained(exported)(ids).logits, fresh(ids).logits, rtol=1e-5,
+                                   atol=1e-5)
     assert result.val_loss_after < result.val_loss_before
 
 
@@ -62,6 +67,19 @@ def test_retrofit_command_refuses_bad_input(base_dir, text_dir, tmp_path, capsys
     argv = ["retrofit", *ARGS, *[item for flag, values in flags.items() for item in (flag, *values)]]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_export_of_a_model_an_engram_lm_cannot_hold_is_refused_before_training(base_dir, text_dir, tmp_path,
+                                                                               capsys):
+    biased = tmp_path / "biased"
+    model, tokenizer = load_base(str(base_dir))
+    tokenizer.save_pretrained(biased)
+    LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "attention_bias": True})).save_pretrained(biased)
+    argv = ["retrofit", "--model", str(biased), "--layers", "1", "--out", str(tmp_path / "adapter"), "--data",
+            str(text_dir), "--export", str(tmp_path / "engram-lm"), *ARGS]
+    assert main(argv) == 2
+    assert "attention_bias=True" in capsys.readouterr().err
     assert not (tmp_path / "adapter").exists()
 
 

@@ -15,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="add Engram layers to a transformers causal LM and train them into an adapter",
         description="Insert Engram layers before --layers of the local transformers model --model (an exact no-op "
                     "at first), train only them on --data with the model's own tokenizer, print the held-out "
-                    "loss before/after and save the adapter into --out (engram.hf.load_adapter loads it).")
+                    "loss before/after and save the adapter into --out (engram.hf.load_adapter loads it); --export "
+                    "also writes a Llama-family model as an EngramLM folder that engram serve and engram tune read.")
 
 
 def run(args: argparse.Namespace) -> int:

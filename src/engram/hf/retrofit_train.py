@@ -23,6 +23,7 @@ from engram.data.batches import TokenBatches, validation_batches
 from engram.data.corpus import load_or_prepare
 from engram.hf.evaluate import held_out_loss
 from engram.hf.injection import EngramInjection, train_adapter
+from engram.hf.export import check_exportable, export_engram_lm
 from engram.hf.retrofit import save_adapter
 from engram.parallel.distributed import resolve_device
 from engram.tokenizer import resolve_tokenizer_path
@@ -70,6 +71,8 @@ def train_retrofit(cfg: RetrofitConfig) -> RetrofitResult:
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.seq_len > positions:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {positions}")
+    if cfg.export is not None:
+        check_exportable(model.config)  # before minutes of training, not after
     torch.manual_seed(cfg.seed)
     EngramInjection(cfg.layers).attach(model, tokenizer).to(device)
 
@@ -86,4 +89,8 @@ def train_retrofit(cfg: RetrofitConfig) -> RetrofitResult:
     save_adapter(model, cfg.out, base_reference=cfg.model)
     console.print(f"held-out loss: {before:.4f} -> {after:.4f} after {cfg.steps} steps; "
                   f"adapter written to {cfg.out}", markup=False, soft_wrap=True)
+    if cfg.export is not None:
+        export_engram_lm(model, tokenizer, cfg.export)
+        console.print(f"EngramLM folder written to {cfg.export} (engram serve --checkpoint {cfg.export})",
+                      markup=False, soft_wrap=True)
     return RetrofitResult(model, before, after, losses[-1])

@@ -33,6 +33,8 @@ class RetrofitConfig:
     seed: int = 0  # the Engram layers' initialisation and the batch order
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda:1"...
     eval_batches: int = 4  # held-out batches of the validation split, scored before and after
+    export: str | None = field(default=None, metadata={  # Llama family only: checked before training starts
+        "help": "also write the trained model as an EngramLM folder (Llama family), for engram serve and engram tune"})
     progress: bool = True  # a progress bar while training (the summary prints either way)
 
     def __post_init__(self) -> None:
