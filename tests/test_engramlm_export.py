@@ -79,3 +79,31 @@ def test_what_an_engram_lm_cannot_hold_is_refused(tokenizer, tmp_path):
     other_file.write_text(other.to_str())
     with pytest.raises(ValueError, match="hashes other rows"):
         to_engram_lm(retrofit(_llama(), tokenizer, [1], ENGRAM), other_file)
+
+
+def test_engram_tune_writes_a_tenant_patch_for_an_exported_llama(text_dir, tmp_path):
+    """A SentencePiece-style tokenizer (Llama 2, Mistral) all the way: retrofit, export, `engram tune` on the folder,
+    and the patch loads into the server's engine as a tenant's memory."""
+    from tokenizers import decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from engram.cli import main
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.train([str(path) for path in sorted(text_dir.iterdir())],
+                  trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>"], show_progress=False))
+    sentencepiece = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": backend.get_vocab_size()})).eval()
+    retrofit(model, sentencepiece, [1], ENGRAM)
+    _perturb(model)  # a trained retrofit (untrained, its value projection is zero and no table row gets a gradient)
+    folder = export_engram_lm(model, sentencepiece, tmp_path / "exported")
+    patch = tmp_path / "tenant.patch"
+    assert main(["tune", "--checkpoint", str(folder), "--data", str(text_dir), "--out", str(patch), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]) == 0
+    with Engine.from_checkpoint(folder, device="cpu") as engine:
+        overlay = engine.load_overlay(patch)
+        assert overlay.layers and all(rows.numel() > 0 for rows, _ in overlay.layers.values())

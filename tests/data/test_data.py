@@ -13,7 +13,7 @@ import pytest
 import torch
 from rich import filesize
 from rich.console import Console
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from engram.data import corpus as data_module
 from engram.data.batches import TokenBatches, token_byte_lengths, validation_batches
@@ -453,5 +453,21 @@ def test_token_byte_lengths_deepseek(deepseek):
     text = "Bits per byte: naïve café, 漢字."
     ids = deepseek.encode(text, add_special_tokens=False).ids
     assert lengths[ids].sum() == len(text.encode())
-    with pytest.raises(ValueError, match="byte-level"):
+    with pytest.raises(ValueError, match="byte-level or SentencePiece-style"):
         token_byte_lengths(Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+
+
+@pytest.mark.parametrize("decoder", ["sequence", "metaspace"])
+def test_token_byte_lengths_sentencepiece_style(decoder):
+    """Llama 2 / Mistral style: "▁" is a space, <0xNN> one byte, other characters their UTF-8 bytes."""
+    vocab = {"<unk>": 0, "<0x0A>": 1, "▁": 2, "▁the": 3, "é": 4, "t": 5, "h": 6, "e": 7, "▁t": 8, "th": 9}
+    tok = Tokenizer(models.BPE(vocab, [("▁", "t"), ("t", "h")], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace() if decoder == "metaspace" else decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<s>"])
+    lengths = token_byte_lengths(tok)
+    assert lengths.tolist() == [5, 1, 1, 4, 2, 1, 1, 1, 2, 2, 0]  # <unk> is a vocabulary token; <s> is added
+    text = "the é\n"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert lengths[ids].sum() == len((" " + text).encode())  # the space SentencePiece puts first counts

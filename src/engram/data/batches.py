@@ -3,6 +3,8 @@ bytes each token stands for (for bits per byte)."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import numpy as np
@@ -11,20 +13,42 @@ from tokenizers import decoders
 
 from engram.tokenizer import load_tokenizer
 
+SPACE_MARK = "\u2581"  # "▁": SentencePiece's space
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback: one byte each
+
+
+def _is_sentencepiece_style(decoder: dict[str, Any] | None) -> bool:
+    """Whether a tokenizer's decoder (its ``to_str()`` JSON) turns "▁" back into spaces: Metaspace, or a sequence
+    with Metaspace or Replace("▁", " ") (Llama 2, Mistral)."""
+    if decoder is None:
+        return False
+    parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    return any(part.get("type") == "Metaspace" or (part.get("type") == "Replace"
+                                                   and part.get("pattern", {}).get("String") == SPACE_MARK)
+               for part in parts)
+
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     """int64 [V]: the UTF-8 bytes each token id stands for (added/special tokens 0), for bits per byte.
 
-    ``tokenizer`` is anything :func:`engram.tokenizer.load_tokenizer` takes; it must be byte-level
-    (every character of a token string is one byte). ``V`` counts added tokens.
+    ``tokenizer`` is anything :func:`engram.tokenizer.load_tokenizer` takes: byte-level (every character of a token
+    string is one byte: GPT-2, Llama 3, DeepSeek) or SentencePiece-style (Llama 2, Mistral: "▁" is one space, a
+    byte-fallback token ``<0xNN>`` one byte, any other character its UTF-8 bytes; the space SentencePiece puts before
+    a text counts, one byte per document more than the text holds). ``V`` counts added tokens. ``ValueError`` for
+    another decoder (word-level tokenizers do not say where the spaces were).
     """
     tok = load_tokenizer(tokenizer)
-    if not isinstance(tok.decoder, decoders.ByteLevel):
-        raise ValueError(f"token_byte_lengths needs a byte-level tokenizer, got decoder {tok.decoder!r}")
+    byte_level = isinstance(tok.decoder, decoders.ByteLevel)
+    if not byte_level and not _is_sentencepiece_style(json.loads(tok.to_str()).get("decoder")):
+        raise ValueError(f"token_byte_lengths needs a byte-level or SentencePiece-style tokenizer, got decoder "
+                         f"{tok.decoder!r}")
     size = tok.get_vocab_size(with_added_tokens=True)
     lengths = np.zeros(size, dtype=np.int64)
     for token, token_id in tok.get_vocab(with_added_tokens=False).items():
-        lengths[token_id] = len(token)
+        if byte_level or _BYTE_TOKEN.fullmatch(token):
+            lengths[token_id] = len(token) if byte_level else 1
+        else:
+            lengths[token_id] = len(token.replace(SPACE_MARK, " ").encode())
     lengths[list(tok.get_added_tokens_decoder())] = 0
     return lengths
 
