@@ -24,7 +24,8 @@ first. Measured:
 - domain loss: mean next-token loss on the domain's validation split;
 - forgetting: the same loss on the pretraining validation split, before and after injection;
 - adapter size on disk (fp32, as each library saves it) and, for the domain adapters, greedy generation throughput
-  with the adapter applied (LoRA also merged into the base).
+  with the adapter applied (LoRA also merged into the base; the Engram model also exported as an EngramLM,
+  :func:`engram.hf.export.to_engram_lm`, decoding with its own loop: CUDA graphs on a GPU, as ``engram serve``).
 
 Output in ``--out``: ``results.json`` (everything, with loss curves), ``results.md`` (the tables), ``recall.png``,
 ``losses.png``, ``curves.png``.
@@ -54,6 +55,7 @@ from engram.data.corpus import open_corpus, prepare_corpus
 from engram.data.facts import PARAPHRASE_TEMPLATES, Fact, make_facts, training_texts
 from engram.data.sources import iter_documents
 from engram.hf.evaluate import exact_match, generation_throughput, held_out_loss
+from engram.hf.export import to_engram_lm
 from engram.hf.injection import EngramInjection, LoraInjection, train_adapter, trainable_parameters
 from engram.hf.retrofit import ATTRIBUTE, default_engram_config
 from engram.tokenizer import CompressedTokenizer
@@ -365,6 +367,10 @@ def run(data_dir: Path, s: Settings, device: torch.device, work: Path) -> dict:
             if task.facts is None:
                 results["throughput"][method.name] = generation_throughput(
                     model, prompts, s.throughput_new, s.throughput_repeats, pad)
+                if method.name == "engram":  # the same model as an EngramLM: engram serve's decode loop
+                    results["throughput"]["engram-exported"] = generation_throughput(
+                        to_engram_lm(model, data.folder / TOKENIZER), prompts, s.throughput_new,
+                        s.throughput_repeats, pad)
                 if method.name == "lora":
                     results["throughput"]["lora-merged"] = generation_throughput(
                         copy.deepcopy(model).merge_and_unload(), prompts, s.throughput_new, s.throughput_repeats,
@@ -422,7 +428,7 @@ def markdown(r: dict) -> str:
     lines += ["", "| generation (greedy, KV cache) | tokens/s | vs base |", "|---|---|---|"]
     base_rate = t["base"]["tokens_per_s"]
     lines += [f"| {name} | {t[name]['tokens_per_s']:,.0f} | {t[name]['tokens_per_s'] / base_rate:.2f}x |"
-              for name in ("base", "engram", "lora", "lora-merged")]
+              for name in ("base", "engram", "engram-exported", "lora", "lora-merged") if name in t]
     return "\n".join(lines) + "\n"
 
 

@@ -71,7 +71,7 @@ def test_quick_run_compares_engram_and_lora_with_equal_budgets(bench, data_dir, 
             for method in ("base", "engram", "lora"):
                 assert 0 <= task[method]["recall_paraphrase"] <= 1 and 0 <= task[method]["recall_trained"] <= 1
                 assert len(task[method]["recall_by_paraphrase"]) == 3
-    assert set(results["throughput"]) == {"base", "engram", "lora", "lora-merged"}
+    assert set(results["throughput"]) == {"base", "engram", "engram-exported", "lora", "lora-merged"}
     assert all(t["tokens_per_s"] > 0 for t in results["throughput"].values())
     table = (out / "results.md").read_text()
     assert sum(line.startswith("| facts-") for line in table.splitlines()) == 3 * len(settings.facts)

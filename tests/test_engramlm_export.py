@@ -77,8 +77,12 @@ def test_what_an_engram_lm_cannot_hold_is_refused(tokenizer, tmp_path):
     other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     other_file = tmp_path / "other.json"
     other_file.write_text(other.to_str())
+    retrofitted = retrofit(_llama(), tokenizer, [1], ENGRAM)
     with pytest.raises(ValueError, match="hashes other rows"):
-        to_engram_lm(retrofit(_llama(), tokenizer, [1], ENGRAM), other_file)
+        to_engram_lm(retrofitted, other_file)
+    pretty = tmp_path / "pretty.json"
+    tokenizer.backend_tokenizer.save(str(pretty), pretty=True)  # other bytes (digest), the same tokenizer
+    assert to_engram_lm(retrofitted, pretty).cfg.engram_layer_ids == [1]
 
 
 def test_engram_tune_writes_a_tenant_patch_for_an_exported_llama(text_dir, tmp_path):

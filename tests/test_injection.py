@@ -12,6 +12,7 @@ pytest.importorskip("peft")
 from engram import EngramConfig  # noqa: E402
 from engram.data.batches import TokenBatches, validation_batches  # noqa: E402
 from engram.hf.evaluate import exact_match, generation_throughput, held_out_loss  # noqa: E402
+from engram.hf.export import to_engram_lm  # noqa: E402
 from engram.hf.injection import EngramInjection, LoraInjection, train_adapter, trainable_parameters  # noqa: E402
 from engram.train.optim import OptimConfig  # noqa: E402
 
@@ -110,7 +111,12 @@ def test_held_out_loss_is_the_token_mean():
     assert held_out_loss(model, batches, torch.device("cpu")) == pytest.approx(expected, rel=1e-6)
 
 
-def test_generation_throughput_counts_the_new_tokens():
-    result = generation_throughput(_base(), torch.randint(1, VOCAB, (3, 5)), new_tokens=4, repeats=1)
+@pytest.mark.parametrize("exported", [False, True], ids=["transformers", "engram-lm"])
+def test_generation_throughput_counts_the_new_tokens(exported, tokenizer, tmp_path):
+    model = _base()
+    if exported:  # the EngramLM of the same Llama, timed through its own generate (transformers' keywords would fail)
+        (tmp_path / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str())
+        model = to_engram_lm(model, tmp_path / "tokenizer.json")
+    result = generation_throughput(model, torch.randint(1, VOCAB, (3, 5)), new_tokens=4, repeats=1)
     assert (result["batch"], result["new_tokens"]) == (3, 4)
     assert result["tokens_per_s"] == pytest.approx(12 / result["seconds"])

@@ -2,7 +2,9 @@
 exact-match recall of completions, and greedy generation throughput.
 
 Every function takes the model as transformers calls it (``model(input_ids=..., use_cache=False).logits``,
-``model.generate``), so an Engram retrofit, a peft model and a plain base are measured by the same code.
+``model.generate``), so an Engram retrofit, a peft model and a plain base are measured by the same code;
+:func:`generation_throughput` also times an :class:`~engram.model.EngramLM` (a retrofit exported by
+:func:`engram.hf.export.to_engram_lm`) through its own ``generate``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engram.model import EngramLM
 
 
 def batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,8 @@ def exact_match(model: nn.Module, prompts: list[list[int]], completions: list[li
 def generation_throughput(model: nn.Module, prompts: torch.Tensor, new_tokens: int, repeats: int = 3,
                           pad_token_id: int = 0) -> dict[str, float]:
     """Greedy ``generate`` (KV cache on) of exactly ``new_tokens`` after ``prompts`` ``[B, T]`` (on the model's
-    device): one untimed warm-up, then the fastest of ``repeats`` timed calls.
+    device): one untimed warm-up, then the fastest of ``repeats`` timed calls. An :class:`EngramLM` decodes with its
+    default loop (CUDA graphs on a GPU) and no end-of-sequence stop.
 
     Returns:
         ``{"tokens_per_s": B * new_tokens / seconds, "seconds": ..., "batch": B, "new_tokens": new_tokens}``.
@@ -78,8 +83,12 @@ def generation_throughput(model: nn.Module, prompts: torch.Tensor, new_tokens: i
         if prompts.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False, use_cache=True,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id)
+        if isinstance(model, EngramLM):
+            model.generate(prompts, new_tokens, temperature=0)
+        else:
+            model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                           use_cache=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=pad_token_id)
         if prompts.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,6 +94,15 @@ def _state_dict(model: nn.Module, cfg: EngramLMConfig, retrofit: EngramRetrofit 
     return state
 
 
+def same_hashing(a: NgramHasher, b: NgramHasher) -> bool:
+    """Whether two hashers give every token sequence the same rows: the same fingerprint but for the tokenizer
+    file's digest (transformers may rewrite a tokenizer's JSON when it loads it), and the same compression table."""
+    def rows(hasher: NgramHasher) -> dict[str, object]:
+        return {key: value for key, value in hasher.fingerprint().items() if key != "tokenizer_sha256"}
+
+    return rows(a) == rows(b) and np.array_equal(a.tokenizer.lookup, b.tokenizer.lookup)
+
+
 def to_engram_lm(model: nn.Module, tokenizer_file: str | os.PathLike[str]) -> EngramLM:
     """``model`` (a ``LlamaForCausalLM`` or ``MistralForCausalLM``, retrofitted with :func:`engram.hf.retrofit` or
     not) as an :class:`EngramLM` with the same weights, on the same device and dtype, in eval mode.
@@ -100,7 +110,7 @@ def to_engram_lm(model: nn.Module, tokenizer_file: str | os.PathLike[str]) -> En
     Args:
         model: the transformers model.
         tokenizer_file: the model's ``tokenizer.json``; a retrofit's hashing must read it as it read the tokenizer
-            it was built with.
+            it was built with (:func:`same_hashing`).
     Raises:
         ValueError: a model an EngramLM cannot hold (see the module doc), or a tokenizer file that hashes other rows
             than the retrofit's.
@@ -112,7 +122,7 @@ def to_engram_lm(model: nn.Module, tokenizer_file: str | os.PathLike[str]) -> En
     hasher = None
     if retrofit is not None:
         hasher = NgramHasher(cfg.engram)
-        if hasher.fingerprint() != retrofit.hasher.fingerprint():
+        if not same_hashing(hasher, retrofit.hasher):
             raise ValueError(f"{tokenizer_file} hashes other rows than the tokenizer the Engram layers were built "
                              "with: pass the model's own tokenizer.json")
     weight = model.get_input_embeddings().weight
