@@ -2,6 +2,7 @@
 controls, seeds (mean ± sd, differences against the seed spread) and the bootstrap of the memory fit."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -252,3 +253,8 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(text_dir, tmp_pa
     other_corpus = config(text_dir, tmp_path, max_steps=2, eval_every=2, model=None, tokenizer="bpe-280")
     with pytest.raises(ValueError, match=r"corpus.tokenizer: run 'bpe-300', now 'bpe-280'"):
         run_sweep(SweepConfig(train=other_corpus, rhos=[1.0], matched_baseline=False))
+    record = tmp_path / "rho-1.00" / "run.json"
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps({**saved, "model": {**saved["model"], "d_model": 2 * saved["model"]["d_model"]}}))
+    with pytest.raises(ValueError, match=r"model.d_model: run \d+, now \d+"):
+        run_sweep(SweepConfig(train=train, rhos=[1.0], matched_baseline=False))

@@ -243,9 +243,8 @@ def finished_run_differences(run_dir: Path, cfg: TrainConfig, corpus: Corpus) ->
     differences = _config_differences(settings(saved["train"]), settings(wanted["train"]), saved="run")
     differences += _config_differences(content(saved.get("corpus", {})), content(wanted["corpus"]), "corpus.", "run")
     if cfg.model is not None:
-        model = json.loads(json.dumps(cfg.model.to_dict(), default=str))
-        differences += _config_differences(_without_tokenizer(saved["model"]), _without_tokenizer(model), "model.",
-                                           "run")
+        differences += _config_differences(_without_tokenizer(saved["model"]),
+                                           _without_tokenizer(wanted["train"]["model"]), "model.", "run")
     return differences
 
 
