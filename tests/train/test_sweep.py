@@ -251,10 +251,14 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(text_dir, tmp_pa
         run_sweep(SweepConfig(train=config(text_dir, tmp_path, max_steps=3, eval_every=2, model=None), rhos=[1.0],
                               matched_baseline=False))
     other_corpus = config(text_dir, tmp_path, max_steps=2, eval_every=2, model=None, tokenizer="bpe-280")
-    with pytest.raises(ValueError, match=r"corpus.tokenizer: run 'bpe-300', now 'bpe-280'"):
+    with pytest.raises(ValueError, match=r"corpus.tokenizer_sha256: run '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
         run_sweep(SweepConfig(train=other_corpus, rhos=[1.0], matched_baseline=False))
     record = tmp_path / "rho-1.00" / "run.json"
     saved = json.loads(record.read_text())
+    # the same corpus prepared elsewhere, with the same tokenizer file at another path: still this sweep's run
+    record.write_text(json.dumps({**saved, "corpus": {**saved["corpus"], "path": "/elsewhere/corpus",
+                                                      "tokenizer": "/elsewhere/tokenizer.json"}}))
+    assert run_sweep(SweepConfig(train=train, rhos=[1.0], matched_baseline=False))["results"][0]["run"] == "rho-1.00"
     record.write_text(json.dumps({**saved, "model": {**saved["model"], "d_model": 2 * saved["model"]["d_model"]}}))
     with pytest.raises(ValueError, match=r"model.d_model: run \d+, now \d+"):
         run_sweep(SweepConfig(train=train, rhos=[1.0], matched_baseline=False))

@@ -224,8 +224,9 @@ def _without_tokenizer(model_config: dict[str, Any]) -> dict[str, Any]:
 
 def finished_run_differences(run_dir: Path, cfg: TrainConfig, corpus: Corpus) -> list[str]:
     """How a run recorded in ``run_dir`` (its ``run.json``) differs from training ``cfg`` on ``corpus`` in what
-    shapes its result: the corpus (by content: index and tokenizer digest, wherever it lies), every setting that an
-    exact resume keeps but the data and tokenizer paths, ``max_steps``, and the model but its tokenizer path.
+    shapes its result: the corpus (by content: index and tokenizer digest, wherever it and its tokenizer lie), every
+    setting that an exact resume keeps but the data and tokenizer paths, ``max_steps``, and the model but its
+    tokenizer path.
     ``ValueError`` when there is no ``run.json`` to compare."""
     record = run_dir / RUN_FILE
     if not record.is_file():
@@ -236,8 +237,8 @@ def finished_run_differences(run_dir: Path, cfg: TrainConfig, corpus: Corpus) ->
         kept = {**_exact_resume_settings(train), "max_steps": train.get("max_steps")}
         return {key: value for key, value in kept.items() if key not in ("data", "tokenizer")}
 
-    def content(info: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in info.items() if key != "path"}
+    def content(info: dict[str, Any]) -> dict[str, Any]:  # tokenizer: the path it was prepared with (sha256 kept)
+        return {key: value for key, value in info.items() if key not in ("path", "tokenizer")}
 
     wanted = json.loads(json.dumps({"train": cfg.to_dict(), "corpus": corpus.info_dict()}, default=str))  # as saved
     differences = _config_differences(settings(saved["train"]), settings(wanted["train"]), saved="run")
