@@ -1,5 +1,5 @@
 """docs/results/allocation-v2/gpu_run.sh at toy size on the CPU: five sweep processes side by side, the report of every
-run and seed, `engram eval` on the first seed's checkpoints, and what comes back in $OUT; then a deadline that stops
+run and seed, `engram eval` on the last seed's checkpoints, and what comes back in $OUT; then a deadline that stops
 training before any run finishes still leaves the logs packed."""
 
 import csv
@@ -31,18 +31,18 @@ def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.Complete
 def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_path):
     corpus = tmp_path / "corpus"
     prepare_corpus([str(text_dir)], corpus, tokenizer="bpe-300", progress=False)
-    cache = tmp_path / "inductor-cache.tgz"  # an earlier call's compile cache (what the CPU run does not make)
+    cache = tmp_path / "inductor-cache.tar.xz"  # an earlier call's compile cache (what the CPU run does not make)
     (tmp_path / "cache" / "fxgraph").mkdir(parents=True)
     (tmp_path / "cache" / "fxgraph" / "entry").write_text("graph")
-    with tarfile.open(cache, "w:gz") as archive:
+    with tarfile.open(cache, "w:xz") as archive:
         archive.add(tmp_path / "cache" / "fxgraph", arcname="fxgraph")
     done = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3",  # the runs and seeds dealt over 3 processes
                       COMPILE_CACHE=str(cache))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "work" / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "inductor-cache.tgz", "results.tgz", "status.txt",
+    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "inductor-cache.tar.xz", "results.tgz", "status.txt",
                                                      "sweep.png", "sweep_summary.csv"]
-    with tarfile.open(out / "inductor-cache.tgz") as archive:  # restored before training, returned after it
+    with tarfile.open(out / "inductor-cache.tar.xz") as archive:  # restored before training, returned after it
         assert archive.extractfile("./fxgraph/entry").read() == b"graph"
     summary = list(csv.DictReader(io.StringIO((out / "sweep_summary.csv").read_text())))
     assert [(row["run"], row["seeds"]) for row in summary] == [
@@ -57,13 +57,20 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert {"logs/train-rho-1.00-p0.log", "logs/train-moe-topx-p1.log", "logs/train-rho-1.00-p2.log"} <= names
     status = (out / "status.txt").read_text()
     assert "in 3 processes on 2 GPU(s)" in status and f"restored the compile cache {cache}" in status
+    assert "0 of 10 runs finished before this call (restored, or trained here earlier): 10 to train" in status
     assert "compile cache packed:" in status
     assert "rho-1.00 seeds 0: exit 0 (logs/train-rho-1.00-p0.log, GPU 0)" in status
     assert "rho-1.00 seeds 1: exit 0 (logs/train-rho-1.00-p2.log, GPU 0)" in status
     assert "moe-top* seeds 0: exit 0 (logs/train-moe-topx-p1.log, GPU 1)" in status
     assert "moe-top* seeds 1: exit 0 (logs/train-moe-topx-p0.log, GPU 0)" in status
-    assert list(report["checkpoints"]) == ["rho-1.00-seed0", "moe-top3-seed0", "rho-0.50-seed0", "no-memory-seed0",
-                                           "conv-only-seed0"]
+    assert list(report["checkpoints"]) == ["rho-1.00-seed1", "moe-top3-seed1", "rho-0.50-seed1", "no-memory-seed1",
+                                           "conv-only-seed1"]
+
+    # the same call again on the same machine (work folder): nothing left to train, the report and eval again
+    again = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "10 of 10 runs finished before this call (restored, or trained here earlier): 0 to train" in (
+        out / "status.txt").read_text()
 
     # training cut before any run ends: runs far longer than the deadline, so whether the SIGINT lands in an import
     # (which may swallow it) or in the loop (a checkpoint, no final/), no run can finish first

@@ -4,7 +4,7 @@
 # seed, as `engram sweep` processes side by side (on one GPU: five, one per run, its seeds one after the other; on
 # several: at least one per GPU, the runs and seeds dealt round-robin; they share --out), then
 # `engram sweep --report-only` (CSVs and plots, mean ± sd over seeds) and `engram eval` (loss by position, retrieval)
-# on the first seed's checkpoints.
+# on the last seed's checkpoints.
 #
 #   bash docs/results/allocation-v2/gpu_run.sh            # on the GPU machine, from the repository root
 #
@@ -24,18 +24,18 @@
 #   WORK, OUT     work folder (one per corpus: `engram sweep` refuses a finished run of another corpus in its
 #                 --out), results folder [/tmp/allocation-v2/<corpus>, $WORK/out]
 #   PYTHON        the interpreter [python3]
-#   COMPILE_CACHE the inductor-cache.tgz an earlier call returned, carried here: torch.compile's cache (FX graphs,
+#   COMPILE_CACHE the inductor-cache.tar.xz an earlier call returned, carried here: torch.compile's cache (FX graphs,
 #                 Triton kernels), restored before training so that the processes skip most of their compilation
-#                 (~100 s each from scratch); every call returns its own cache as $OUT/inductor-cache.tgz when it is
-#                 under 48 MB [none]
+#                 (~100 s each from scratch); every call returns its own cache as $OUT/inductor-cache.tar.xz when
+#                 it is under 48 MB (xz: gzip made five processes' cache 60 MB) [none]
 # Runs finished in an earlier call are restored from python-code-<STEPS>steps/runs/ (english-<STEPS>steps/runs/)
 # beside this script, when present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train
 # a finished run again, and refuses one trained with other settings), so SEEDS can be spread over several calls with
-# the same other settings; `engram eval` then reads the first seed trained in this call.
+# the same other settings; `engram eval` then reads the last seed whose weights are here (the one this call trained).
 #
 # What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt, results.tgz (every
 # CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json) and
-# inductor-cache.tgz.
+# inductor-cache.tar.xz.
 set -uo pipefail
 start=$SECONDS
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,7 +54,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 status() { echo "[$((SECONDS - start)) s] $*" | tee -a "$work/report/status.txt"; }
 export TORCHINDUCTOR_CACHE_DIR=$work/inductor-cache
 if [ -n "${COMPILE_CACHE:-}" ]; then
-  if mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xzf "$COMPILE_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR"; then
+  if mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xf "$COMPILE_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR"; then
     status "restored the compile cache $COMPILE_CACHE"
   else
     status "could not restore the compile cache $COMPILE_CACHE: compiling from scratch"
@@ -135,6 +135,14 @@ train_process() {  # process $1: its jobs, grouped by run
     status "$group seeds${seeds_of[$group]}: exit $code (logs/$log${CUDA_VISIBLE_DEVICES:+, GPU $CUDA_VISIBLE_DEVICES})"
   done
 }
+finished_before=0
+for job in "${jobs[@]}"; do
+  if compgen -G "$work/runs/${job%|*}-seed${job#*|}/final/config.json" >/dev/null; then
+    finished_before=$(( finished_before + 1 ))
+  fi
+done
+status "$finished_before of ${#jobs[@]} runs finished before this call (restored, or trained here earlier):" \
+  "$(( ${#jobs[@]} - finished_before )) to train"
 left=$(( deadline - (SECONDS - start) ))
 status "training ${#jobs[@]} runs ($(echo ${groups[*]}) x seeds $(echo $seeds)), $steps steps each, in $procs \
 processes on $gpus GPU(s), for at most $(( left > 0 ? left : 1 )) s"
@@ -169,13 +177,14 @@ if [ ${#report_groups[@]} -gt 0 ]; then
     >"$logs/report.log" 2>&1 && status "report of ${report_groups[*]} over seeds ${finished_seeds[*]} written" \
     || status "report failed (logs/report.log)"
   cp "$work"/runs/sweep*.csv "$work"/runs/sweep*.png "$work/report/" 2>/dev/null
-  eval_seed=  # the first seed trained in this call (restored runs carry no weights)
+  eval_seed=  # the last seed whose runs all have weights: trained in this call, or in an earlier one on this machine
+              # (restored runs carry no weights), so calls that add one seed each evaluate a new seed each
   for seed in "${finished_seeds[@]}"; do
     trained=1
     for group in "${report_groups[@]}"; do
       compgen -G "$work/runs/$group-seed$seed/final/model.safetensors" >/dev/null || trained=0
     done
-    if [ $trained = 1 ]; then eval_seed=$seed; break; fi
+    if [ $trained = 1 ]; then eval_seed=$seed; fi
   done
   checkpoints=()
   if [ -n "$eval_seed" ]; then
@@ -195,12 +204,12 @@ fi
 [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
 cp "$corpus/index.json" "$work/report/corpus-index.json"
 if [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-  tar czf "$out/inductor-cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" .
-  size=$(stat -c %s "$out/inductor-cache.tgz")
+  tar cf - -C "$TORCHINDUCTOR_CACHE_DIR" . | xz -T0 -6 >"$out/inductor-cache.tar.xz"
+  size=$(stat -c %s "$out/inductor-cache.tar.xz")
   if [ "$size" -le $(( 48 * 1024 * 1024 )) ]; then
     status "compile cache packed: $size bytes (carry it as COMPILE_CACHE next time)"
   else
-    rm -f "$out/inductor-cache.tgz"
+    rm -f "$out/inductor-cache.tar.xz"
     status "compile cache of $size bytes left behind: over 48 MB"
   fi
 fi

@@ -202,9 +202,9 @@ def plot_memory(summary: list[dict[str, Any]], fit: dict[str, float], out_file: 
     return _finish(fig, ax, out_file)
 
 
-def plot_curves(run_dirs: dict[str, list[Path]], out_file: Path) -> Path:
-    """Validation loss against training tokens, one line per run: the mean over its seeds' run folders at every
-    evaluation they all reached, with a ±1 sd band."""
+def plot_curves(run_dirs: dict[str, list[Path]], out_file: Path, unit: str = "seed") -> Path:
+    """Validation loss against training tokens, one line per run: the mean over its run folders (one per ``unit``:
+    seed, or replicate) at every evaluation they all reached, with a ±1 sd band."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for name, folders in run_dirs.items():
@@ -214,13 +214,13 @@ def plot_curves(run_dirs: dict[str, list[Path]], out_file: Path) -> Path:
             continue
         losses = np.asarray([[curve[t] for t in tokens] for curve in curves])
         mean = losses.mean(axis=0)
-        (drawn,) = ax.plot(tokens, mean, "o-", lw=1.5, ms=3, label=f"{name} ({len(folders)} seed"
+        (drawn,) = ax.plot(tokens, mean, "o-", lw=1.5, ms=3, label=f"{name} ({len(folders)} {unit}"
                                                                    f"{'s' if len(folders) > 1 else ''})")
         if len(folders) > 1:
             std = losses.std(axis=0, ddof=1)
             ax.fill_between(tokens, mean - std, mean + std, color=drawn.get_color(), alpha=0.15, lw=0)
     ax.set_xlabel("training tokens")
-    ax.set_title("Validation loss during training (mean ± sd over seeds)")
+    ax.set_title(f"Validation loss during training (mean ± sd over {unit}s)")
     return _finish(fig, ax, out_file)
 
 

@@ -1,0 +1,70 @@
+"""docs/results/allocation-v2/replicates.py: every finished run folder of several sources pooled per run, same-seed
+repeats paired, steps checked."""
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "results" / "allocation-v2" / "replicates.py"
+spec = importlib.util.spec_from_file_location("replicates", SCRIPT)
+replicates = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(replicates)
+
+
+def make_run(source: Path, folder: str, val_losses: list[float], steps: int = 20, finished: bool = True) -> None:
+    run = source / folder
+    (run / "final").mkdir(parents=True)
+    with open(run / "metrics.jsonl", "w") as f:
+        for i, loss in enumerate(val_losses, 1):
+            step = steps * i // len(val_losses)
+            f.write(json.dumps({"step": step, "tokens": step * 64, "loss": loss + 0.1}) + "\n")
+            f.write(json.dumps({"step": step, "tokens": step * 64, "loss": loss + 0.1, "val_loss": loss,
+                                "val_bpb": loss / 2}) + "\n")
+    if finished:
+        (run / "final" / "config.json").write_text("{}")
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_replicates_pool_seeds_and_repeats_from_several_sources(tmp_path):
+    first, second = tmp_path / "call-a", tmp_path / "call-b"
+    make_run(first, "moe-seed0", [3.0, 2.9])
+    make_run(first, "moe-seed1", [3.1, 2.7])
+    make_run(first, "engram-seed0", [2.8, 2.5])
+    make_run(first, "engram-seed1", [2.9, 2.6], finished=False)  # cut by a deadline: not a replicate
+    make_run(second, "moe-seed0", [3.0, 2.95])  # the same seed trained again in another call
+    make_run(second, "notes", [1.0])  # not a run folder
+    report = replicates.write_replicates([first, second], tmp_path / "out", runs=["moe", "engram"])
+
+    assert [(r["run"], r["seed"], r["source"]) for r in report["rows"]] == [
+        ("moe", 0, str(first)), ("moe", 1, str(first)), ("moe", 0, str(second)), ("engram", 0, str(first))]
+    summary = {row["run"]: row for row in read(tmp_path / "out" / "replicates_summary.csv")}
+    assert list(summary) == ["moe", "engram"] and summary["moe"]["seeds"] == "3"
+    assert float(summary["moe"]["val_loss_mean"]) == pytest.approx(np.mean([2.9, 2.7, 2.95]))
+    assert float(summary["moe"]["val_loss_std"]) == pytest.approx(np.std([2.9, 2.7, 2.95], ddof=1))
+    assert math.isnan(float(summary["engram"]["val_loss_std"]))
+    (repeat,) = read(tmp_path / "out" / "replicates_repeats.csv")
+    assert (repeat["run"], repeat["seed"]) == ("moe", "0")
+    assert float(repeat["difference"]) == pytest.approx(0.05)
+    (pair,) = read(tmp_path / "out" / "replicates_differences.csv")
+    assert (pair["run"], pair["other"]) == ("moe", "engram") and pair["exceeds_seed_spread"] == ""
+    for plot in ("replicates.png", "replicates_curves.png"):
+        assert (tmp_path / "out" / plot).stat().st_size > 10_000
+
+
+def test_replicates_refuse_mixed_lengths_and_missing_runs(tmp_path):
+    make_run(tmp_path / "a", "moe-seed0", [3.0], steps=20)
+    make_run(tmp_path / "b", "moe-seed1", [3.0], steps=40)
+    with pytest.raises(ValueError, match=r"different numbers of steps \(\[20, 40\]\).*moe-seed1"):
+        replicates.finished_runs([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match=r"no finished folder of run\(s\) \['engram'\]"):
+        replicates.finished_runs([tmp_path / "a"], runs=["moe", "engram"])
+    with pytest.raises(ValueError, match="no such folder of runs"):
+        replicates.finished_runs([tmp_path / "missing"])
