@@ -66,11 +66,19 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert list(report["checkpoints"]) == ["rho-1.00-seed1", "moe-top3-seed1", "rho-0.50-seed1", "no-memory-seed1",
                                            "conv-only-seed1"]
 
-    # the same call again on the same machine (work folder): nothing left to train, the report and eval again
-    again = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3")
+    # a later call on the same machine (work folder) that trains one run's third seed only: the report still covers
+    # seeds 0 and 1 of every run, the eval reads the run just trained
+    again = run_driver(corpus, tmp_path / "work", SEEDS="0 1 2", ONLY="rho-0.50")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "10 of 10 runs finished before this call (restored, or trained here earlier): 0 to train" in (
-        out / "status.txt").read_text()
+    status = (out / "status.txt").read_text()
+    assert "2 of 3 runs finished before this call (restored, or trained here earlier): 1 to train" in status
+    assert "training 3 runs (rho-0.50 x seeds 0 1 2), 1 steps each, in 1 processes" in status
+    assert "rho-1.00 seed 2: not finished" in status and "over seeds 0 1 written" in status.split("1 to train")[1]
+    with tarfile.open(out / "results.tgz") as archive:
+        assert list(json.load(archive.extractfile("report/eval.json"))["checkpoints"]) == ["rho-0.50-seed2"]
+    wrong = run_driver(corpus, tmp_path / "work", ONLY="rho-0.30")
+    assert wrong.returncode == 1
+    assert "ONLY names rho-0.30, not one of the runs: rho-1.00 moe-top* rho-0.50" in wrong.stdout
 
     # training cut before any run ends: runs far longer than the deadline, so whether the SIGINT lands in an import
     # (which may swallow it) or in the loop (a checkpoint, no final/), no run can finish first

@@ -14,6 +14,8 @@
 #                 corpus-english.sha256 beside this script), or the folder of any prepared corpus [python-code]
 #   STEPS, BATCH, SEQ, SEEDS   optimiser steps, sequences per step, tokens per sequence, seeds [350, 16, 1024, "0 1 2"]
 #   RHOS          the Engram splits besides rho = 1 (which, with its matched MoE, always runs) ["0.8"]
+#   ONLY          train only these of the runs (names as in the report, the matched MoE as "moe-top*"), e.g. one
+#                 run per call for long runs; the report still covers every finished run [all]
 #   WARMUP, EVAL_EVERY, EVAL_BATCHES   [STEPS / 10, 70, 16]
 #   PRESET, DEVICE, THREADS    model preset, device, OMP threads per process [small, auto, 3]
 #   GPUS, PROCS   GPUs to spread the processes over (process p on GPU p mod GPUS), training processes [the GPUs
@@ -99,6 +101,13 @@ if [ -d "$restored" ]; then cp -rn "$restored/." "$work/runs/"; status "restored
 
 rhos=${RHOS:-0.8}
 groups=("rho-1.00" "moe-top*" $(for rho in $rhos; do printf "rho-%.2f " "$rho"; done) "no-memory" "conv-only")
+trained_groups=("${groups[@]}")
+if [ -n "${ONLY:-}" ]; then
+  read -ra trained_groups <<<"$ONLY"  # read, not word splitting: "moe-top*" must not expand
+  for name in "${trained_groups[@]}"; do
+    [[ " ${groups[*]} " == *" $name "* ]] || { status "ONLY names $name, not one of the runs: ${groups[*]}"; exit 1; }
+  done
+fi
 common=(--preset "${PRESET:-small}" --data "$corpus" --tokenizer "$tokenizer" --rhos 1.0 $rhos
         --controls no-memory conv-only --seeds $seeds --max-steps "$steps" --batch-size "${BATCH:-16}"
         --seq-len "${SEQ:-1024}" --warmup-steps "${WARMUP:-$(( steps / 10 > 0 ? steps / 10 : 1 ))}"
@@ -113,9 +122,9 @@ fi
 # one after the other (one `engram sweep` per run, over that run's seeds), on GPU p mod GPUS when there are several.
 gpus=${GPUS:-$(command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)}
 [ "$gpus" -ge 1 ] 2>/dev/null || gpus=1
-procs=${PROCS:-$(( gpus > ${#groups[@]} ? gpus : ${#groups[@]} ))}
+procs=${PROCS:-$(( gpus > ${#trained_groups[@]} ? gpus : ${#trained_groups[@]} ))}
 jobs=()
-for seed in $seeds; do for group in "${groups[@]}"; do jobs+=("$group|$seed"); done; done
+for seed in $seeds; do for group in "${trained_groups[@]}"; do jobs+=("$group|$seed"); done; done
 train_process() {  # process $1: its jobs, grouped by run
   local p=$1 order=() group seed code
   declare -A seeds_of=()
@@ -126,7 +135,7 @@ train_process() {  # process $1: its jobs, grouped by run
   done
   for group in "${order[@]}"; do
     local log=train-${group//\*/x}.log left=$(( deadline - (SECONDS - start) ))
-    [ "$procs" -eq "${#groups[@]}" ] || log=train-${group//\*/x}-p$p.log  # a run's seeds may span processes
+    [ "$procs" -eq "${#trained_groups[@]}" ] || log=train-${group//\*/x}-p$p.log  # a run's seeds may span processes
     [ $left -gt 0 ] || left=1
     if [ "$gpus" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=$(( p % gpus )); fi
     OMP_NUM_THREADS=${THREADS:-3} timeout --signal=INT --kill-after=30 "$left" \
@@ -144,7 +153,7 @@ done
 status "$finished_before of ${#jobs[@]} runs finished before this call (restored, or trained here earlier):" \
   "$(( ${#jobs[@]} - finished_before )) to train"
 left=$(( deadline - (SECONDS - start) ))
-status "training ${#jobs[@]} runs ($(echo ${groups[*]}) x seeds $(echo $seeds)), $steps steps each, in $procs \
+status "training ${#jobs[@]} runs ($(echo ${trained_groups[*]}) x seeds $(echo $seeds)), $steps steps each, in $procs \
 processes on $gpus GPU(s), for at most $(( left > 0 ? left : 1 )) s"
 pids=()
 for ((p = 0; p < procs; p++)); do train_process "$p" & pids+=($!); done
@@ -177,19 +186,17 @@ if [ ${#report_groups[@]} -gt 0 ]; then
     >"$logs/report.log" 2>&1 && status "report of ${report_groups[*]} over seeds ${finished_seeds[*]} written" \
     || status "report failed (logs/report.log)"
   cp "$work"/runs/sweep*.csv "$work"/runs/sweep*.png "$work/report/" 2>/dev/null
-  eval_seed=  # the last seed whose runs all have weights: trained in this call, or in an earlier one on this machine
-              # (restored runs carry no weights), so calls that add one seed each evaluate a new seed each
-  for seed in "${finished_seeds[@]}"; do
-    trained=1
-    for group in "${report_groups[@]}"; do
-      compgen -G "$work/runs/$group-seed$seed/final/model.safetensors" >/dev/null || trained=0
-    done
-    if [ $trained = 1 ]; then eval_seed=$seed; fi
-  done
+  # the runs of the last seed with weights here (restored runs carry none): trained in this call, or on a warm machine
+  # in an earlier one, so calls that add one seed each evaluate a new seed each
   checkpoints=()
-  if [ -n "$eval_seed" ]; then
-    for group in "${report_groups[@]}"; do checkpoints+=($work/runs/$group-seed$eval_seed); done
-  fi
+  for seed in $seeds; do
+    found=()
+    for group in "${groups[@]}"; do
+      weights=$(compgen -G "$work/runs/$group-seed$seed/final/model.safetensors" | head -n 1)
+      [ -z "$weights" ] || found+=("${weights%/final/model.safetensors}")
+    done
+    [ ${#found[@]} -eq 0 ] || checkpoints=("${found[@]}")
+  done
   left=$(( 600 - 45 - (SECONDS - start) ))
   eval_args=${EVAL_ARGS:---batches 8 --samples 32}
   if [ ${#checkpoints[@]} -gt 0 ] && [ $left -gt 10 ]; then
@@ -219,4 +226,6 @@ status "packing; results in $out"
 for file in sweep_summary.csv sweep.png eval.png status.txt; do
   if [ -f "$work/report/$file" ]; then cp "$work/report/$file" "$out/"; fi
 done
-[ "${finished_seeds[*]}" = "$(echo $seeds)" ] && [ ${#report_groups[@]} -eq ${#groups[@]} ]
+for job in "${jobs[@]}"; do  # success: every run this call was to train is finished
+  compgen -G "$work/runs/${job%|*}-seed${job#*|}/final/config.json" >/dev/null || exit 1
+done
