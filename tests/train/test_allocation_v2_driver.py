@@ -91,3 +91,22 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert "packing" in status
     with tarfile.open(tmp_path / "stopped" / "out" / "results.tgz") as archive:
         assert "logs/train-moe-topx.log" in archive.getnames()
+
+
+@pytest.mark.slow
+def test_the_gpu_driver_runs_memory_scaling_at_toy_size(text_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    prepare_corpus([str(text_dir)], corpus, tokenizer="bpe-300", progress=False)
+    done = run_driver(corpus, tmp_path / "work", MODE="memory", FACTORS="1 2", SEEDS="0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "work" / "out"
+    summary = list(csv.DictReader(io.StringIO((out / "sweep_summary.csv").read_text())))
+    assert [(row["run"], row["memory_factor"]) for row in summary] == [("rows-x1", "1"), ("rows-x2", "2")]
+    assert float(summary[1]["rows_per_head"]) > float(summary[0]["rows_per_head"])
+    assert "fit_b" in summary[0]  # the memory-scaling fit
+    with tarfile.open(out / "results.tgz") as archive:
+        assert list(json.load(archive.extractfile("report/eval.json"))["checkpoints"]) == ["rows-x1-seed0",
+                                                                                           "rows-x2-seed0"]
+    assert "training 2 runs (rows-x1 rows-x2 x seeds 0)" in (out / "status.txt").read_text()
+    wrong = run_driver(corpus, tmp_path / "work", MODE="memroy")
+    assert wrong.returncode == 1 and "MODE must be allocation or memory, not 'memroy'" in wrong.stderr

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 21's first-priority runs in ONE command (docs/results/allocation-v2/README.md): the pure MoE (rho = 1), the
+# Issue 21's runs in ONE command (docs/results/allocation-v2/README.md): by default the pure MoE (rho = 1), the
 # activation-matched pure MoE (moe-top{k}), rho = 0.8 and the controls no-memory and conv-only, every one with each
 # seed, as `engram sweep` processes side by side (on one GPU: five, one per run, its seeds one after the other; on
 # several: at least one per GPU, the runs and seeds dealt round-robin; they share --out), then
@@ -13,7 +13,10 @@
 #                 docs/results/allocation/), english (the carried shards in runs/corpus-english, checked against
 #                 corpus-english.sha256 beside this script), or the folder of any prepared corpus [python-code]
 #   STEPS, BATCH, SEQ, SEEDS   optimiser steps, sequences per step, tokens per sequence, seeds [350, 16, 1024, "0 1 2"]
+#   MODE          allocation (the runs above) or memory (`engram sweep --mode memory`: the preset's Engram model
+#                 with its tables grown by each of FACTORS, runs rows-x<F>) [allocation]
 #   RHOS          the Engram splits besides rho = 1 (which, with its matched MoE, always runs) ["0.8"]
+#   FACTORS       the table-size factors of MODE=memory ["1 2 4 8 16"]
 #   ONLY          train only these of the runs (names as in the report, the matched MoE as "moe-top*"), e.g. one
 #                 run per call for long runs; the report still covers every finished run [all]
 #   WARMUP, EVAL_EVERY, EVAL_BATCHES   [STEPS / 10, 70, 16]
@@ -23,17 +26,18 @@
 #   DEADLINE      seconds after the start when training stops with Ctrl-C's effect, so that the report, the eval
 #                 and the packing still end inside the command's 10 minutes [480]
 #   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
-#   WORK, OUT     work folder (one per corpus: `engram sweep` refuses a finished run of another corpus in its
-#                 --out), results folder [/tmp/allocation-v2/<corpus>, $WORK/out]
+#   WORK, OUT     work folder (one per corpus and mode: `engram sweep` refuses a finished run of another corpus in
+#                 its --out), results folder [/tmp/allocation-v2/<corpus>, .../<corpus>-memory; $WORK/out]
 #   PYTHON        the interpreter [python3]
 #   COMPILE_CACHE the inductor-cache.tar.xz an earlier call returned, carried here: torch.compile's cache (FX graphs,
 #                 Triton kernels), restored before training so that the processes skip most of their compilation
 #                 (~100 s each from scratch); every call returns its own cache as $OUT/inductor-cache.tar.xz when
 #                 it is under 48 MB (xz: gzip made five processes' cache 60 MB) [none]
-# Runs finished in an earlier call are restored from python-code-<STEPS>steps/runs/ (english-<STEPS>steps/runs/)
-# beside this script, when present (their metrics.jsonl, run.json and final/config.json: `engram sweep` does not train
-# a finished run again, and refuses one trained with other settings), so SEEDS can be spread over several calls with
-# the same other settings; `engram eval` then reads the last seed whose weights are here (the one this call trained).
+# Runs finished in an earlier call are restored from python-code-<STEPS>steps/runs/ (english-<STEPS>steps/runs/;
+# python-code-memory-<STEPS>steps/runs/ in memory mode) beside this script, when present (their metrics.jsonl,
+# run.json and final/config.json: `engram sweep` does not train a finished run again, and refuses one trained with
+# other settings), so SEEDS can be spread over several calls with the same other settings; `engram eval` then reads
+# the last seed whose weights are here (the one this call trained).
 #
 # What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt, results.tgz (every
 # CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json) and
@@ -43,7 +47,13 @@ start=$SECONDS
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
 corpus_name=${CORPUS:-python-code}
-work=${WORK:-/tmp/allocation-v2/$(basename "$corpus_name")}
+mode=${MODE:-allocation}
+case $mode in
+  allocation) tag=$(basename "$corpus_name") ;;
+  memory) tag=$(basename "$corpus_name")-memory ;;
+  *) echo "MODE must be allocation or memory, not '$mode'" >&2; exit 1 ;;
+esac
+work=${WORK:-/tmp/allocation-v2/$tag}
 out=${OUT:-$work/out}
 python=${PYTHON:-python3}
 steps=${STEPS:-350}
@@ -77,7 +87,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 case $corpus_name in
   python-code)
-    corpus=$work/corpus-python-code
+    corpus=$(dirname "$work")/corpus-python-code  # beside the work folders: shared by both modes
     tokenizer=$repo/docs/results/allocation/tokenizer.json
     if [ ! -f "$corpus/index.json" ]; then
       status "preparing python-code"
@@ -96,11 +106,18 @@ esac
 [ -f "$tokenizer" ] || { status "no tokenizer.json for corpus $corpus"; exit 1; }
 status "corpus $corpus ready"
 
-restored=$here/$(basename "$corpus_name")-${steps}steps/runs
+restored=$here/$tag-${steps}steps/runs
 if [ -d "$restored" ]; then cp -rn "$restored/." "$work/runs/"; status "restored finished runs from $restored"; fi
 
 rhos=${RHOS:-0.8}
-groups=("rho-1.00" "moe-top*" $(for rho in $rhos; do printf "rho-%.2f " "$rho"; done) "no-memory" "conv-only")
+factors=${FACTORS:-1 2 4 8 16}
+if [ "$mode" = memory ]; then
+  groups=($(for factor in $factors; do echo "rows-x$factor"; done))
+  runs_flags=(--mode memory --memory-factors $factors)
+else
+  groups=("rho-1.00" "moe-top*" $(for rho in $rhos; do printf "rho-%.2f " "$rho"; done) "no-memory" "conv-only")
+  runs_flags=(--rhos 1.0 $rhos --controls no-memory conv-only)
+fi
 trained_groups=("${groups[@]}")
 if [ -n "${ONLY:-}" ]; then
   read -ra trained_groups <<<"$ONLY"  # read, not word splitting: "moe-top*" must not expand
@@ -108,9 +125,9 @@ if [ -n "${ONLY:-}" ]; then
     [[ " ${groups[*]} " == *" $name "* ]] || { status "ONLY names $name, not one of the runs: ${groups[*]}"; exit 1; }
   done
 fi
-common=(--preset "${PRESET:-small}" --data "$corpus" --tokenizer "$tokenizer" --rhos 1.0 $rhos
-        --controls no-memory conv-only --seeds $seeds --max-steps "$steps" --batch-size "${BATCH:-16}"
-        --seq-len "${SEQ:-1024}" --warmup-steps "${WARMUP:-$(( steps / 10 > 0 ? steps / 10 : 1 ))}"
+common=(--preset "${PRESET:-small}" --data "$corpus" --tokenizer "$tokenizer" "${runs_flags[@]}" --seeds $seeds
+        --max-steps "$steps" --batch-size "${BATCH:-16}" --seq-len "${SEQ:-1024}"
+        --warmup-steps "${WARMUP:-$(( steps / 10 > 0 ? steps / 10 : 1 ))}"
         --eval-every "${EVAL_EVERY:-70}" --eval-batches "${EVAL_BATCHES:-16}" --log-every 10 --save-every "$steps"
         --device "${DEVICE:-auto}" --no-progress --no-tensorboard --out "$work/runs")
 sampler=

@@ -1,10 +1,10 @@
 """Pool every finished run of issue 21's sweeps, seeds and same-seed repeats alike, into one report.
 
-Training on a GPU is not bit-reproducible here (atomic adds in the backward pass): two runs of one seed, trained in
-two calls, part in the fifth decimal of the loss by step 10 and end up to ~0.07 nats apart. A repeat of a seed is
-therefore one more sample of the training noise, beside the other seeds. This script reads run folders
-(``<run>-seed<S>/`` with ``metrics.jsonl`` and ``final/config.json``, as ``engram sweep`` writes them) from several
-places and writes, into ``--out``:
+Training on a GPU is not bit-reproducible here (most likely the order of atomic adds in the backward pass): two
+runs of one seed, trained in two calls, part in the fifth decimal of the loss by step 10 and end up to ~0.07 nats
+apart. A repeat of a seed is therefore one more sample of the training noise, beside the other seeds. This script
+reads run folders (``<run>-seed<S>/`` with ``metrics.jsonl`` and ``final/config.json``, as ``engram sweep`` writes
+them) from several places and writes, into ``--out``:
 
 - ``replicates.csv``: one row per run folder (``run``, ``seed``, ``source``: the place it came from, ``steps``,
   ``val_loss``, ``val_bpb``, ``train_loss``);

@@ -226,8 +226,7 @@ def finished_run_differences(run_dir: Path, cfg: TrainConfig, corpus: Corpus) ->
     """How a run recorded in ``run_dir`` (its ``run.json``) differs from training ``cfg`` on ``corpus`` in what
     shapes its result: the corpus (by content: index and tokenizer digest, wherever it and its tokenizer lie), every
     setting that an exact resume keeps but the data and tokenizer paths, ``max_steps``, and the model but its
-    tokenizer path.
-    ``ValueError`` when there is no ``run.json`` to compare."""
+    tokenizer path. ``ValueError`` when there is no ``run.json`` to compare."""
     record = run_dir / RUN_FILE
     if not record.is_file():
         raise ValueError(f"{run_dir} has no {RUN_FILE}: what it was trained with cannot be checked")
