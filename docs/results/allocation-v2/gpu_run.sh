@@ -64,6 +64,7 @@ mkdir -p "$work/runs" "$work/report" "$logs" "$out"
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 status() { echo "[$((SECONDS - start)) s] $*" | tee -a "$work/report/status.txt"; }
+finished() { compgen -G "$work/runs/$1-seed$2/final/config.json" >/dev/null; }  # run $1 (a pattern), seed $2
 export TORCHINDUCTOR_CACHE_DIR=$work/inductor-cache
 if [ -n "${COMPILE_CACHE:-}" ]; then
   if mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xf "$COMPILE_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR"; then
@@ -163,7 +164,7 @@ train_process() {  # process $1: its jobs, grouped by run
 }
 finished_before=0
 for job in "${jobs[@]}"; do
-  if compgen -G "$work/runs/${job%|*}-seed${job#*|}/final/config.json" >/dev/null; then
+  if finished "${job%|*}" "${job#*|}"; then
     finished_before=$(( finished_before + 1 ))
   fi
 done
@@ -181,7 +182,7 @@ finished_seeds=()
 for seed in $seeds; do
   complete=1
   for group in "${groups[@]}"; do
-    if ! compgen -G "$work/runs/$group-seed$seed/final/config.json" >/dev/null; then
+    if ! finished "$group" "$seed"; then
       complete=0
       status "$group seed $seed: not finished"
     fi
@@ -193,7 +194,7 @@ if [ ${#finished_seeds[@]} -eq 0 ]; then
   finished_seeds=("${seeds%% *}")
   report_groups=()
   for group in "${groups[@]}"; do
-    if compgen -G "$work/runs/$group-seed${finished_seeds[0]}/final/config.json" >/dev/null; then
+    if finished "$group" "${finished_seeds[0]}"; then
       report_groups+=("$group")
     fi
   done
@@ -244,5 +245,5 @@ for file in sweep_summary.csv sweep.png eval.png status.txt; do
   if [ -f "$work/report/$file" ]; then cp "$work/report/$file" "$out/"; fi
 done
 for job in "${jobs[@]}"; do  # success: every run this call was to train is finished
-  compgen -G "$work/runs/${job%|*}-seed${job#*|}/final/config.json" >/dev/null || exit 1
+  finished "${job%|*}" "${job#*|}" || exit 1
 done
