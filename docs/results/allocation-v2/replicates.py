@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engram.train.compare import read_metrics
+from engram.train.compare import final_losses
 from engram.train.sweep_report import differences, finish_plot, plot_curves, pyplot, summarize, write_csv
 
 RUN_FOLDER = re.compile(r"(?P<run>.+)-seed(?P<seed>\d+)")
@@ -45,13 +45,11 @@ def finished_runs(sources: list[Path], runs: list[str] | None = None) -> list[di
             match = RUN_FOLDER.fullmatch(folder.name)
             if not match or not (folder / "final" / "config.json").is_file():
                 continue
-            metrics = read_metrics(folder)
-            evals = [row for row in metrics if "val_loss" in row]
-            if not evals:
+            losses = final_losses(folder)
+            if losses["val_loss"] is None:
                 raise ValueError(f"{str(folder)!r} is finished but logged no validation loss")
             rows.append({"run": match["run"], "seed": int(match["seed"]), "source": str(source),
-                         "folder": str(folder), "steps": metrics[-1]["step"], "val_loss": evals[-1]["val_loss"],
-                         "val_bpb": evals[-1]["val_bpb"], "train_loss": metrics[-1]["loss"]})
+                         "folder": str(folder), **losses})
     if runs is not None:
         missing = sorted(set(runs) - {row["run"] for row in rows})
         if missing:

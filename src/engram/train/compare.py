@@ -32,16 +32,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def run_summary(name: str, run_dir: Path, params: Mapping[str, int]) -> dict[str, Any]:
-    """The last logged losses and the parameter counts of a finished run."""
+def final_losses(run_dir: Path) -> dict[str, Any]:
+    """The last logged step, validation loss and bits per byte, and training loss of a run (None where not logged)."""
     rows = read_metrics(run_dir)
     evals = [row for row in rows if "val_loss" in row]
     return {
-        "model": name,
         "steps": rows[-1]["step"] if rows else 0,
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_bpb": evals[-1]["val_bpb"] if evals else None,
         "train_loss": rows[-1]["loss"] if rows else None,
+    }
+
+
+def run_summary(name: str, run_dir: Path, params: Mapping[str, int]) -> dict[str, Any]:
+    """The last logged losses and the parameter counts of a finished run."""
+    return {
+        "model": name,
+        **final_losses(run_dir),
         "total_params": params["total"],
         "activated_params": params["activated"],
         "table_params": params["engram"],
