@@ -31,18 +31,23 @@ def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.Complete
 def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_path):
     corpus = tmp_path / "corpus"
     prepare_corpus([str(text_dir)], corpus, tokenizer="bpe-300", progress=False)
-    cache = tmp_path / "inductor-cache.tar.xz"  # an earlier call's compile cache (what the CPU run does not make)
+    cache = tmp_path / "compile-cache"  # an earlier call's compile cache in two parts (the CPU run makes none)
     (tmp_path / "cache" / "fxgraph").mkdir(parents=True)
     (tmp_path / "cache" / "fxgraph" / "entry").write_text("graph")
-    with tarfile.open(cache, "w:xz") as archive:
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:xz") as archive:
         archive.add(tmp_path / "cache" / "fxgraph", arcname="fxgraph")
+    cache.mkdir()
+    half = len(packed.getvalue()) // 2
+    (cache / "inductor-cache.tar.xz.0").write_bytes(packed.getvalue()[:half])
+    (cache / "inductor-cache.tar.xz.1").write_bytes(packed.getvalue()[half:])
     done = run_driver(corpus, tmp_path / "work", GPUS="2", PROCS="3",  # the runs and seeds dealt over 3 processes
                       COMPILE_CACHE=str(cache))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "work" / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "inductor-cache.tar.xz", "results.tgz", "status.txt",
-                                                     "sweep.png", "sweep_summary.csv"]
-    with tarfile.open(out / "inductor-cache.tar.xz") as archive:  # restored before training, returned after it
+    assert sorted(p.name for p in out.iterdir()) == ["eval.png", "inductor-cache.tar.xz.0", "results.tgz",
+                                                     "status.txt", "sweep.png", "sweep_summary.csv"]
+    with tarfile.open(out / "inductor-cache.tar.xz.0") as archive:  # restored before training, returned after it
         assert archive.extractfile("./fxgraph/entry").read() == b"graph"
     summary = list(csv.DictReader(io.StringIO((out / "sweep_summary.csv").read_text())))
     assert [(row["run"], row["seeds"]) for row in summary] == [
@@ -58,7 +63,7 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     status = (out / "status.txt").read_text()
     assert "in 3 processes on 2 GPU(s)" in status and f"restored the compile cache {cache}" in status
     assert "0 of 10 runs finished before this call (restored, or trained here earlier): 10 to train" in status
-    assert "compile cache packed:" in status
+    assert "compile cache packed:" in status and "in 1 part(s) of at most 15 MiB" in status
     assert "rho-1.00 seeds 0: exit 0 (logs/train-rho-1.00-p0.log, GPU 0)" in status
     assert "rho-1.00 seeds 1: exit 0 (logs/train-rho-1.00-p2.log, GPU 0)" in status
     assert "moe-top* seeds 0: exit 0 (logs/train-moe-topx-p1.log, GPU 1)" in status

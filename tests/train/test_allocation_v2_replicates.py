@@ -68,3 +68,59 @@ def test_replicates_refuse_mixed_lengths_and_missing_runs(tmp_path):
         replicates.finished_runs([tmp_path / "a"], runs=["moe", "engram"])
     with pytest.raises(ValueError, match="no such folder of runs"):
         replicates.finished_runs([tmp_path / "missing"])
+
+
+def write_sweep_csv(path: Path, rows: list[dict]) -> Path:
+    columns = ["run", "seed", *replicates.RUN_FIELDS, "val_loss"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({"seed": 0, "val_loss": 9.9, "rows_per_head": 0, "total_params": 100,
+                          "activated_params": 50, "table_params": 0, **row} for row in rows)
+    return path
+
+
+def test_replicates_pair_runs_seed_by_seed_and_draw_the_allocation(tmp_path):
+    runs = tmp_path / "runs"
+    # seed 1's batches are slow for every run: the per-run spread is large, the per-seed difference is not
+    make_run(runs, "rho-1.00-seed0", [3.0, 2.8])
+    make_run(runs, "rho-1.00-seed1", [3.4, 3.2])
+    make_run(runs, "rho-0.50-seed0", [2.9, 2.6])
+    make_run(runs, "rho-0.50-seed1", [3.3, 3.05])
+    make_run(tmp_path / "again", "rho-0.50-seed0", [2.9, 2.7])  # seed 0 twice: the pair uses the mean, 2.65
+    make_run(runs, "no-memory-seed1", [3.5, 3.3])
+    fields = write_sweep_csv(tmp_path / "sweep.csv", [
+        {"run": "rho-1.00", "kind": "moe", "rho": 1.0, "rho_effective": 1.0, "num_experts": 4, "top_k": 2},
+        {"run": "rho-0.50", "kind": "engram", "rho": 0.5, "rho_effective": 0.5, "num_experts": 2, "top_k": 2},
+        {"run": "no-memory", "kind": "no-memory", "rho": 1.0, "rho_effective": 0.75, "num_experts": 3, "top_k": 2}])
+    report = replicates.write_replicates([runs, tmp_path / "again"], tmp_path / "out",
+                                        runs=["rho-1.00", "rho-0.50", "no-memory"], fields=[fields])
+
+    pairs = {(p["run"], p["other"]): p for p in report["paired"]}
+    engram = pairs[("rho-1.00", "rho-0.50")]
+    assert engram["seeds"] == 2 and engram["seed_list"] == "0 1"
+    assert engram["difference_mean"] == pytest.approx(np.mean([2.65 - 2.8, 3.05 - 3.2]))
+    assert engram["difference_std"] == pytest.approx(np.std([2.65 - 2.8, 3.05 - 3.2], ddof=1))
+    assert engram["same_sign"] is True
+    memory = pairs[("rho-1.00", "no-memory")]
+    assert memory["seeds"] == 1 and memory["difference_mean"] == pytest.approx(0.1) and memory["same_sign"] is None
+    written = {(p["run"], p["other"]): p for p in read(tmp_path / "out" / "replicates_paired.csv")}
+    assert written[("rho-1.00", "rho-0.50")]["same_sign"] == "True"
+    summary = {row["run"]: row for row in read(tmp_path / "out" / "replicates_summary.csv")}
+    assert summary["rho-0.50"]["kind"] == "engram" and summary["rho-0.50"]["num_experts"] == "2"
+    assert (tmp_path / "out" / "replicates_allocation.png").stat().st_size > 10_000
+
+
+def test_replicates_fields_must_describe_every_run_alike(tmp_path):
+    make_run(tmp_path / "runs", "rho-1.00-seed0", [3.0])
+    make_run(tmp_path / "runs", "rho-0.50-seed0", [2.9])
+    moe = {"run": "rho-1.00", "kind": "moe", "rho": 1.0, "rho_effective": 1.0, "num_experts": 4, "top_k": 2}
+    only_moe = write_sweep_csv(tmp_path / "a.csv", [moe])
+    with pytest.raises(ValueError, match=r"no row for run\(s\) \['rho-0.50'\]"):
+        replicates.write_replicates([tmp_path / "runs"], tmp_path / "out", fields=[only_moe])
+    other = write_sweep_csv(tmp_path / "b.csv", [{**moe, "num_experts": 5}])
+    with pytest.raises(ValueError, match="describes run 'rho-1.00' otherwise"):
+        replicates.read_run_fields([only_moe, other])
+    (tmp_path / "c.csv").write_text("run,seed,val_loss\nrho-1.00,0,3.0\n")
+    with pytest.raises(ValueError, match=r"not a sweep.csv: no column\(s\) \['kind'"):
+        replicates.read_run_fields([tmp_path / "c.csv"])

@@ -29,10 +29,11 @@
 #   WORK, OUT     work folder (one per corpus and mode: `engram sweep` refuses a finished run of another corpus in
 #                 its --out), results folder [/tmp/allocation-v2/<corpus>, .../<corpus>-memory; $WORK/out]
 #   PYTHON        the interpreter [python3]
-#   COMPILE_CACHE the inductor-cache.tar.xz an earlier call returned, carried here: torch.compile's cache (FX graphs,
-#                 Triton kernels), restored before training so that the processes skip most of their compilation
-#                 (~100 s each from scratch); every call returns its own cache as $OUT/inductor-cache.tar.xz when
-#                 it is under 48 MB (xz: gzip made five processes' cache 60 MB) [none]
+#   COMPILE_CACHE a folder holding the parts inductor-cache.tar.xz.0, .1, ... that an earlier call returned:
+#                 torch.compile's cache (FX graphs, Triton kernels), xz-packed and split into parts of at most 15 MiB
+#                 (the device returns files of up to 16 MiB), restored before training so that the processes skip most
+#                 of their compilation (~60-100 s each from scratch); every call returns its own cache in at most 3
+#                 such parts (the caches of the 5-process calls packed to 21 and 33 MB) [none]
 # Runs finished in an earlier call are restored from python-code-<STEPS>steps/runs/ (english-<STEPS>steps/runs/;
 # python-code-memory-<STEPS>steps/runs/ in memory mode) beside this script, when present (their metrics.jsonl,
 # run.json and final/config.json: `engram sweep` does not train a finished run again, and refuses one trained with
@@ -41,7 +42,7 @@
 #
 # What comes back in $OUT (8 files at most): sweep_summary.csv, sweep.png, eval.png, status.txt, results.tgz (every
 # CSV, plot and JSON, the logs, the corpus index and each run's metrics.jsonl, run.json and final/config.json) and
-# inductor-cache.tar.xz.
+# the compile cache's parts inductor-cache.tar.xz.<n>.
 set -uo pipefail
 start=$SECONDS
 here=$(cd "$(dirname "$0")" && pwd)
@@ -67,7 +68,9 @@ status() { echo "[$((SECONDS - start)) s] $*" | tee -a "$work/report/status.txt"
 finished() { compgen -G "$work/runs/$1-seed$2/final/config.json" >/dev/null; }  # run $1 (a pattern), seed $2
 export TORCHINDUCTOR_CACHE_DIR=$work/inductor-cache
 if [ -n "${COMPILE_CACHE:-}" ]; then
-  if mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && tar xf "$COMPILE_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR"; then
+  parts=("$COMPILE_CACHE"/inductor-cache.tar.xz.*)  # .0, .1, ...: in order (at most 3)
+  if [ -f "${parts[0]}" ] && mkdir -p "$TORCHINDUCTOR_CACHE_DIR" \
+    && cat "${parts[@]}" | xz -d | tar xf - -C "$TORCHINDUCTOR_CACHE_DIR"; then
     status "restored the compile cache $COMPILE_CACHE"
   else
     status "could not restore the compile cache $COMPILE_CACHE: compiling from scratch"
@@ -229,14 +232,17 @@ fi
 [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
 cp "$corpus/index.json" "$work/report/corpus-index.json"
 if [ -d "$TORCHINDUCTOR_CACHE_DIR" ]; then
-  tar cf - -C "$TORCHINDUCTOR_CACHE_DIR" . | xz -T0 -6 >"$out/inductor-cache.tar.xz"
-  size=$(stat -c %s "$out/inductor-cache.tar.xz")
-  if [ "$size" -le $(( 48 * 1024 * 1024 )) ]; then
-    status "compile cache packed: $size bytes (carry it as COMPILE_CACHE next time)"
+  packed=$work/inductor-cache.tar.xz
+  tar cf - -C "$TORCHINDUCTOR_CACHE_DIR" . | xz -T0 -6 >"$packed"
+  size=$(stat -c %s "$packed")
+  if [ "$size" -le $(( 3 * 15 * 1024 * 1024 )) ]; then
+    split -b 15M -d -a 1 "$packed" "$out/inductor-cache.tar.xz."
+    status "compile cache packed: $size bytes in $(compgen -G "$out/inductor-cache.tar.xz.*" | wc -l) part(s) of at" \
+      "most 15 MiB (copy them into one folder and carry it as COMPILE_CACHE next time)"
   else
-    rm -f "$out/inductor-cache.tar.xz"
-    status "compile cache of $size bytes left behind: over 48 MB"
+    status "compile cache of $size bytes left behind: over 3 parts of 15 MiB"
   fi
+  rm -f "$packed"
 fi
 status "packing; results in $out"
 (cd "$work" && tar czf "$out/results.tgz" report logs \
