@@ -128,8 +128,10 @@ def read_run_fields(csv_files: list[Path]) -> dict[str, dict[str, Any]]:
     return fields
 
 
-def plot_replicates(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out_file: Path) -> Path:
-    """Every replicate's final validation loss, one column per run (seeds marked apart), and the mean ± sd."""
+def plot_replicates(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out_file: Path,
+                    unit: str = "replicate") -> Path:
+    """Every replicate's final validation loss, one column per run (seeds marked apart), and the mean ± sd;
+    ``unit`` names a replicate in the labels (``seed`` where no seed was trained twice)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     names = [row["run"] for row in summary]
@@ -140,10 +142,10 @@ def plot_replicates(rows: list[dict[str, Any]], summary: list[dict[str, Any]], o
                    marker=marker, s=22, alpha=0.75, label=f"seed {seed}")
     ax.errorbar(range(len(names)), [row["val_loss_mean"] for row in summary],
                 yerr=[0.0 if row["seeds"] < 2 else row["val_loss_std"] for row in summary], fmt="_", ms=14,
-                color="black", capsize=4, label="mean ± sd over replicates")
+                color="black", capsize=4, label=f"mean ± sd over {unit}s")
     ax.set_xticks(range(len(names)), [f"{name}\n({row['seeds']})" for name, row in zip(names, summary)], fontsize=8)
     ax.set_ylabel("final validation loss (nats / token)")
-    ax.set_title(f"Every replicate after {rows[0]['steps']} steps (replicates per run in brackets)")
+    ax.set_title(f"Every {unit} after {rows[0]['steps']} steps ({unit}s per run in brackets)")
     return finish_plot(fig, [ax], out_file)
 
 
@@ -171,14 +173,15 @@ def write_replicates(sources: list[Path], out: Path, runs: list[str] | None = No
         write_csv(paired, out / "replicates_paired.csv")
     if repeats:
         write_csv(repeats, out / "replicates_repeats.csv")
-    plot_replicates(rows, summary, out / "replicates.png")
+    unit = "replicate" if repeats else "seed"
+    plot_replicates(rows, summary, out / "replicates.png", unit)
     if fields:
         preset_top_k = min(row["top_k"] for row in summary if row["kind"] == "moe" and row["rho"] == 1.0)
         plot_allocation(summary, preset_top_k, out / "replicates_allocation.png")
     folders: dict[str, list[Path]] = {}
     for row in rows:
         folders.setdefault(row["run"], []).append(Path(row["folder"]))
-    plot_curves(folders, out / "replicates_curves.png", unit="replicate")
+    plot_curves(folders, out / "replicates_curves.png", unit=unit)
     return {"rows": rows, "summary": summary, "repeats": repeats, "paired": paired}
 
 
