@@ -1,6 +1,6 @@
 """docs/results/allocation-v2/gpu_run.sh at toy size on the CPU: five sweep processes side by side, the report of every
-run and seed, `engram eval` on the last seed's checkpoints, and what comes back in $OUT; then a deadline that stops
-training before any run finishes still leaves the logs packed."""
+run and seed, `engram eval` on the last seed's checkpoints, what comes back in $OUT and unpack.sh's placing of it;
+then a deadline that stops training before any run finishes still leaves the logs packed."""
 
 import csv
 import io
@@ -16,6 +16,7 @@ import pytest
 from engram.data.corpus import prepare_corpus
 
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "results" / "allocation-v2" / "gpu_run.sh"
+UNPACK = SCRIPT.with_name("unpack.sh")
 
 
 def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.CompletedProcess:
@@ -70,6 +71,19 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert "moe-top* seeds 1: exit 0 (logs/train-moe-topx-p0.log, GPU 0)" in status
     assert list(report["checkpoints"]) == ["rho-1.00-seed1", "moe-top3-seed1", "rho-0.50-seed1", "no-memory-seed1",
                                            "conv-only-seed1"]
+
+    # here, after the call: unpack.sh puts the runs where the next call restores them, the report and logs in a
+    # folder of their own, the compile cache's parts where COMPILE_CACHE can name them
+    dest, parts = tmp_path / "results-here", tmp_path / "carried-cache"
+    unpack = ["bash", str(UNPACK), str(out), str(dest), "call1"]
+    unpacked = subprocess.run(unpack, env={**os.environ, "CACHE": str(parts)}, capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert f"runs in {dest}/runs: 0 -> 10" in unpacked.stdout
+    assert (dest / "runs" / "conv-only-seed1" / "final" / "config.json").is_file()
+    assert (dest / "call1" / "report" / "status.txt").is_file() and (dest / "call1" / "logs" / "report.log").is_file()
+    assert sorted(p.name for p in parts.iterdir()) == ["inductor-cache.tar.xz.0"]
+    again = subprocess.run(unpack, env={**os.environ, "CACHE": str(parts)}, capture_output=True, text=True)
+    assert again.returncode == 1 and "call1' exists: name this call's folder otherwise" in again.stderr
 
     # a later call on the same machine (work folder) that trains one run's third seed only: the report still covers
     # seeds 0 and 1 of every run, the eval reads the run just trained
