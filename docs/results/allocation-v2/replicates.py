@@ -176,8 +176,8 @@ def write_replicates(sources: list[Path], out: Path, runs: list[str] | None = No
     unit = "replicate" if repeats else "seed"
     plot_replicates(rows, summary, out / "replicates.png", unit)
     if fields:
-        preset_top_k = min(row["top_k"] for row in summary if row["kind"] == "moe" and row["rho"] == 1.0)
-        plot_allocation(summary, preset_top_k, out / "replicates_allocation.png")
+        # the preset's top-k: the Engram splits and rho = 1 keep it, the matched MoE and conv-only raise it
+        plot_allocation(summary, min(row["top_k"] for row in summary), out / "replicates_allocation.png")
     folders: dict[str, list[Path]] = {}
     for row in rows:
         folders.setdefault(row["run"], []).append(Path(row["folder"]))
