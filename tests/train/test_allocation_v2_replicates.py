@@ -1,5 +1,5 @@
 """docs/results/allocation-v2/replicates.py: every finished run folder of several sources pooled per run, same-seed
-repeats paired, steps checked."""
+repeats paired, steps checked; gain.py: one run's gain over another during training, seed by seed, per length."""
 
 import csv
 import importlib.util
@@ -14,6 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "results" / "allocation-
 spec = importlib.util.spec_from_file_location("replicates", SCRIPT)
 replicates = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(replicates)
+gain_spec = importlib.util.spec_from_file_location("gain", SCRIPT.with_name("gain.py"))
+gain = importlib.util.module_from_spec(gain_spec)
+gain_spec.loader.exec_module(gain)
 
 
 def make_run(source: Path, folder: str, val_losses: list[float], steps: int = 20, finished: bool = True) -> None:
@@ -124,3 +127,58 @@ def test_replicates_fields_must_describe_every_run_alike(tmp_path):
     (tmp_path / "c.csv").write_text("run,seed,val_loss\nrho-1.00,0,3.0\n")
     with pytest.raises(ValueError, match=r"not a sweep.csv: no column\(s\) \['kind'"):
         replicates.read_run_fields([tmp_path / "c.csv"])
+
+
+def test_gain_pairs_each_length_seed_by_seed(tmp_path):
+    short, long = tmp_path / "short", tmp_path / "long"
+    make_run(short, "engram-seed0", [3.0, 2.0], steps=20)
+    make_run(short, "moe-seed0", [4.0, 2.5], steps=20)
+    make_run(short, "engram-seed1", [3.3, 2.2], steps=20)
+    make_run(short, "moe-seed1", [3.5, 2.0], steps=20)
+    make_run(short, "engram-seed2", [2.0, 1.0], steps=20)  # no moe of seed 2: not paired
+    make_run(short, "moe-seed3", [2.0, 1.0], steps=20, finished=False)
+    make_run(long, "engram-seed0", [3.0, 2.0, 1.5, 1.2], steps=80)
+    make_run(long, "moe-seed0", [3.2, 2.1, 1.5, 1.0], steps=80)
+
+    rows = gain.gain_rows([("short", short), ("long", long)], "engram", "moe")
+
+    assert [(row["label"], row["step"], row["tokens"]) for row in rows] == [
+        ("short", 10, 640), ("short", 20, 1280), ("long", 20, 1280), ("long", 40, 2560), ("long", 60, 3840),
+        ("long", 80, 5120)]
+    end = rows[1]  # short, step 20: seed 0 -0.5 (-20%), seed 1 +0.2 (+10%)
+    assert (end["seeds"], end["seed_list"]) == (2, "0 1")
+    assert end["difference_mean"] == pytest.approx(-0.15)
+    assert end["difference_std"] == pytest.approx(np.std([-0.5, 0.2], ddof=1))
+    assert end["relative_mean"] == pytest.approx((-0.2 + 0.1) / 2)
+    last = rows[-1]  # long, one seed: no spread
+    assert last["seeds"] == 1 and last["relative_mean"] == pytest.approx(0.2) and math.isnan(last["relative_std"])
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gain.plot_gain(rows, "engram", "moe", out / "gain.png").stat().st_size > 0
+
+
+def test_gain_refuses_sources_without_a_pair(tmp_path):
+    source = tmp_path / "runs"
+    make_run(source, "engram-seed0", [3.0])
+    make_run(source, "moe-seed1", [3.0])
+    with pytest.raises(ValueError, match=r"one: no seed with finished folders of both 'engram' \(seeds \[0\]\) and "
+                                         r"'moe' \(seeds \[1\]\)"):
+        gain.gain_rows([("one", source)], "engram", "moe")
+    with pytest.raises(ValueError, match="two: no such folder of runs"):
+        gain.gain_rows([("two", tmp_path / "missing")], "engram", "moe")
+
+
+def test_gain_command_writes_the_csv_and_plot(tmp_path, monkeypatch, capsys):
+    source, out = tmp_path / "runs", tmp_path / "out"
+    make_run(source, "engram-seed0", [3.0, 2.0])
+    make_run(source, "moe-seed0", [3.0, 2.5])
+    monkeypatch.setattr("sys.argv", ["gain.py", f"1x={source}", "--run", "engram", "--base", "moe", "--out", str(out)])
+    gain.main()
+    assert [row["difference_mean"] for row in read(out / "gain.csv")] == ["0.0", "-0.5"]
+    assert (out / "gain.png").stat().st_size > 0
+    assert "1x: 1,280 tokens, 1 seed(s): engram − moe -0.5000 nats (-20.00%)" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["gain.py", str(source), "--run", "engram", "--base", "moe", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        gain.main()
+    assert "expected LABEL=FOLDER" in capsys.readouterr().err
