@@ -1,6 +1,7 @@
 """docs/results/allocation-v2/gpu_run.sh at toy size on the CPU: five sweep processes side by side, the report of every
 run and seed, `engram eval` on the last seed's checkpoints, what comes back in $OUT and unpack.sh's placing of it;
-then a deadline that stops training before any run finishes still leaves the logs packed."""
+then a deadline that stops training before any run finishes still leaves the logs packed, and names the checkpoint a
+cut run left."""
 
 import csv
 import io
@@ -101,10 +102,15 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
 
     # training cut before any run ends: runs far longer than the deadline, so whether the SIGINT lands in an import
     # (which may swallow it) or in the loop (a checkpoint, no final/), no run can finish first
+    # (conv-only's seed 1, never reached, keeps a checkpoint of an earlier call cut on this machine)
+    cut = tmp_path / "stopped" / "runs" / "conv-only-seed1" / "checkpoints" / "step-000042"
+    cut.mkdir(parents=True)
     stopped = run_driver(corpus, tmp_path / "stopped", DEADLINE="1", STEPS="100000")
     assert stopped.returncode == 1
     status = (tmp_path / "stopped" / "out" / "status.txt").read_text()
     assert "rho-1.00 seed 0: not finished" in status and "no run finished: nothing to report" in status
+    assert (f"conv-only seed 1: not finished: cut at step 42, checkpoint {cut}; the same command on this machine "
+            "resumes it") in status
     assert "in 5 processes on 1 GPU(s)" in status  # one process per run, its seeds one after the other
     assert "rho-1.00 seeds 0 1: exit " in status
     assert "packing" in status

@@ -24,7 +24,8 @@
 #   GPUS, PROCS   GPUs to spread the processes over (process p on GPU p mod GPUS), training processes [the GPUs
 #                 nvidia-smi lists, or 1; the larger of GPUS and the number of runs]
 #   DEADLINE      seconds after the start when training stops with Ctrl-C's effect, so that the report, the eval
-#                 and the packing still end inside the command's 10 minutes [480]
+#                 and the packing still end inside the command's 10 minutes; a run cut there leaves a checkpoint in
+#                 the work folder, which the same command resumes on the same (still warm) machine [480]
 #   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
 #   WORK, OUT     work folder (one per corpus and mode: `engram sweep` refuses a finished run of another corpus in
 #                 its --out), results folder [/tmp/allocation-v2/<corpus>, .../<corpus>-memory; $WORK/out]
@@ -187,7 +188,13 @@ for seed in $seeds; do
   for group in "${groups[@]}"; do
     if ! finished "$group" "$seed"; then
       complete=0
-      status "$group seed $seed: not finished"
+      cut=$(compgen -G "$work/runs/$group-seed$seed/checkpoints/step-*" | sort | tail -n 1)
+      if [ -n "$cut" ]; then  # checkpoints stay on this machine: only a call here, before it goes back, resumes one
+        status "$group seed $seed: not finished: cut at step $(( 10#${cut##*step-} )), checkpoint $cut; the same" \
+          "command on this machine resumes it (call again at once: a fresh machine starts the run over)"
+      else
+        status "$group seed $seed: not finished"
+      fi
     fi
   done
   if [ $complete = 1 ]; then finished_seeds+=("$seed"); fi
