@@ -66,6 +66,8 @@ def test_interrupt_and_resume_is_exact(text_dir, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "split" / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert {"loss", "lr", "tokens_per_s"} <= rows[0].keys() and "val_bpb" in rows[2] and rows[2]["val_bpb"] > 0
+    # the MoE block's routing: from one expert's share of an even split (1.0) up to every pair on it
+    assert all(1.0 <= r["moe_load_max"] <= small_model().moe.num_experts for r in rows)
 
 
 def test_existing_run_needs_resume_and_foreign_checkpoint_is_refused(text_dir, tmp_path):

@@ -6,7 +6,8 @@ the logged loss the global-batch mean, so the same flags give the same optimisat
 alone logs; in checkpoints every rank writes its table rows and rank 0 the rest; they resume at any world size.
 
 A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
-appended across resumes), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
+appended across resumes: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, with MoE layers ``moe_load_max``, the
+most loaded expert against an even split, and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
 end, ``final/`` (a ``save_pretrained`` folder). The batch of step ``s`` is a pure function of the seed and
 ``s``, so a resumed run, or a second model trained with the same seed, sees the same data in the same order.
 Every checkpoint holds the run's ``TrainConfig``; a resume refuses settings that would change the model, the
@@ -435,6 +436,9 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step % cfg.eval_every == 0:
                         elapsed = time.perf_counter() - window_start
                         metrics["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                        imbalance = self.model.router_load_imbalance()  # this rank's last micro-batch
+                        if imbalance is not None:
+                            metrics["moe_load_max"] = imbalance
                         window_start, window_steps = time.perf_counter(), 0
                         if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                             metrics.update(self.evaluate())
