@@ -7,9 +7,10 @@ alone logs; in checkpoints every rank writes its table rows and rank 0 the rest;
 
 A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
 appended across resumes: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, with MoE layers ``moe_load_max``, the
-most loaded expert against an even split, and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/`` (when TensorBoard is installed), ``checkpoints/`` and, at the
-end, ``final/`` (a ``save_pretrained`` folder). The batch of step ``s`` is a pure function of the seed and
-``s``, so a resumed run, or a second model trained with the same seed, sees the same data in the same order.
+most loaded expert against an even split, and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/``
+(when TensorBoard is installed), ``checkpoints/`` and, at the end, ``final/`` (a ``save_pretrained`` folder).
+The batch of step ``s`` is a pure function of the seed and ``s``, so a resumed run, or a second model trained with
+the same seed, sees the same data in the same order.
 Every checkpoint holds the run's ``TrainConfig``; a resume refuses settings that would change the model, the
 data or its order, or the optimiser's updates (all but :data:`RESUMABLE_CHANGES`), naming each difference.
 """
