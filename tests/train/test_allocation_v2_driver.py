@@ -20,12 +20,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "results" / "allocation-
 UNPACK = SCRIPT.with_name("unpack.sh")
 
 
-def run_driver(corpus: Path, work: Path, **settings: str) -> subprocess.CompletedProcess:
+def run_driver(corpus: Path, work: Path | None, **settings: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CORPUS": str(corpus), "PRESET": "tiny", "RHOS": "0.5", "STEPS": "1", "BATCH": "2",
            "SEQ": "32", "SEEDS": "0 1", "EVAL_EVERY": "1", "EVAL_BATCHES": "1", "DEVICE": "cpu", "THREADS": "1",
-           "WORK": str(work), "PYTHON": sys.executable, "EVAL_ARGS": "--samples 4 --batches 1 --batch-size 2",
-           **settings}
+           "PYTHON": sys.executable, "EVAL_ARGS": "--samples 4 --batches 1 --batch-size 2", **settings}
     env.pop("OUT", None)
+    env.pop("WORK", None)
+    if work is not None:  # else the default: ROOT/<corpus>-<STEPS>steps
+        env["WORK"] = str(work)
     return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -102,19 +104,21 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
 
     # training cut before any run ends: runs far longer than the deadline, so whether the SIGINT lands in an import
     # (which may swallow it) or in the loop (a checkpoint, no final/), no run can finish first
-    # (conv-only's seed 1, never reached, keeps a checkpoint of an earlier call cut on this machine)
-    cut = tmp_path / "stopped" / "runs" / "conv-only-seed1" / "checkpoints" / "step-000042"
+    # (conv-only's seed 1, never reached, keeps a checkpoint of an earlier call cut on this machine); the default
+    # work folder names the corpus and the length, so calls of other lengths on one machine never share runs
+    stopped_work = tmp_path / "root" / "corpus-100000steps"
+    cut = stopped_work / "runs" / "conv-only-seed1" / "checkpoints" / "step-000042"
     cut.mkdir(parents=True)
-    stopped = run_driver(corpus, tmp_path / "stopped", DEADLINE="1", STEPS="100000")
+    stopped = run_driver(corpus, None, ROOT=str(tmp_path / "root"), DEADLINE="1", STEPS="100000")
     assert stopped.returncode == 1
-    status = (tmp_path / "stopped" / "out" / "status.txt").read_text()
+    status = (stopped_work / "out" / "status.txt").read_text()
     assert "rho-1.00 seed 0: not finished" in status and "no run finished: nothing to report" in status
     assert (f"conv-only seed 1: not finished: cut at step 42, checkpoint {cut}; the same command on this machine "
             "resumes it") in status
     assert "in 5 processes on 1 GPU(s)" in status  # one process per run, its seeds one after the other
     assert "rho-1.00 seeds 0 1: exit " in status
     assert "packing" in status
-    with tarfile.open(tmp_path / "stopped" / "out" / "results.tgz") as archive:
+    with tarfile.open(stopped_work / "out" / "results.tgz") as archive:
         assert "logs/train-moe-topx.log" in archive.getnames()
 
 

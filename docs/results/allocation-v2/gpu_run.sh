@@ -27,8 +27,10 @@
 #                 and the packing still end inside the command's 10 minutes; a run cut there leaves a checkpoint in
 #                 the work folder, which the same command resumes on the same (still warm) machine [480]
 #   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
-#   WORK, OUT     work folder (one per corpus and mode: `engram sweep` refuses a finished run of another corpus in
-#                 its --out), results folder [/tmp/allocation-v2/<corpus>, .../<corpus>-memory; $WORK/out]
+#   ROOT          the folder of the work folders and of the prepared python-code corpus [/tmp/allocation-v2]
+#   WORK, OUT     work folder (one per corpus, mode and STEPS, as the restore folders: `engram sweep` refuses a
+#                 finished run of another corpus or length in its --out, and the report would fail on one), results
+#                 folder [$ROOT/<corpus>-<STEPS>steps, $ROOT/<corpus>-memory-<STEPS>steps; $WORK/out]
 #   PYTHON        the interpreter [python3]
 #   COMPILE_CACHE a folder holding the parts inductor-cache.tar.xz.0, .1, ... that an earlier call returned:
 #                 torch.compile's cache (FX graphs, Triton kernels), xz-packed and split into parts of at most 15 MiB
@@ -55,10 +57,11 @@ case $mode in
   memory) tag=$(basename "$corpus_name")-memory ;;
   *) echo "MODE must be allocation or memory, not '$mode'" >&2; exit 1 ;;
 esac
-work=${WORK:-/tmp/allocation-v2/$tag}
+steps=${STEPS:-350}
+length_tag=$tag-${steps}steps  # the work folder's name here and the restore folder's beside this script
+work=${WORK:-${ROOT:-/tmp/allocation-v2}/$length_tag}
 out=${OUT:-$work/out}
 python=${PYTHON:-python3}
-steps=${STEPS:-350}
 seeds=${SEEDS:-0 1 2}
 deadline=${DEADLINE:-480}
 logs=$work/logs
@@ -111,7 +114,7 @@ esac
 [ -f "$tokenizer" ] || { status "no tokenizer.json for corpus $corpus"; exit 1; }
 status "corpus $corpus ready"
 
-restored=$here/$tag-${steps}steps/runs
+restored=$here/$length_tag/runs
 if [ -d "$restored" ]; then cp -rn "$restored/." "$work/runs/"; status "restored finished runs from $restored"; fi
 
 rhos=${RHOS:-0.8}
