@@ -124,17 +124,20 @@ def test_training_step_reaches_every_part():
     assert any(not torch.equal(b, moe.expert_bias) for b, moe in zip(before, model.moe_layers))
 
 
-def test_router_load_imbalance_is_the_worst_layers_max_over_mean_load():
-    model = EngramLM(small_config())
+def test_router_load_imbalance_is_each_layers_max_over_mean_load():
+    model = EngramLM(small_config())  # two MoE layers
     assert model.router_load_imbalance() is None  # no forward yet
     model(random_ids(2, 9, seed=1))
     loads = [moe.last_load.float() for moe in model.moe_layers]
-    assert len(loads) >= 1
-    expected = max(float(load.max() / load.mean()) for load in loads)
-    assert model.router_load_imbalance() == pytest.approx(expected) and expected >= 1.0
-    model.moe_layers[0].last_load = torch.zeros_like(model.moe_layers[0].last_load)
-    model.moe_layers[0].last_load[0] = 18 * model.cfg.moe.top_k  # every pair on one expert
-    assert model.router_load_imbalance() == pytest.approx(model.cfg.moe.num_experts)
+    assert len(loads) >= 2
+    expected = [float(load.max() / load.mean()) for load in loads]
+    assert model.router_load_imbalance() == pytest.approx(expected) and min(expected) >= 1.0
+    moe, tokens = model.moe_layers[-1], 2 * 9
+    moe.last_load = torch.full_like(moe.last_load, tokens * (moe.cfg.top_k - 1) // (moe.cfg.num_experts - 1))
+    moe.last_load[3] = tokens  # every token sends one of its picks to expert 3
+    imbalance = model.router_load_imbalance()
+    assert imbalance[:-1] == pytest.approx(expected[:-1])
+    assert imbalance[-1] == pytest.approx(tokens / moe.last_load.float().mean())
     dense = EngramLM(small_config(use_moe=False))
     dense(random_ids(2, 9, seed=1))
     assert dense.router_load_imbalance() is None

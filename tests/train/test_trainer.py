@@ -66,8 +66,10 @@ def test_interrupt_and_resume_is_exact(text_dir, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "split" / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert {"loss", "lr", "tokens_per_s"} <= rows[0].keys() and "val_bpb" in rows[2] and rows[2]["val_bpb"] > 0
-    # the MoE block's routing: from one expert's share of an even split (1.0) up to every pair on it
-    assert all(1.0 <= r["moe_load_max"] <= small_model().moe.num_experts for r in rows)
+    # each MoE layer's routing: from an even split (1.0) up to every token sending one of its picks to one expert
+    moe = small_model().moe
+    assert all(1.0 <= r["moe_load_max"] <= moe.num_experts / moe.top_k for r in rows)
+    assert all(r["moe_load_max"] == max(r["moe_load_by_layer"]) for r in rows)
 
 
 def test_existing_run_needs_resume_and_foreign_checkpoint_is_refused(text_dir, tmp_path):
@@ -186,3 +188,18 @@ def test_cli_compile_flag(flag, expected, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--no-baseline", "--no-progress", *flag])
     assert seen == [expected]
+
+
+def test_tensorboard_gets_every_logged_scalar_and_one_curve_per_moe_layer(text_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(config(text_dir, tmp_path / "run", max_steps=3, tensorboard=True)).train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    layers = len(rows[-1]["moe_load_by_layer"])
+    assert layers == small_model().ffn_kinds.count("moe")
+    assert set(events.Tags()["scalars"]) == ({key for key in rows[-1] if key not in ("step", "moe_load_by_layer")}
+                                             | {f"moe_load_by_layer/{i}" for i in range(layers)})
+    assert [e.value for e in events.Scalars(f"moe_load_by_layer/{layers - 1}")] == pytest.approx(
+        [r["moe_load_by_layer"][-1] for r in rows])

@@ -175,14 +175,15 @@ class EngramLM(nn.Module):
         for moe in self.moe_layers:
             moe.update_bias()
 
-    def router_load_imbalance(self) -> float | None:
-        """The most loaded expert's share against an even split, ``max(load) / mean(load)`` of each MoE layer's
-        last forward, the largest over the layers: 1.0 is perfectly balanced, ``num_experts`` all tokens on one
-        expert. None without MoE layers or before their first forward. One host sync."""
+    def router_load_imbalance(self) -> list[float] | None:
+        """Each MoE layer's most loaded expert against an even split, ``max(load) / mean(load)`` of its last
+        forward, bottom layer first: 1.0 is perfectly balanced, ``num_experts / top_k`` every token sending one of
+        its ``top_k`` picks to the same expert. None without MoE layers or before their first forward. One host
+        sync."""
         loads = [moe.last_load for moe in self.moe_layers if moe.last_load is not None]
         if not loads:
             return None
-        return float(torch.stack([load.max().float() / load.float().mean() for load in loads]).max())
+        return torch.stack([load.max().float() / load.float().mean() for load in loads]).tolist()
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

@@ -6,8 +6,9 @@ the logged loss the global-batch mean, so the same flags give the same optimisat
 alone logs; in checkpoints every rank writes its table rows and rank 0 the rest; they resume at any world size.
 
 A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
-appended across resumes: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, with MoE layers ``moe_load_max``, the
-most loaded expert against an even split, and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/``
+appended across resumes: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, with MoE layers ``moe_load_by_layer``
+(each MoE layer's most loaded expert against an even split, bottom first) and ``moe_load_max`` (their largest),
+and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/``
 (when TensorBoard is installed), ``checkpoints/`` and, at the end, ``final/`` (a ``save_pretrained`` folder).
 The batch of step ``s`` is a pure function of the seed and ``s``, so a resumed run, or a second model trained with
 the same seed, sees the same data in the same order.
@@ -439,7 +440,8 @@ class Trainer:
                         metrics["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
                         imbalance = self.model.router_load_imbalance()  # this rank's last micro-batch
                         if imbalance is not None:
-                            metrics["moe_load_max"] = imbalance
+                            metrics["moe_load_max"] = max(imbalance)
+                            metrics["moe_load_by_layer"] = imbalance
                         window_start, window_steps = time.perf_counter(), 0
                         if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                             metrics.update(self.evaluate())
@@ -450,7 +452,10 @@ class Trainer:
                             log.flush()
                         if writer is not None:
                             for key, value in record.items():
-                                if key != "step":
+                                if isinstance(value, list):  # one curve per entry: key/0, key/1, ...
+                                    for index, entry in enumerate(value):
+                                        writer.add_scalar(f"{key}/{index}", entry, self.step)
+                                elif key != "step":
                                     writer.add_scalar(key, value, self.step)
                         progress.update(task, loss=f"{metrics['loss']:.3f}", tps=f"{metrics['tokens_per_s']:,.0f}",
                                         lr=f"{metrics['lr']:.2e}")
