@@ -124,23 +124,23 @@ def test_training_step_reaches_every_part():
     assert any(not torch.equal(b, moe.expert_bias) for b, moe in zip(before, model.moe_layers))
 
 
-def test_router_load_imbalance_is_each_layers_max_over_mean_load():
+def test_router_load_stats_are_each_layers_max_over_mean_load_and_its_expert():
     model = EngramLM(small_config())  # two MoE layers
-    assert model.router_load_imbalance() is None  # no forward yet
+    assert model.router_load_stats() is None  # no forward yet
     model(random_ids(2, 9, seed=1))
     loads = [moe.last_load.float() for moe in model.moe_layers]
     assert len(loads) >= 2
     expected = [float(load.max() / load.mean()) for load in loads]
-    assert model.router_load_imbalance() == pytest.approx(expected) and min(expected) >= 1.0
+    stats = model.router_load_stats()
+    assert stats["imbalance"] == pytest.approx(expected) and min(expected) >= 1.0
+    assert stats["hot_expert"] == [int(load.argmax()) for load in loads]
     moe, tokens = model.moe_layers[-1], 2 * 9
     moe.last_load = torch.full_like(moe.last_load, tokens * (moe.cfg.top_k - 1) // (moe.cfg.num_experts - 1))
     moe.last_load[3] = tokens  # every token sends one of its picks to expert 3
-    imbalance = model.router_load_imbalance()
-    assert imbalance[:-1] == pytest.approx(expected[:-1])
-    assert imbalance[-1] == pytest.approx(tokens / moe.last_load.float().mean())
-    dense = EngramLM(small_config(use_moe=False))
-    dense(random_ids(2, 9, seed=1))
-    assert dense.router_load_imbalance() is None
+    stats = model.router_load_stats()
+    assert stats["imbalance"][:-1] == pytest.approx(expected[:-1])
+    assert stats["imbalance"][-1] == pytest.approx(tokens / moe.last_load.float().mean())
+    assert stats["hot_expert"][-1] == 3
 
 
 def test_hash_ids_computed_once_per_forward(monkeypatch):

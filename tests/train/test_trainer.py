@@ -70,6 +70,7 @@ def test_interrupt_and_resume_is_exact(text_dir, tmp_path, monkeypatch):
     moe = small_model().moe
     assert all(1.0 <= r["moe_load_max"] <= moe.num_experts / moe.top_k for r in rows)
     assert all(r["moe_load_max"] == max(r["moe_load_by_layer"]) for r in rows)
+    assert all(0 <= e < moe.num_experts for r in rows for e in r["moe_hot_expert_by_layer"])
 
 
 def test_existing_run_needs_resume_and_foreign_checkpoint_is_refused(text_dir, tmp_path):
@@ -199,7 +200,8 @@ def test_tensorboard_gets_every_logged_scalar_and_one_curve_per_moe_layer(text_d
     rows = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
     layers = len(rows[-1]["moe_load_by_layer"])
     assert layers == small_model().ffn_kinds.count("moe")
-    assert set(events.Tags()["scalars"]) == ({key for key in rows[-1] if key not in ("step", "moe_load_by_layer")}
-                                             | {f"moe_load_by_layer/{i}" for i in range(layers)})
+    lists = ("moe_load_by_layer", "moe_hot_expert_by_layer")
+    assert set(events.Tags()["scalars"]) == ({key for key in rows[-1] if key != "step" and key not in lists}
+                                             | {f"{key}/{i}" for key in lists for i in range(layers)})
     assert [e.value for e in events.Scalars(f"moe_load_by_layer/{layers - 1}")] == pytest.approx(
         [r["moe_load_by_layer"][-1] for r in rows])

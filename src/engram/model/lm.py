@@ -175,15 +175,17 @@ class EngramLM(nn.Module):
         for moe in self.moe_layers:
             moe.update_bias()
 
-    def router_load_imbalance(self) -> list[float] | None:
-        """Each MoE layer's most loaded expert against an even split, ``max(load) / mean(load)`` of its last
-        forward, bottom layer first: 1.0 is perfectly balanced, ``num_experts / top_k`` every token sending one of
-        its ``top_k`` picks to the same expert. None without MoE layers or before their first forward. One host
-        sync."""
+    def router_load_stats(self) -> dict[str, list] | None:
+        """Each MoE layer's routing in its last forward, bottom layer first: ``"imbalance"`` the most loaded
+        expert against an even split, ``max(load) / mean(load)`` (1.0 perfectly balanced, ``num_experts / top_k``
+        every token sending one of its ``top_k`` picks to the same expert), and ``"hot_expert"`` that expert's
+        index. None without MoE layers or before their first forward. One host sync."""
         loads = [moe.last_load for moe in self.moe_layers if moe.last_load is not None]
         if not loads:
             return None
-        return torch.stack([load.max().float() / load.float().mean() for load in loads]).tolist()
+        stats = torch.stack([torch.stack([load.max().float() / load.float().mean(), load.argmax().float()])
+                             for load in loads]).tolist()
+        return {"imbalance": [row[0] for row in stats], "hot_expert": [int(row[1]) for row in stats]}
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:

@@ -7,8 +7,8 @@ alone logs; in checkpoints every rank writes its table rows and rank 0 the rest;
 
 A run folder holds ``run.json`` (the settings), ``metrics.jsonl`` (one JSON object per logged step,
 appended across resumes: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, with MoE layers ``moe_load_by_layer``
-(each MoE layer's most loaded expert against an even split, bottom first) and ``moe_load_max`` (their largest),
-and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/``
+(each MoE layer's most loaded expert against an even split, bottom first), ``moe_load_max`` (their largest) and
+``moe_hot_expert_by_layer`` (that expert's index), and at evaluations ``val_loss`` and ``val_bpb``), ``tensorboard/``
 (when TensorBoard is installed), ``checkpoints/`` and, at the end, ``final/`` (a ``save_pretrained`` folder).
 The batch of step ``s`` is a pure function of the seed and ``s``, so a resumed run, or a second model trained with
 the same seed, sees the same data in the same order.
@@ -438,10 +438,11 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step % cfg.eval_every == 0:
                         elapsed = time.perf_counter() - window_start
                         metrics["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                        imbalance = self.model.router_load_imbalance()  # this rank's last micro-batch
-                        if imbalance is not None:
-                            metrics["moe_load_max"] = max(imbalance)
-                            metrics["moe_load_by_layer"] = imbalance
+                        routing = self.model.router_load_stats()  # this rank's last micro-batch
+                        if routing is not None:
+                            metrics["moe_load_max"] = max(routing["imbalance"])
+                            metrics["moe_load_by_layer"] = routing["imbalance"]
+                            metrics["moe_hot_expert_by_layer"] = routing["hot_expert"]
                         window_start, window_steps = time.perf_counter(), 0
                         if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                             metrics.update(self.evaluate())
