@@ -10,7 +10,7 @@ import pytest
 
 from engram.cli import main
 from engram.model import EngramLMConfig, param_report
-from engram.train.sweep import SweepConfig, run_sweep, selected_runs, sweep_runs
+from engram.train.sweep import SweepConfig, finished_seed_folders, run_sweep, selected_runs, sweep_runs
 from engram.train.sweep_report import (CSV_FILE, CURVES_FILE, DIFFERENCES_FILE, PLOT_FILE, SUMMARY_FILE,
                                        bootstrap_power_law, differences, fit_power_law, summarize)
 from engram.train.trainer import Trainer
@@ -262,3 +262,15 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(text_dir, tmp_pa
     record.write_text(json.dumps({**saved, "model": {**saved["model"], "d_model": 2 * saved["model"]["d_model"]}}))
     with pytest.raises(ValueError, match=r"model.d_model: run \d+, now \d+"):
         run_sweep(SweepConfig(train=train, rhos=[1.0], matched_baseline=False))
+
+
+def test_finished_seed_folders_are_the_seeded_runs_that_wrote_final(tmp_path):
+    for name in ("rho-0.80-seed2", "rho-0.80-seed10", "moe-top3-seed0", "no-memory-seed1", "rho-1.00", "notes-seedx"):
+        (tmp_path / name).mkdir()
+    for name in ("rho-0.80-seed2", "rho-0.80-seed10", "moe-top3-seed0", "rho-1.00", "notes-seedx"):
+        (tmp_path / name / "final").mkdir()
+        (tmp_path / name / "final" / "config.json").write_text("{}")
+    (tmp_path / "no-memory-seed1" / "checkpoints").mkdir()  # cut before its end: not finished
+    assert finished_seed_folders(tmp_path) == [("moe-top3", 0, tmp_path / "moe-top3-seed0"),
+                                               ("rho-0.80", 10, tmp_path / "rho-0.80-seed10"),
+                                               ("rho-0.80", 2, tmp_path / "rho-0.80-seed2")]

@@ -19,19 +19,12 @@ the batch order, shared by both runs, so the per-seed difference cancels that pa
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
 from engram.train.compare import read_metrics
+from engram.train.sweep import finished_seed_folders
 from engram.train.sweep_report import finish_plot, mean_and_std, pyplot, write_csv
-
-
-def seed_folders(source: Path, run: str) -> dict[int, Path]:
-    """Seed -> the finished folder ``<run>-seed<S>`` under ``source``."""
-    pattern = re.compile(re.escape(run) + r"-seed(\d+)")
-    return {int(match[1]): folder for folder in source.iterdir()
-            if (match := pattern.fullmatch(folder.name)) and (folder / "final" / "config.json").is_file()}
 
 
 def validation_curve(folder: Path) -> dict[int, tuple[int, float]]:
@@ -46,7 +39,8 @@ def gain_rows(sources: list[tuple[str, Path]], run: str, base: str) -> list[dict
     for label, source in sources:
         if not source.is_dir():
             raise ValueError(f"{label}: no such folder of runs: {str(source)!r}")
-        runs, bases = seed_folders(source, run), seed_folders(source, base)
+        found = finished_seed_folders(source)
+        runs, bases = ({seed: folder for name, seed, folder in found if name == wanted} for wanted in (run, base))
         seeds = sorted(set(runs) & set(bases))
         if not seeds:
             raise ValueError(f"{label}: no seed with finished folders of both {run!r} (seeds {sorted(runs)}) and "

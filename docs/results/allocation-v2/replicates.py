@@ -33,17 +33,16 @@ import argparse
 import csv
 import itertools
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engram.train.compare import final_losses
+from engram.train.sweep import finished_seed_folders
 from engram.train.sweep_report import (differences, finish_plot, mean_and_std, plot_allocation, plot_curves, pyplot,
                                        summarize, write_csv)
 
-RUN_FOLDER = re.compile(r"(?P<run>.+)-seed(?P<seed>\d+)")
 # the per-run columns of a sweep.csv that describe the run, not one seed's result
 RUN_FIELDS = {"kind": str, "rho": float, "rho_effective": float, "num_experts": int, "top_k": int,
               "rows_per_head": float, "total_params": int, "activated_params": int, "table_params": int}
@@ -57,15 +56,11 @@ def finished_runs(sources: list[Path], runs: list[str] | None = None) -> list[di
     for source in sources:
         if not source.is_dir():
             raise ValueError(f"no such folder of runs: {str(source)!r}")
-        for folder in sorted(source.iterdir()):
-            match = RUN_FOLDER.fullmatch(folder.name)
-            if not match or not (folder / "final" / "config.json").is_file():
-                continue
+        for run, seed, folder in finished_seed_folders(source):
             losses = final_losses(folder)
             if losses["val_loss"] is None:
                 raise ValueError(f"{str(folder)!r} is finished but logged no validation loss")
-            rows.append({"run": match["run"], "seed": int(match["seed"]), "source": str(source),
-                         "folder": str(folder), **losses})
+            rows.append({"run": run, "seed": seed, "source": str(source), "folder": str(folder), **losses})
     if runs is not None:
         missing = sorted(set(runs) - {row["run"] for row in rows})
         if missing:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,25 @@ def seeded_runs(sweep: SweepConfig, runs: list[tuple[str, dict[str, Any], Engram
     return [(f"{name}-seed{seed}", seed, name, fields, cfg) for seed in sweep.seeds for name, fields, cfg in runs]
 
 
+SEED_FOLDER = re.compile(r"(?P<run>.+)-seed(?P<seed>\d+)")  # the folder names of seeded_runs
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` trained to its end (its ``final/`` model folder is written)."""
+    return (run_dir / "final" / "config.json").is_file()
+
+
+def finished_seed_folders(source: Path) -> list[tuple[str, int, Path]]:
+    """``(run name, seed, folder)`` of every finished ``<run>-seed<S>`` folder in ``source`` (a sweep's ``out``
+    with seeds), in folder-name order."""
+    found = []
+    for folder in sorted(source.iterdir()):
+        match = SEED_FOLDER.fullmatch(folder.name)
+        if match and is_finished(folder):
+            found.append((match["run"], int(match["seed"]), folder))
+    return found
+
+
 def run_sweep(sweep: SweepConfig, console: Console | None = None) -> dict[str, Any]:
     """Train every run of ``sweep`` not finished yet, then write the report (:mod:`engram.train.sweep_report`)
     into its ``out``."""
@@ -215,14 +235,14 @@ def run_sweep(sweep: SweepConfig, console: Console | None = None) -> dict[str, A
     model_cfg = model_config_for(sweep.train, corpus)
     runs = seeded_runs(sweep, selected_runs(sweep, sweep_runs(sweep, model_cfg)))
     if sweep.report_only:
-        missing = [folder for folder, *_ in runs if not (out / folder / "final" / "config.json").is_file()]
+        missing = [folder for folder, *_ in runs if not is_finished(out / folder)]
         if missing:
             raise ValueError(f"report only: run(s) {missing} not finished in {str(out)!r}")
     results = []
     for index, (folder, seed, name, fields, cfg) in enumerate(runs, 1):
         run_dir = out / folder
         train = dataclasses.replace(sweep.train, out=str(run_dir), model=cfg, seed=seed)
-        if (run_dir / "final" / "config.json").is_file():
+        if is_finished(run_dir):
             differences = finished_run_differences(run_dir, train, corpus)
             if differences:
                 raise ValueError(f"{run_dir} holds a finished run trained otherwise than this sweep's {folder}: "
