@@ -401,3 +401,19 @@ def test_bad_experts_impl_raises():
     with pytest.raises(ValueError, match="got 'gpu'"):
         moe.experts_impl = "gpu"
     assert moe.experts_impl == "auto"
+
+
+def test_balancing_bias_breaks_a_router_that_sends_every_token_to_one_expert():
+    torch.manual_seed(0)
+    moe = MoE(32, MoEConfig(num_experts=16, num_shared_experts=1, top_k=3, expert_dim=16, bias_update_rate=1e-2))
+    with torch.no_grad():
+        moe.router.weight[0] += 3.0  # expert 0 scores highest for every (positive) input
+    x = torch.randn(2, 64, 32).abs()
+    imbalance = []
+    for _ in range(60):
+        moe(x)
+        load = moe.last_load.float()
+        imbalance.append(float(load.max() / load.mean()))
+        moe.update_bias()
+    assert imbalance[0] == pytest.approx(16 / 3)  # the ceiling: every token sends one of its 3 picks to expert 0
+    assert max(imbalance[-10:]) < 1.5
