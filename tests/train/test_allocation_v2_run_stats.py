@@ -50,3 +50,28 @@ def test_gpu_stats_read_nvidia_smi_samples_and_the_cli_prints_both(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), str(run), "--gpu", str(tmp_path / "bad.csv")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no busy utilisation samples" in bad.stderr
+
+
+def test_routing_stats_tell_a_stuck_router_from_a_rotating_one(tmp_path):
+    folder = tmp_path / "moe-top3-seed2"
+    folder.mkdir()
+    # layer 0: expert 4 hot for the whole run (stuck); layer 1: hot windows with experts 1, 1, 7, 2 (rotating),
+    # one cool window between them; layer 2: balanced
+    layer0 = [(5.0, 4)] * 6
+    layer1 = [(4.0, 1), (4.5, 1), (1.2, 9), (5.0, 7), (3.0, 2), (1.1, 0)]
+    layer2 = [(1.3, i) for i in range(6)]
+    rows = [{"step": 10 * (i + 1), "tokens_per_s": 1.0,
+             "moe_load_by_layer": [layer0[i][0], layer1[i][0], layer2[i][0]],
+             "moe_hot_expert_by_layer": [layer0[i][1], layer1[i][1], layer2[i][1]]} for i in range(6)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stuck, rotating, balanced = run_stats.routing_stats(folder, hot=3.0)
+    assert stuck == {"layer": 0, "median_load": 5.0, "windows": 6, "hot_windows": 6, "distinct_hot": 1,
+                     "changes": 0, "longest_stay": 50}
+    assert rotating == {"layer": 1, "median_load": 3.0, "windows": 6, "hot_windows": 4, "distinct_hot": 3,
+                        "changes": 2, "longest_stay": 10}
+    assert balanced["hot_windows"] == 0 and balanced["distinct_hot"] == 0 and balanced["longest_stay"] == 0
+    assert run_stats.routing_stats(write_run(tmp_path / "old", [1.0, 2.0])) == []  # moe_load_max only
+    done = subprocess.run([sys.executable, str(SCRIPT), str(folder), "--hot", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert ("layer 1: median load 3.00 (second half), 4/6 windows at >= 3, hot expert: 3 distinct, 2 changes, "
+            "longest stay 10 steps") in done.stdout

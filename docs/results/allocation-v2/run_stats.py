@@ -2,10 +2,14 @@
 the README's Compute section quotes for the 10x calls.
 
 Per run folder: the median tokens/s of the 10-step windows, over the whole run and over its first and last fifth;
-the worst MoE layer's max/mean load (``moe_load_max``) at a few steps. Per ``gpu.csv`` (``nvidia-smi`` samples every
+the worst MoE layer's max/mean load (``moe_load_max``) at a few steps; where the run logged each layer's load and most
+loaded expert (``moe_load_by_layer``, ``moe_hot_expert_by_layer``), per layer: the median load over the second half of
+the run, how many logged windows were "hot" (load >= ``--hot``, well above a balanced router's ~1.3), and among those
+how many distinct experts were the hot one, how often it changed and its longest stay (one expert hot for a whole run
+is a stuck router; many experts taking turns is a rotating one). Per ``gpu.csv`` (``nvidia-smi`` samples every
 15 s): the median GPU utilisation of the first and last fifth of its busy samples, and the range of all.
 
-    python docs/results/allocation-v2/run_stats.py RUN_FOLDER [...] [--gpu CALL/logs/gpu.csv ...]
+    python docs/results/allocation-v2/run_stats.py RUN_FOLDER [...] [--gpu CALL/logs/gpu.csv ...] [--hot 3.0]
 """
 
 from __future__ import annotations
@@ -39,6 +43,30 @@ def run_stats(folder: Path) -> dict[str, Any]:
             "load_max": {step: loads[step] for step in LOAD_STEPS if step in loads}}
 
 
+def routing_stats(folder: Path, hot: float = 3.0) -> list[dict[str, Any]]:
+    """Per MoE layer (bottom first) of one run folder: ``median_load`` (second half of the logged windows),
+    ``hot_windows`` of ``windows`` (load >= ``hot``), ``distinct_hot`` experts among the hot windows, ``changes`` of
+    the hot expert between consecutive hot windows and ``longest_stay`` (steps from the first to the last window of
+    the longest such run of one expert). Empty if the run logged no per-layer routing."""
+    rows = [row for row in read_metrics(folder) if "moe_load_by_layer" in row]
+    if not rows:
+        return []
+    stats = []
+    for layer in range(len(rows[0]["moe_load_by_layer"])):
+        loads = [row["moe_load_by_layer"][layer] for row in rows]
+        hot_rows = [row for row in rows if row["moe_load_by_layer"][layer] >= hot]
+        experts = [row["moe_hot_expert_by_layer"][layer] for row in hot_rows]
+        changes, longest, stay_start = 0, 0, 0
+        for i in range(len(hot_rows)):
+            if i and experts[i] != experts[i - 1]:
+                changes, stay_start = changes + 1, i
+            longest = max(longest, hot_rows[i]["step"] - hot_rows[stay_start]["step"])
+        stats.append({"layer": layer, "median_load": statistics.median(loads[len(loads) // 2:]),
+                      "windows": len(rows), "hot_windows": len(hot_rows), "distinct_hot": len(set(experts)),
+                      "changes": changes, "longest_stay": longest})
+    return stats
+
+
 def gpu_stats(gpu_csv: Path) -> dict[str, Any]:
     """Median utilisation (%) of the first and last fifth of the busy samples (above 0%: the idle ones are the
     processes' start, waits while compiling, and the report after training), and the range of all samples."""
@@ -57,15 +85,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (their metrics.jsonl)")
     parser.add_argument("--gpu", nargs="*", type=Path, default=[], help="a call's logs/gpu.csv")
+    parser.add_argument("--hot", type=float, default=3.0, help="a layer's load that counts as hot [3.0]")
     args = parser.parse_args()
     try:
         runs, gpus = [run_stats(folder) for folder in args.runs], [gpu_stats(path) for path in args.gpu]
+        routing = {folder.name: routing_stats(folder, args.hot) for folder in args.runs}
     except ValueError as error:
         parser.error(str(error))
     for run in runs:
         loads = " ".join(f"{step}:{value:.2f}" for step, value in run["load_max"].items())
         print(f"{run['run']:>16}  tokens/s median {run['median']:,.0f}, first fifth {run['first_fifth']:,.0f}, "
               f"last fifth {run['last_fifth']:,.0f}" + (f"; moe_load_max {loads}" if loads else ""))
+        for layer in routing[run["run"]]:
+            print(f"{'':>18}layer {layer['layer']}: median load {layer['median_load']:.2f} (second half), "
+                  f"{layer['hot_windows']}/{layer['windows']} windows at >= {args.hot:g}, hot expert: "
+                  f"{layer['distinct_hot']} distinct, {layer['changes']} changes, longest stay {layer['longest_stay']} steps")
     for gpu in gpus:
         print(f"{gpu['file']}: {gpu['samples']} samples ({gpu['busy']} busy), utilisation first fifth "
               f"{gpu['first_fifth']:g}%, last fifth {gpu['last_fifth']:g}%, range {gpu['min']}-{gpu['max']}%")
