@@ -75,3 +75,17 @@ def test_routing_stats_tell_a_stuck_router_from_a_rotating_one(tmp_path):
     assert done.returncode == 0, done.stderr
     assert ("layer 1: median load 3.00 (second half), 4/6 windows at >= 3, hot expert: 3 distinct, 2 changes, "
             "longest stay 10 steps") in done.stdout
+
+
+def test_routing_plot_draws_the_runs_with_per_layer_routing_and_refuses_none(tmp_path):
+    folder = tmp_path / "rho-1.00-seed0"
+    folder.mkdir()
+    rows = [{"step": 10 * (i + 1), "tokens_per_s": 1.0, "moe_load_by_layer": [8.0 if i % 3 else 1.2, 1.3],
+             "moe_hot_expert_by_layer": [i % 4, 0]} for i in range(9)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    old = write_run(tmp_path / "moe-top3-seed0", [1.0, 2.0])  # moe_load_max only: left out of the plot
+    run_stats.plot_routing([folder, old], tmp_path / "routing.png", hot=3.0)
+    assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="none of the runs logged moe_load_by_layer"):
+        run_stats.plot_routing([old], tmp_path / "none.png", hot=3.0)
+    assert not (tmp_path / "none.png").exists()

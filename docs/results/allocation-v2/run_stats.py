@@ -10,6 +10,7 @@ is a stuck router; many experts taking turns is a rotating one). Per ``gpu.csv``
 15 s): the median GPU utilisation of the first and last fifth of its busy samples, and the range of all.
 
     python docs/results/allocation-v2/run_stats.py RUN_FOLDER [...] [--gpu CALL/logs/gpu.csv ...] [--hot 3.0]
+        [--plot routing.png]   # per run with per-layer routing: each layer's load, and the worst layer's hot expert
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.train.compare import read_metrics
+from engram.train.sweep_report import pyplot
 
 LOAD_STEPS = (10, 50, 100, 500, 1000, 2000, 3000, 4000, 5000, 6000)
 
@@ -81,15 +83,50 @@ def gpu_stats(gpu_csv: Path) -> dict[str, Any]:
             "last_fifth": last, "min": min(samples), "max": max(samples)}
 
 
+def plot_routing(folders: list[Path], path: Path, hot: float) -> None:
+    """One row per run folder that logged per-layer routing: each MoE layer's load over the steps (the worst layer,
+    by second-half median, drawn thick), and the worst layer's most loaded expert at its hot windows (load >= ``hot``)."""
+    runs = [(folder, rows) for folder in folders
+            if (rows := [row for row in read_metrics(folder) if "moe_load_by_layer" in row])]
+    if not runs:
+        raise ValueError("none of the runs logged moe_load_by_layer: nothing to plot")
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
+    for (folder, rows), (load_ax, expert_ax) in zip(runs, axes):
+        steps = [row["step"] for row in rows]
+        worst = max(routing_stats(folder, hot), key=lambda layer: layer["median_load"])["layer"]
+        for layer in range(len(rows[0]["moe_load_by_layer"])):
+            load_ax.plot(steps, [row["moe_load_by_layer"][layer] for row in rows], lw=1.6 if layer == worst else 0.6,
+                         label=f"MoE layer {layer}", zorder=3 if layer == worst else 2)
+        top = max(max(row["moe_load_by_layer"]) for row in rows)
+        load_ax.set(title=f"{folder.name}: max / mean expert load per MoE layer", xlabel="step", ylabel="load",
+                    ylim=(1, 1 + 1.35 * (top - 1)))  # room for the legend above the curves
+        load_ax.legend(fontsize=7, ncol=4, loc="upper center")
+        hot_rows = [row for row in rows if row["moe_load_by_layer"][worst] >= hot]
+        expert_ax.scatter([row["step"] for row in hot_rows], [row["moe_hot_expert_by_layer"][worst] for row in hot_rows],
+                          c=[row["moe_load_by_layer"][worst] for row in hot_rows], s=6, cmap="viridis")
+        expert_ax.set(title=f"MoE layer {worst}: most loaded expert where load >= {hot:g}", xlabel="step",
+                      ylabel="expert", xlim=load_ax.get_xlim())
+        expert_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (their metrics.jsonl)")
     parser.add_argument("--gpu", nargs="*", type=Path, default=[], help="a call's logs/gpu.csv")
     parser.add_argument("--hot", type=float, default=3.0, help="a layer's load that counts as hot [3.0]")
+    parser.add_argument("--plot", type=Path, help="draw the per-layer routing of the runs that logged it here")
     args = parser.parse_args()
     try:
         runs, gpus = [run_stats(folder) for folder in args.runs], [gpu_stats(path) for path in args.gpu]
         routing = {folder.name: routing_stats(folder, args.hot) for folder in args.runs}
+        if args.plot:
+            plot_routing(args.runs, args.plot, args.hot)
     except ValueError as error:
         parser.error(str(error))
     for run in runs:
