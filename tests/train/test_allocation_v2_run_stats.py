@@ -55,26 +55,38 @@ def test_gpu_stats_read_nvidia_smi_samples_and_the_cli_prints_both(tmp_path):
 def test_routing_stats_tell_a_stuck_router_from_a_rotating_one(tmp_path):
     folder = tmp_path / "moe-top3-seed2"
     folder.mkdir()
-    # layer 0: expert 4 hot for the whole run (stuck); layer 1: hot windows with experts 1, 1, 7, 2 (rotating),
-    # one cool window between them; layer 2: balanced
+    # layer 0: expert 4 hot for the whole run (stuck); layer 1: hot windows with experts 1, 1, 7, 2, 2 (rotating),
+    # cool windows between them, which end a stay; layer 2: balanced
     layer0 = [(5.0, 4)] * 6
-    layer1 = [(4.0, 1), (4.5, 1), (1.2, 9), (5.0, 7), (3.0, 2), (1.1, 0)]
+    layer1 = [(4.0, 1), (4.5, 1), (1.2, 9), (5.0, 7), (3.0, 2), (1.1, 0), (3.5, 2)]
     layer2 = [(1.3, i) for i in range(6)]
     rows = [{"step": 10 * (i + 1), "tokens_per_s": 1.0,
              "moe_load_by_layer": [layer0[i][0], layer1[i][0], layer2[i][0]],
              "moe_hot_expert_by_layer": [layer0[i][1], layer1[i][1], layer2[i][1]]} for i in range(6)]
+    rows.append({"step": 70, "tokens_per_s": 1.0, "moe_load_by_layer": [5.0, layer1[6][0], 1.3],
+                 "moe_hot_expert_by_layer": [4, layer1[6][1], 3]})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     stuck, rotating, balanced = run_stats.routing_stats(folder, hot=3.0)
-    assert stuck == {"layer": 0, "median_load": 5.0, "windows": 6, "hot_windows": 6, "distinct_hot": 1,
-                     "changes": 0, "longest_stay": 50}
-    assert rotating == {"layer": 1, "median_load": 3.0, "windows": 6, "hot_windows": 4, "distinct_hot": 3,
-                        "changes": 2, "longest_stay": 10}
+    assert stuck == {"layer": 0, "median_load": 5.0, "windows": 7, "hot_windows": 7, "distinct_hot": 1,
+                     "changes": 0, "longest_stay": 60, "stays": []}  # 60 steps: shorter than MIN_STAY
+    assert rotating == {"layer": 1, "median_load": 3.25, "windows": 7, "hot_windows": 5, "distinct_hot": 3,
+                        "changes": 2, "longest_stay": 10, "stays": []}  # expert 2 at 50 and 70: two stays
+    stuck, rotating, _ = run_stats.routing_stats(folder, hot=3.0, min_stay=10)
+    assert stuck["stays"] == [(4, 10, 70)] and rotating["stays"] == [(1, 10, 20)]
     assert balanced["hot_windows"] == 0 and balanced["distinct_hot"] == 0 and balanced["longest_stay"] == 0
     assert run_stats.routing_stats(write_run(tmp_path / "old", [1.0, 2.0])) == []  # moe_load_max only
-    done = subprocess.run([sys.executable, str(SCRIPT), str(folder), "--hot", "3"], capture_output=True, text=True)
+    long_stay = tmp_path / "rho-1.00-seed0"
+    long_stay.mkdir()
+    (long_stay / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 10 * (i + 1), "tokens_per_s": 1.0, "moe_load_by_layer": [8.0],
+                    "moe_hot_expert_by_layer": [5 if i < 15 else 9]}) + "\n" for i in range(20)))
+    done = subprocess.run([sys.executable, str(SCRIPT), str(folder), str(long_stay), "--hot", "3"],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert ("layer 1: median load 3.00 (second half), 4/6 windows at >= 3, hot expert: 3 distinct, 2 changes, "
+    assert ("layer 1: median load 3.25 (second half), 5/7 windows at >= 3, hot expert: 3 distinct, 2 changes, "
             "longest stay 10 steps") in done.stdout
+    assert ("layer 0: median load 8.00 (second half), 20/20 windows at >= 3, hot expert: 2 distinct, 1 changes, "
+            "longest stay 140 steps; stays of >= 100 steps: 5 at 10-150") in done.stdout
 
 
 def test_routing_plot_draws_the_runs_with_per_layer_routing_and_refuses_none(tmp_path):

@@ -25,6 +25,7 @@ from engram.train.compare import read_metrics
 from engram.train.sweep_report import pyplot
 
 LOAD_STEPS = (10, 50, 100, 500, 1000, 2000, 3000, 4000, 5000, 6000)
+MIN_STAY = 100  # steps: the shortest stay of one hot expert that the printout lists
 
 
 def fifths(values: list[float]) -> tuple[float, float]:
@@ -45,27 +46,36 @@ def run_stats(folder: Path) -> dict[str, Any]:
             "load_max": {step: loads[step] for step in LOAD_STEPS if step in loads}}
 
 
-def routing_stats(folder: Path, hot: float = 3.0) -> list[dict[str, Any]]:
+def routing_stats(folder: Path, hot: float = 3.0, min_stay: int = MIN_STAY) -> list[dict[str, Any]]:
     """Per MoE layer (bottom first) of one run folder: ``median_load`` (second half of the logged windows),
     ``hot_windows`` of ``windows`` (load >= ``hot``), ``distinct_hot`` experts among the hot windows, ``changes`` of
-    the hot expert between consecutive hot windows and ``longest_stay`` (steps from the first to the last window of
-    the longest such run of one expert). Empty if the run logged no per-layer routing."""
+    the hot expert between consecutive hot windows, ``stays`` (``(expert, first step, last step)`` of every run of
+    consecutive logged windows, all hot with one expert, lasting at least ``min_stay`` steps) and ``longest_stay``
+    (steps, of any such run). Empty if the run logged no per-layer routing."""
     rows = [row for row in read_metrics(folder) if "moe_load_by_layer" in row]
     if not rows:
         return []
     stats = []
     for layer in range(len(rows[0]["moe_load_by_layer"])):
         loads = [row["moe_load_by_layer"][layer] for row in rows]
-        hot_rows = [row for row in rows if row["moe_load_by_layer"][layer] >= hot]
-        experts = [row["moe_hot_expert_by_layer"][layer] for row in hot_rows]
-        changes, longest, stay_start = 0, 0, 0
-        for i in range(len(hot_rows)):
-            if i and experts[i] != experts[i - 1]:
-                changes, stay_start = changes + 1, i
-            longest = max(longest, hot_rows[i]["step"] - hot_rows[stay_start]["step"])
+        experts: list[int] = []  # the hot expert of each hot window
+        runs: list[list[int]] = []  # [expert, first step, last step]; a window below `hot` ends a run
+        open_run = False
+        for row in rows:
+            if row["moe_load_by_layer"][layer] < hot:
+                open_run = False
+                continue
+            experts.append(row["moe_hot_expert_by_layer"][layer])
+            if open_run and runs[-1][0] == experts[-1]:
+                runs[-1][2] = row["step"]
+            else:
+                runs.append([experts[-1], row["step"], row["step"]])
+                open_run = True
         stats.append({"layer": layer, "median_load": statistics.median(loads[len(loads) // 2:]),
-                      "windows": len(rows), "hot_windows": len(hot_rows), "distinct_hot": len(set(experts)),
-                      "changes": changes, "longest_stay": longest})
+                      "windows": len(rows), "hot_windows": len(experts), "distinct_hot": len(set(experts)),
+                      "changes": sum(a != b for a, b in zip(experts, experts[1:])),
+                      "longest_stay": max((last - first for _, first, last in runs), default=0),
+                      "stays": [tuple(run) for run in runs if run[2] - run[1] >= min_stay]})
     return stats
 
 
@@ -85,7 +95,8 @@ def gpu_stats(gpu_csv: Path) -> dict[str, Any]:
 
 def plot_routing(folders: list[Path], path: Path, hot: float) -> None:
     """One row per run folder that logged per-layer routing: each MoE layer's load over the steps (the worst layer,
-    by second-half median, drawn thick), and the worst layer's most loaded expert at its hot windows (load >= ``hot``)."""
+    by second-half median, drawn thick), and the worst layer's most loaded expert at its hot windows
+    (load >= ``hot``)."""
     runs = [(folder, rows) for folder in folders
             if (rows := [row for row in read_metrics(folder) if "moe_load_by_layer" in row])]
     if not runs:
@@ -105,7 +116,8 @@ def plot_routing(folders: list[Path], path: Path, hot: float) -> None:
                     ylim=(1, 1 + 1.35 * (top - 1)))  # room for the legend above the curves
         load_ax.legend(fontsize=7, ncol=4, loc="upper center")
         hot_rows = [row for row in rows if row["moe_load_by_layer"][worst] >= hot]
-        expert_ax.scatter([row["step"] for row in hot_rows], [row["moe_hot_expert_by_layer"][worst] for row in hot_rows],
+        expert_ax.scatter([row["step"] for row in hot_rows],
+                          [row["moe_hot_expert_by_layer"][worst] for row in hot_rows],
                           c=[row["moe_load_by_layer"][worst] for row in hot_rows], s=6, cmap="viridis")
         expert_ax.set(title=f"MoE layer {worst}: most loaded expert where load >= {hot:g}", xlabel="step",
                       ylabel="expert", xlim=load_ax.get_xlim())
@@ -134,9 +146,12 @@ def main() -> None:
         print(f"{run['run']:>16}  tokens/s median {run['median']:,.0f}, first fifth {run['first_fifth']:,.0f}, "
               f"last fifth {run['last_fifth']:,.0f}" + (f"; moe_load_max {loads}" if loads else ""))
         for layer in routing[run["run"]]:
+            stays = ", ".join(f"{expert} at {first}-{last}" for expert, first, last in layer["stays"])
             print(f"{'':>18}layer {layer['layer']}: median load {layer['median_load']:.2f} (second half), "
                   f"{layer['hot_windows']}/{layer['windows']} windows at >= {args.hot:g}, hot expert: "
-                  f"{layer['distinct_hot']} distinct, {layer['changes']} changes, longest stay {layer['longest_stay']} steps")
+                  f"{layer['distinct_hot']} distinct, {layer['changes']} changes, "
+                  f"longest stay {layer['longest_stay']} steps"
+                  + (f"; stays of >= {MIN_STAY} steps: {stays}" if stays else ""))
     for gpu in gpus:
         print(f"{gpu['file']}: {gpu['samples']} samples ({gpu['busy']} busy), utilisation first fifth "
               f"{gpu['first_fifth']:g}%, last fifth {gpu['last_fifth']:g}%, range {gpu['min']}-{gpu['max']}%")
