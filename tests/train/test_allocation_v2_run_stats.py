@@ -96,8 +96,9 @@ def test_routing_plot_draws_the_runs_with_per_layer_routing_and_refuses_none(tmp
              "moe_hot_expert_by_layer": [i % 4, 0]} for i in range(9)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     old = write_run(tmp_path / "moe-top3-seed0", [1.0, 2.0])  # moe_load_max only: left out of the plot
-    run_stats.plot_routing([folder, old], tmp_path / "routing.png", hot=3.0)
+    routing = {run.name: run_stats.routing_stats(run, hot=3.0) for run in (folder, old)}
+    run_stats.plot_routing([folder, old], routing, tmp_path / "routing.png", hot=3.0)
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="none of the runs logged moe_load_by_layer"):
-        run_stats.plot_routing([old], tmp_path / "none.png", hot=3.0)
+        run_stats.plot_routing([old], routing, tmp_path / "none.png", hot=3.0)
     assert not (tmp_path / "none.png").exists()

@@ -93,10 +93,10 @@ def gpu_stats(gpu_csv: Path) -> dict[str, Any]:
             "last_fifth": last, "min": min(samples), "max": max(samples)}
 
 
-def plot_routing(folders: list[Path], path: Path, hot: float) -> None:
+def plot_routing(folders: list[Path], routing: dict[str, list[dict[str, Any]]], path: Path, hot: float) -> None:
     """One row per run folder that logged per-layer routing: each MoE layer's load over the steps (the worst layer,
-    by second-half median, drawn thick), and the worst layer's most loaded expert at its hot windows
-    (load >= ``hot``)."""
+    by second-half median in ``routing[folder.name]`` from :func:`routing_stats`, drawn thick), and the worst layer's
+    most loaded expert at its hot windows (load >= ``hot``)."""
     runs = [(folder, rows) for folder in folders
             if (rows := [row for row in read_metrics(folder) if "moe_load_by_layer" in row])]
     if not runs:
@@ -107,7 +107,7 @@ def plot_routing(folders: list[Path], path: Path, hot: float) -> None:
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
     for (folder, rows), (load_ax, expert_ax) in zip(runs, axes):
         steps = [row["step"] for row in rows]
-        worst = max(routing_stats(folder, hot), key=lambda layer: layer["median_load"])["layer"]
+        worst = max(routing[folder.name], key=lambda layer: layer["median_load"])["layer"]
         for layer in range(len(rows[0]["moe_load_by_layer"])):
             load_ax.plot(steps, [row["moe_load_by_layer"][layer] for row in rows], lw=1.6 if layer == worst else 0.6,
                          label=f"MoE layer {layer}", zorder=3 if layer == worst else 2)
@@ -138,7 +138,7 @@ def main() -> None:
         runs, gpus = [run_stats(folder) for folder in args.runs], [gpu_stats(path) for path in args.gpu]
         routing = {folder.name: routing_stats(folder, args.hot) for folder in args.runs}
         if args.plot:
-            plot_routing(args.runs, args.plot, args.hot)
+            plot_routing(args.runs, routing, args.plot, args.hot)
     except ValueError as error:
         parser.error(str(error))
     for run in runs:
