@@ -12,6 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "results" / "allocation-
 spec = importlib.util.spec_from_file_location("run_stats", SCRIPT)
 run_stats = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_stats)
+read_metrics = run_stats.read_metrics
 
 
 def write_run(folder: Path, rates: list[float], loads: bool = True) -> Path:
@@ -25,13 +26,14 @@ def write_run(folder: Path, rates: list[float], loads: bool = True) -> Path:
 
 def test_run_stats_medians_by_fifth_and_loads_at_the_listed_steps(tmp_path):
     rates = [100.0, 120.0, 300.0, 310.0, 320.0, 330.0, 340.0, 350.0, 50.0, 70.0]  # fifths of 2 windows
-    stats = run_stats.run_stats(write_run(tmp_path / "rho-0.80-seed1", rates))
+    stats = run_stats.run_stats("rho-0.80-seed1", read_metrics(write_run(tmp_path / "rho-0.80-seed1", rates)))
     assert stats["run"] == "rho-0.80-seed1"
     assert (stats["median"], stats["first_fifth"], stats["last_fifth"]) == (305.0, 110.0, 60.0)
     assert stats["load_max"] == {10: 1, 50: 5, 100: 10}
-    assert run_stats.run_stats(write_run(tmp_path / "dense", rates, loads=False))["load_max"] == {}
-    with pytest.raises(ValueError, match="logged no tokens_per_s"):
-        run_stats.run_stats(write_run(tmp_path / "empty", []))
+    dense = read_metrics(write_run(tmp_path / "dense", rates, loads=False))
+    assert run_stats.run_stats("dense", dense)["load_max"] == {}
+    with pytest.raises(ValueError, match="'empty' logged no tokens_per_s"):
+        run_stats.run_stats("empty", read_metrics(write_run(tmp_path / "empty", [])))
 
 
 def test_gpu_stats_read_nvidia_smi_samples_and_the_cli_prints_both(tmp_path):
@@ -66,15 +68,15 @@ def test_routing_stats_tell_a_stuck_router_from_a_rotating_one(tmp_path):
     rows.append({"step": 70, "tokens_per_s": 1.0, "moe_load_by_layer": [5.0, layer1[6][0], 1.3],
                  "moe_hot_expert_by_layer": [4, layer1[6][1], 3]})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    stuck, rotating, balanced = run_stats.routing_stats(folder, hot=3.0)
+    stuck, rotating, balanced = run_stats.routing_stats(read_metrics(folder), hot=3.0)
     assert stuck == {"layer": 0, "median_load": 5.0, "windows": 7, "hot_windows": 7, "distinct_hot": 1,
                      "changes": 0, "longest_stay": 60, "stays": []}  # 60 steps: shorter than MIN_STAY
     assert rotating == {"layer": 1, "median_load": 3.25, "windows": 7, "hot_windows": 5, "distinct_hot": 3,
                         "changes": 2, "longest_stay": 10, "stays": []}  # expert 2 at 50 and 70: two stays
-    stuck, rotating, _ = run_stats.routing_stats(folder, hot=3.0, min_stay=10)
+    stuck, rotating, _ = run_stats.routing_stats(read_metrics(folder), hot=3.0, min_stay=10)
     assert stuck["stays"] == [(4, 10, 70)] and rotating["stays"] == [(1, 10, 20)]
     assert balanced["hot_windows"] == 0 and balanced["distinct_hot"] == 0 and balanced["longest_stay"] == 0
-    assert run_stats.routing_stats(write_run(tmp_path / "old", [1.0, 2.0])) == []  # moe_load_max only
+    assert run_stats.routing_stats(read_metrics(write_run(tmp_path / "old", [1.0, 2.0]))) == []  # moe_load_max only
     long_stay = tmp_path / "rho-1.00-seed0"
     long_stay.mkdir()
     (long_stay / "metrics.jsonl").write_text("".join(
@@ -96,9 +98,10 @@ def test_routing_plot_draws_the_runs_with_per_layer_routing_and_refuses_none(tmp
              "moe_hot_expert_by_layer": [i % 4, 0]} for i in range(9)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     old = write_run(tmp_path / "moe-top3-seed0", [1.0, 2.0])  # moe_load_max only: left out of the plot
-    routing = {run.name: run_stats.routing_stats(run, hot=3.0) for run in (folder, old)}
-    run_stats.plot_routing([folder, old], routing, tmp_path / "routing.png", hot=3.0)
+    metrics = {run.name: read_metrics(run) for run in (folder, old)}
+    routing = {name: run_stats.routing_stats(rows, hot=3.0) for name, rows in metrics.items()}
+    run_stats.plot_routing(metrics, routing, tmp_path / "routing.png", hot=3.0)
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="none of the runs logged moe_load_by_layer"):
-        run_stats.plot_routing([old], routing, tmp_path / "none.png", hot=3.0)
+        run_stats.plot_routing({old.name: metrics[old.name]}, routing, tmp_path / "none.png", hot=3.0)
     assert not (tmp_path / "none.png").exists()

@@ -34,25 +34,26 @@ def fifths(values: list[float]) -> tuple[float, float]:
     return statistics.median(values[:part]), statistics.median(values[-part:])
 
 
-def run_stats(folder: Path) -> dict[str, Any]:
-    """Tokens/s (median; first and last fifth) and ``moe_load_max`` at :data:`LOAD_STEPS` of one run folder."""
-    rows = [row for row in read_metrics(folder) if "tokens_per_s" in row]
+def run_stats(name: str, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s (median; first and last fifth) and ``moe_load_max`` at :data:`LOAD_STEPS` of the run ``name``, from
+    its ``metrics`` (the rows of its ``metrics.jsonl``)."""
+    rows = [row for row in metrics if "tokens_per_s" in row]
     if not rows:
-        raise ValueError(f"{str(folder)!r} logged no tokens_per_s")
+        raise ValueError(f"{name!r} logged no tokens_per_s")
     rates = [row["tokens_per_s"] for row in rows]
     first, last = fifths(rates)
     loads = {row["step"]: row["moe_load_max"] for row in rows if "moe_load_max" in row}
-    return {"run": folder.name, "median": statistics.median(rates), "first_fifth": first, "last_fifth": last,
+    return {"run": name, "median": statistics.median(rates), "first_fifth": first, "last_fifth": last,
             "load_max": {step: loads[step] for step in LOAD_STEPS if step in loads}}
 
 
-def routing_stats(folder: Path, hot: float = 3.0, min_stay: int = MIN_STAY) -> list[dict[str, Any]]:
-    """Per MoE layer (bottom first) of one run folder: ``median_load`` (second half of the logged windows),
+def routing_stats(metrics: list[dict[str, Any]], hot: float = 3.0, min_stay: int = MIN_STAY) -> list[dict[str, Any]]:
+    """Per MoE layer (bottom first) of one run's ``metrics`` rows: ``median_load`` (second half of the logged windows),
     ``hot_windows`` of ``windows`` (load >= ``hot``), ``distinct_hot`` experts among the hot windows, ``changes`` of
     the hot expert between consecutive hot windows, ``stays`` (``(expert, first step, last step)`` of every run of
     consecutive logged windows, all hot with one expert, lasting at least ``min_stay`` steps) and ``longest_stay``
     (steps, of any such run). Empty if the run logged no per-layer routing."""
-    rows = [row for row in read_metrics(folder) if "moe_load_by_layer" in row]
+    rows = [row for row in metrics if "moe_load_by_layer" in row]
     if not rows:
         return []
     stats = []
@@ -93,26 +94,27 @@ def gpu_stats(gpu_csv: Path) -> dict[str, Any]:
             "last_fifth": last, "min": min(samples), "max": max(samples)}
 
 
-def plot_routing(folders: list[Path], routing: dict[str, list[dict[str, Any]]], path: Path, hot: float) -> None:
-    """One row per run folder that logged per-layer routing: each MoE layer's load over the steps (the worst layer,
-    by second-half median in ``routing[folder.name]`` from :func:`routing_stats`, drawn thick), and the worst layer's
-    most loaded expert at its hot windows (load >= ``hot``)."""
-    runs = [(folder, rows) for folder in folders
-            if (rows := [row for row in read_metrics(folder) if "moe_load_by_layer" in row])]
+def plot_routing(metrics: dict[str, list[dict[str, Any]]], routing: dict[str, list[dict[str, Any]]], path: Path,
+                 hot: float) -> None:
+    """One row per run (``metrics``: its name to its metrics rows) that logged per-layer routing: each MoE layer's
+    load over the steps (the worst layer, by second-half median in ``routing[name]`` from :func:`routing_stats`, drawn
+    thick), and the worst layer's most loaded expert at its hot windows (load >= ``hot``)."""
+    runs = [(name, rows) for name, all_rows in metrics.items()
+            if (rows := [row for row in all_rows if "moe_load_by_layer" in row])]
     if not runs:
         raise ValueError("none of the runs logged moe_load_by_layer: nothing to plot")
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
-    for (folder, rows), (load_ax, expert_ax) in zip(runs, axes):
+    for (name, rows), (load_ax, expert_ax) in zip(runs, axes):
         steps = [row["step"] for row in rows]
-        worst = max(routing[folder.name], key=lambda layer: layer["median_load"])["layer"]
+        worst = max(routing[name], key=lambda layer: layer["median_load"])["layer"]
         for layer in range(len(rows[0]["moe_load_by_layer"])):
             load_ax.plot(steps, [row["moe_load_by_layer"][layer] for row in rows], lw=1.6 if layer == worst else 0.6,
                          label=f"MoE layer {layer}", zorder=3 if layer == worst else 2)
         top = max(max(row["moe_load_by_layer"]) for row in rows)
-        load_ax.set(title=f"{folder.name}: max / mean expert load per MoE layer", xlabel="step", ylabel="load",
+        load_ax.set(title=f"{name}: max / mean expert load per MoE layer", xlabel="step", ylabel="load",
                     ylim=(1, 1 + 1.35 * (top - 1)))  # room for the legend above the curves
         load_ax.legend(fontsize=7, ncol=4, loc="upper center")
         hot_rows = [row for row in rows if row["moe_load_by_layer"][worst] >= hot]
@@ -135,10 +137,12 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="draw the per-layer routing of the runs that logged it here")
     args = parser.parse_args()
     try:
-        runs, gpus = [run_stats(folder) for folder in args.runs], [gpu_stats(path) for path in args.gpu]
-        routing = {folder.name: routing_stats(folder, args.hot) for folder in args.runs}
+        metrics = {folder.name: read_metrics(folder) for folder in args.runs}
+        runs = [run_stats(name, rows) for name, rows in metrics.items()]
+        gpus = [gpu_stats(path) for path in args.gpu]
+        routing = {name: routing_stats(rows, args.hot) for name, rows in metrics.items()}
         if args.plot:
-            plot_routing(args.runs, routing, args.plot, args.hot)
+            plot_routing(metrics, routing, args.plot, args.hot)
     except ValueError as error:
         parser.error(str(error))
     for run in runs:
