@@ -89,10 +89,17 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert again.returncode == 1 and "call1' exists: name this call's folder otherwise" in again.stderr
 
     # a later call on the same machine (work folder) that trains one run's third seed only: the report still covers
-    # seeds 0 and 1 of every run, the eval reads the run just trained
-    again = run_driver(corpus, tmp_path / "work", SEEDS="0 1 2", ONLY="rho-0.50")
+    # seeds 0 and 1 of every run, the eval reads the run just trained; its training process exits 124 after training
+    # (as when the deadline stops `engram sweep` in its own report), which the status line tells from a cut run
+    stopped_late = tmp_path / "python-exits-124-after-training"
+    stopped_late.write_text(f'#!/bin/sh\n"{sys.executable}" "$@" || exit $?\n'
+                            'case " $* " in *" --report-only "*) exit 0 ;; *" sweep "*) exit 124 ;; esac\n')
+    stopped_late.chmod(0o755)
+    again = run_driver(corpus, tmp_path / "work", SEEDS="0 1 2", ONLY="rho-0.50", PYTHON=str(stopped_late))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     status = (out / "status.txt").read_text()
+    assert ("rho-0.50 seeds 0 1 2: exit 124 (logs/train-rho-0.50.log); every seed's run finished (final/ saved) "
+            "before that") in status
     assert "2 of 3 runs finished before this call (restored, or trained here earlier): 1 to train" in status
     assert "training 3 runs (rho-0.50 x seeds 0 1 2), 1 steps each, in 1 processes" in status
     assert "rho-1.00 seed 2: not finished" in status and "over seeds 0 1 written" in status.split("1 to train")[1]
@@ -116,7 +123,7 @@ def test_the_gpu_driver_runs_the_first_priority_sweep_at_toy_size(text_dir, tmp_
     assert (f"conv-only seed 1: not finished: cut at step 42, checkpoint {cut}; the same command on this machine "
             "resumes it") in status
     assert "in 5 processes on 1 GPU(s)" in status  # one process per run, its seeds one after the other
-    assert "rho-1.00 seeds 0 1: exit " in status
+    assert "rho-1.00 seeds 0 1: exit " in status and "finished (final/ saved)" not in status
     assert "packing" in status
     with tarfile.open(stopped_work / "out" / "results.tgz") as archive:
         assert "logs/train-moe-topx.log" in archive.getnames()

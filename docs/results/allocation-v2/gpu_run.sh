@@ -25,7 +25,8 @@
 #                 nvidia-smi lists, or 1; the larger of GPUS and the number of runs]
 #   DEADLINE      seconds after the start when training stops with Ctrl-C's effect, so that the report, the eval
 #                 and the packing still end inside the command's 10 minutes; a run cut there leaves a checkpoint in
-#                 the work folder, which the same command resumes on the same (still warm) machine [480]
+#                 the work folder, which the same command resumes on the same (still warm) machine; a process stopped
+#                 after its runs' final saves says so in status.txt beside its exit code [480]
 #   EVAL_ARGS     flags of `engram eval` besides checkpoints, data, length and device ["--batches 8 --samples 32"]
 #   ROOT          the folder of the work folders and of the prepared python-code corpus [/tmp/allocation-v2]
 #   WORK, OUT     work folder (one per corpus, mode and STEPS, as the restore folders: `engram sweep` refuses a
@@ -151,7 +152,7 @@ procs=${PROCS:-$(( gpus > ${#trained_groups[@]} ? gpus : ${#trained_groups[@]} )
 jobs=()
 for seed in $seeds; do for group in "${trained_groups[@]}"; do jobs+=("$group|$seed"); done; done
 train_process() {  # process $1: its jobs, grouped by run
-  local p=$1 order=() group seed code
+  local p=$1 order=() group seed code finished_note
   declare -A seeds_of=()
   for ((j = p; j < ${#jobs[@]}; j += procs)); do
     group=${jobs[$j]%|*} seed=${jobs[$j]#*|}
@@ -166,7 +167,13 @@ train_process() {  # process $1: its jobs, grouped by run
     OMP_NUM_THREADS=${THREADS:-3} timeout --signal=INT --kill-after=30 "$left" \
       "$python" -m engram sweep "${common[@]}" --only "$group" --seeds ${seeds_of[$group]} >"$logs/$log" 2>&1
     code=$?
-    status "$group seeds${seeds_of[$group]}: exit $code (logs/$log${CUDA_VISIBLE_DEVICES:+, GPU $CUDA_VISIBLE_DEVICES})"
+    finished_note=""  # a stop after the last final save (in `engram sweep`'s own report, say) loses nothing
+    if [ $code -ne 0 ]; then
+      finished_note="; every seed's run finished (final/ saved) before that"
+      for seed in ${seeds_of[$group]}; do finished "$group" "$seed" || finished_note=""; done
+    fi
+    status "$group seeds${seeds_of[$group]}: exit $code" \
+      "(logs/$log${CUDA_VISIBLE_DEVICES:+, GPU $CUDA_VISIBLE_DEVICES})$finished_note"
   done
 }
 finished_before=0
