@@ -52,6 +52,9 @@ def test_gpu_stats_read_nvidia_smi_samples_and_the_cli_prints_both(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), str(run), "--gpu", str(tmp_path / "bad.csv")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no busy utilisation samples" in bad.stderr
+    twin = write_run(tmp_path / "elsewhere" / "moe-top3-seed0", [100.0] * 5)  # the same run name, another length
+    same = subprocess.run([sys.executable, str(SCRIPT), str(run), str(twin)], capture_output=True, text=True)
+    assert same.returncode == 2 and "'moe-top3-seed0' given more than once" in same.stderr
 
 
 def test_routing_stats_tell_a_stuck_router_from_a_rotating_one(tmp_path):

@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--hot", type=float, default=3.0, help="a layer's load that counts as hot [3.0]")
     parser.add_argument("--plot", type=Path, help="draw the per-layer routing of the runs that logged it here")
     args = parser.parse_args()
+    names = [folder.name for folder in args.runs]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        parser.error(f"run folders are told apart by name: {', '.join(map(repr, repeated))} given more than once")
     try:
         metrics = {folder.name: read_metrics(folder) for folder in args.runs}
         runs = [run_stats(name, rows) for name, rows in metrics.items()]
