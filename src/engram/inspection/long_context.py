@@ -235,13 +235,20 @@ def plot_eval(results: dict[str, dict[str, Any]], out_file: Path) -> Path:
                    ms=4, label=label)
     chance = max(result["chance"] for result in results.values())
     right.axhline(chance, ls=":", color="gray", lw=1, label="chance")
+    label_eval_axes(left, right)
+    return finish_plot(fig, [left, right], out_file)
+
+
+def label_eval_axes(left, right, loss_label: str | None = None, note: str = "") -> None:
+    """Scales, limits, labels and titles of the two panels of ``eval.png``: loss by position (``left``, y label
+    ``loss_label``, the validation loss when ``None``) and retrieval against length (``right``); ``note`` is appended
+    to both titles."""
     left.set_xscale("log", base=2)
     left.set_xlabel("tokens of context seen (power-of-two buckets)")
-    left.set_ylabel("validation loss (nats / token)")
-    left.set_title("Loss by position in the context")
+    left.set_ylabel(loss_label or "validation loss (nats / token)")
+    left.set_title("Loss by position in the context" + note)
     right.set_xscale("log", base=2)
     right.set_ylim(-0.02, 1.02)
     right.set_xlabel("sequence length (the key is planted at its start)")
     right.set_ylabel("key tokens predicted (accuracy)")
-    right.set_title("Retrieval of a planted key")
-    return finish_plot(fig, [left, right], out_file)
+    right.set_title("Retrieval of a planted key" + note)
