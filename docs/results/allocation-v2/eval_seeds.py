@@ -15,7 +15,7 @@ one of them. Every file must have been evaluated with the same settings (length,
 - ``eval_seeds.png``: the loss by position (minus the base's of the same seed, with ``--base``) and the retrieval
   accuracy against length, mean ± sd over the seeds, one line per run.
 
-    python docs/results/allocation-v2/eval_seeds.py --out DIR [--base RUN] [--runs RUN ...] EVAL_JSON [EVAL_JSON ...]
+    python docs/results/allocation-v2/eval_seeds.py EVAL_JSON [EVAL_JSON ...] --out DIR [--base RUN] [--runs RUN ...]
 """
 
 from __future__ import annotations
