@@ -85,12 +85,12 @@ def pooled_rows(runs: dict[str, dict[int, dict[tuple[str, str], float]]], base: 
     rows = []
     for run, seeds in runs.items():
         order = sorted(seeds)
+        shared = [s for s in order if s in runs[base]] if base is not None else []
         for key in seeds[order[0]]:
             mean, std = mean_and_std(seeds[s][key] for s in order)
             row = {"run": run, "measure": key[0], "at": key[1], "seeds": len(order),
                    "seed_list": " ".join(map(str, order)), "mean": mean, "std": std}
             if base is not None:
-                shared = [s for s in order if s in runs[base]]
                 difference = mean_and_std(seeds[s][key] - runs[base][s][key] for s in shared) if shared \
                     else (math.nan, math.nan)
                 row |= {"minus_base_mean": difference[0], "minus_base_std": difference[1],
@@ -122,10 +122,10 @@ def plot_pooled(rows: list[dict[str, Any]], base: str | None, out_file: Path) ->
         if run == base:
             left.axhline(0, color=colour, lw=1.5, label=label)
         else:
-            key = "minus_base" if base is not None else None
+            prefix = "minus_base_" if base is not None else ""
             x = [bucket_middle(row["at"]) for row in loss]
-            y = [row[f"{key}_mean"] if key else row["mean"] for row in loss]
-            sd = [row[f"{key}_std"] if key else row["std"] for row in loss]
+            y = [row[prefix + "mean"] for row in loss]
+            sd = [row[prefix + "std"] for row in loss]
             left.plot(x, y, "o-", ms=3, color=colour, label=label)
             left.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], color=colour,
                               alpha=0.15)
