@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engram.inspection.long_context import label_eval_axes
+from engram.inspection.long_context import bucket_middle, label_eval_axes
 from engram.train.sweep import SEED_FOLDER
 from engram.train.sweep_report import finish_plot, mean_and_std, pyplot, write_csv
 
@@ -103,10 +103,10 @@ def seeds_label(seeds: int) -> str:
     return f"{seeds} seed{'s' if seeds != 1 else ''}"
 
 
-def bucket_middle(at: str) -> float:
-    """The geometric middle of a bucket of positions ``"4-7"`` (or the position ``"1"``), for a log axis."""
+def at_middle(at: str) -> float:
+    """:func:`bucket_middle` of a bucket of positions named ``"4-7"`` (or the position ``"1"``)."""
     first, _, last = at.partition("-")
-    return math.sqrt(int(first) * int(last or first))
+    return bucket_middle(int(first), int(last or first))
 
 
 def plot_pooled(rows: list[dict[str, Any]], base: str | None, out_file: Path) -> Path:
@@ -123,7 +123,7 @@ def plot_pooled(rows: list[dict[str, Any]], base: str | None, out_file: Path) ->
             left.axhline(0, color=colour, lw=1.5, label=label)
         else:
             prefix = "minus_base_" if base is not None else ""
-            x = [bucket_middle(row["at"]) for row in loss]
+            x = [at_middle(row["at"]) for row in loss]
             y = [row[prefix + "mean"] for row in loss]
             sd = [row[prefix + "std"] for row in loss]
             left.plot(x, y, "o-", ms=3, color=colour, label=label)

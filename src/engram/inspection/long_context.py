@@ -224,12 +224,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
+def bucket_middle(first: int, last: int) -> float:
+    """Where a bucket of positions ``first``..``last`` sits on the loss-by-position plot's log axis: their geometric
+    middle."""
+    return math.sqrt(first * last)
+
+
 def plot_eval(results: dict[str, dict[str, Any]], out_file: Path) -> Path:
     """Loss by context size (log x) and retrieval accuracy against length, one line per checkpoint."""
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.5), dpi=120)
     for label, result in results.items():
         buckets = result["loss_by_position"]
-        left.plot([math.sqrt(b["start"] * (b["end"] - 1)) for b in buckets], [b["loss"] for b in buckets], "o-",
+        left.plot([bucket_middle(b["start"], b["end"] - 1) for b in buckets], [b["loss"] for b in buckets], "o-",
                   ms=3, label=label)
         right.plot([r["length"] for r in result["retrieval"]], [r["accuracy"] for r in result["retrieval"]], "o-",
                    ms=4, label=label)
