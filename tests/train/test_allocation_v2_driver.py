@@ -146,3 +146,40 @@ def test_the_gpu_driver_runs_memory_scaling_at_toy_size(text_dir, tmp_path):
     assert "training 2 runs (rows-x1 rows-x2 x seeds 0)" in (out / "status.txt").read_text()
     wrong = run_driver(corpus, tmp_path / "work", MODE="memroy")
     assert wrong.returncode == 1 and "MODE must be allocation or memory, not 'memroy'" in wrong.stderr
+
+
+def test_unpack_places_only_the_runs_a_call_finished(tmp_path):
+    def returned(folder: Path, finished: list[str], cut: list[str]) -> Path:
+        """A call's $OUT: results.tgz with the runs' small files, report/ and logs/."""
+        tree = folder / "tree"
+        for run in finished + cut:
+            (tree / "runs" / run).mkdir(parents=True)
+            (tree / "runs" / run / "metrics.jsonl").write_text(f'{{"step": 1, "run": "{run}"}}\n')
+            (tree / "runs" / run / "run.json").write_text("{}")
+        for run in finished:
+            (tree / "runs" / run / "final").mkdir()
+            (tree / "runs" / run / "final" / "config.json").write_text("{}")
+        for part in ("report", "logs"):
+            (tree / part).mkdir()
+            (tree / part / "status.txt").write_text(part)
+        with tarfile.open(folder / "results.tgz", "w:gz") as archive:
+            for part in ("runs", "report", "logs"):
+                archive.add(tree / part, arcname=part)
+        return folder
+
+    dest = tmp_path / "dest"
+    first = returned(tmp_path / "call1", finished=["rows-x1-seed0"], cut=["rows-x1-seed1"])
+    unpacked = subprocess.run(["bash", str(UNPACK), str(first), str(dest), "call1"], capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert "left out rows-x1-seed1: not finished in this call" in unpacked.stdout
+    assert f"runs in {dest}/runs: 0 -> 1" in unpacked.stdout
+    assert sorted(p.name for p in (dest / "runs").iterdir()) == ["rows-x1-seed0"]
+    # the next call finished the cut run: its files land, the run finished before is not overwritten
+    second = returned(tmp_path / "call2", finished=["rows-x1-seed0", "rows-x1-seed1"], cut=[])
+    (dest / "runs" / "rows-x1-seed0" / "metrics.jsonl").write_text("kept\n")
+    unpacked = subprocess.run(["bash", str(UNPACK), str(second), str(dest), "call2"], capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert f"runs in {dest}/runs: 1 -> 2" in unpacked.stdout
+    assert (dest / "runs" / "rows-x1-seed1" / "final" / "config.json").is_file()
+    assert (dest / "runs" / "rows-x1-seed0" / "metrics.jsonl").read_text() == "kept\n"
+    assert (dest / "call2" / "report" / "status.txt").read_text() == "report"

@@ -8,7 +8,9 @@
 # NAME  a new subfolder of DEST for this call's report/ and logs/, e.g. call8-rho-grid-seed1
 # CACHE where the compile cache's parts go, replacing earlier ones (carry it with COMPILE_CACHE) [runs/compile-cache]
 #
-# The runs of results.tgz go to DEST/runs/ (what the next call restores); a run already there is never overwritten.
+# The finished runs of results.tgz (final/config.json) go to DEST/runs/ (what the next call restores); a run already
+# there is never overwritten. A run the deadline cut is left out: its checkpoint stayed on the device machine, and a
+# copy of its first steps' files here would block its finished files of a later call.
 set -euo pipefail
 [ $# -eq 3 ] || { echo "usage: unpack.sh FROM DEST NAME" >&2; exit 2; }
 from=$1 dest=$2 name=$3 cache=${CACHE:-runs/compile-cache}
@@ -22,7 +24,11 @@ before=$(find "$dest/runs" -mindepth 1 -maxdepth 1 -type d | wc -l)
 if [ -d "$tmp/runs" ]; then
   for run in "$tmp"/runs/*/; do
     run=$(basename "$run")
-    [ -e "$dest/runs/$run" ] || cp -r "$tmp/runs/$run" "$dest/runs/"
+    if [ ! -f "$tmp/runs/$run/final/config.json" ]; then
+      echo "left out $run: not finished in this call"
+    elif [ ! -e "$dest/runs/$run" ]; then
+      cp -r "$tmp/runs/$run" "$dest/runs/"
+    fi
   done
 fi
 for part in report logs; do
