@@ -140,7 +140,7 @@ def test_gain_pairs_each_length_seed_by_seed(tmp_path):
     make_run(long, "engram-seed0", [3.0, 2.0, 1.5, 1.2], steps=80)
     make_run(long, "moe-seed0", [3.2, 2.1, 1.5, 1.0], steps=80)
 
-    rows = gain.gain_rows([("short", short), ("long", long)], "engram", "moe")
+    rows = gain.gain_rows([("short", short), ("long", long)], ["engram"], "moe")
 
     assert [(row["label"], row["step"], row["tokens"]) for row in rows] == [
         ("short", 10, 640), ("short", 20, 1280), ("long", 20, 1280), ("long", 40, 2560), ("long", 60, 3840),
@@ -150,12 +150,28 @@ def test_gain_pairs_each_length_seed_by_seed(tmp_path):
     assert end["difference_mean"] == pytest.approx(-0.15)
     assert end["difference_std"] == pytest.approx(np.std([-0.5, 0.2], ddof=1))
     assert end["relative_mean"] == pytest.approx((-0.2 + 0.1) / 2)
+    assert (end["run"], end["below"], rows[0]["below"]) == ("engram", 1, 2)  # step 10: both seeds below
     last = rows[-1]  # long, one seed: no spread
     assert last["seeds"] == 1 and last["relative_mean"] == pytest.approx(0.2) and math.isnan(last["relative_std"])
 
     out = tmp_path / "out"
     out.mkdir()
-    assert gain.plot_gain(rows, "engram", "moe", out / "gain.png").stat().st_size > 0
+    assert gain.plot_gain(rows, "moe", out / "gain.png").stat().st_size > 0
+
+
+def test_gain_measures_several_runs_against_one_base(tmp_path):
+    source = tmp_path / "runs"
+    for seed, (small, large, larger) in enumerate([(3.0, 2.8, 2.9), (3.2, 3.0, 3.3)]):
+        make_run(source, f"rows-x1-seed{seed}", [4.0, small])
+        make_run(source, f"rows-x2-seed{seed}", [3.9, large])
+        make_run(source, f"rows-x4-seed{seed}", [3.8, larger])
+
+    rows = gain.gain_rows([("1x", source)], ["rows-x2", "rows-x4"], "rows-x1")
+
+    assert [(row["run"], row["step"], row["below"]) for row in rows] == [
+        ("rows-x2", 10, 2), ("rows-x2", 20, 2), ("rows-x4", 10, 2), ("rows-x4", 20, 1)]
+    assert rows[3]["difference_mean"] == pytest.approx((-0.1 + 0.1) / 2)
+    assert gain.plot_gain(rows, "rows-x1", tmp_path / "gain.png").stat().st_size > 0
 
 
 def test_gain_refuses_sources_without_a_pair(tmp_path):
@@ -164,9 +180,9 @@ def test_gain_refuses_sources_without_a_pair(tmp_path):
     make_run(source, "moe-seed1", [3.0])
     with pytest.raises(ValueError, match=r"one: no seed with finished folders of both 'engram' \(seeds \[0\]\) and "
                                          r"'moe' \(seeds \[1\]\)"):
-        gain.gain_rows([("one", source)], "engram", "moe")
+        gain.gain_rows([("one", source)], ["engram"], "moe")
     with pytest.raises(ValueError, match="two: no such folder of runs"):
-        gain.gain_rows([("two", tmp_path / "missing")], "engram", "moe")
+        gain.gain_rows([("two", tmp_path / "missing")], ["engram"], "moe")
 
 
 def test_gain_command_writes_the_csv_and_plot(tmp_path, monkeypatch, capsys):
@@ -177,7 +193,7 @@ def test_gain_command_writes_the_csv_and_plot(tmp_path, monkeypatch, capsys):
     gain.main()
     assert [row["difference_mean"] for row in read(out / "gain.csv")] == ["0.0", "-0.5"]
     assert (out / "gain.png").stat().st_size > 0
-    assert "1x: 1,280 tokens, 1 seed(s): engram − moe -0.5000 nats (-20.00%)" in capsys.readouterr().out
+    assert "1x: 1,280 tokens, 1 seed(s): engram − moe -0.5000 nats (-20.00%), below in 1" in capsys.readouterr().out
     monkeypatch.setattr("sys.argv", ["gain.py", str(source), "--run", "engram", "--base", "moe", "--out", str(out)])
     with pytest.raises(SystemExit):
         gain.main()
