@@ -89,9 +89,9 @@ def plot_gain(rows: list[dict[str, Any]], base: str, out_file: Path) -> Path:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
-    measured = runs[0] if len(runs) == 1 else "each run"
-    ax.set_ylabel(f"{runs[0] if len(runs) == 1 else 'run'} / {base} − 1 (validation loss, %)")
-    ax.set_title(f"{measured} against {base} during training, seed by seed (mean ± sd over seeds)")
+    only = runs[0] if len(runs) == 1 else None
+    ax.set_ylabel(f"{only or 'run'} / {base} − 1 (validation loss, %)")
+    ax.set_title(f"{only or 'each run'} against {base} during training, seed by seed (mean ± sd over seeds)")
     return finish_plot(fig, [ax], out_file)
 
 
