@@ -68,14 +68,21 @@ def source_gain_rows(label: str, source: Path, run: str, base: str) -> list[dict
     return rows
 
 
+def lines(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """``gain.csv``'s rows grouped by (run, label), one group per line of the plot, in order of appearance."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((row["run"], row["label"]), []).append(row)
+    return grouped
+
+
 def plot_gain(rows: list[dict[str, Any]], base: str, out_file: Path) -> Path:
     """``relative_mean`` (in %) against tokens, one line per run and label, with a ±1 sd band where there are two
     seeds."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     runs = list(dict.fromkeys(row["run"] for row in rows))
-    for run, label in dict.fromkeys((row["run"], row["label"]) for row in rows):
-        mine = [row for row in rows if (row["run"], row["label"]) == (run, label)]
+    for (run, label), mine in lines(rows).items():
         tokens = [row["tokens"] for row in mine]
         mean = [100 * row["relative_mean"] for row in mine]
         seeds = mine[0]["seeds"]
@@ -118,8 +125,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "gain.csv")
     plot_gain(rows, args.base, args.out / "gain.png")
-    for run, label in dict.fromkeys((row["run"], row["label"]) for row in rows):
-        last = [row for row in rows if (row["run"], row["label"]) == (run, label)][-1]
+    for (run, label), mine in lines(rows).items():
+        last = mine[-1]
         print(f"{label}: {last['tokens']:,} tokens, {last['seeds']} seed(s): {run} − {args.base} "
               f"{last['difference_mean']:+.4f} nats ({100 * last['relative_mean']:+.2f}%), below in {last['below']}")
 
