@@ -108,3 +108,10 @@ def test_routing_plot_draws_the_runs_with_per_layer_routing_and_refuses_none(tmp
     with pytest.raises(ValueError, match="none of the runs logged moe_load_by_layer"):
         run_stats.plot_routing({old.name: metrics[old.name]}, routing, tmp_path / "none.png", hot=3.0)
     assert not (tmp_path / "none.png").exists()
+    plt = run_stats.pyplot()
+    fig, (cool, warm) = plt.subplots(1, 2)
+    run_stats.plot_hot_experts(cool, rows, 1, hot=3.0)  # layer 1 never reaches 3: said so, not an empty frame
+    assert [text.get_text() for text in cool.texts] == ["load never >= 3: no hot expert"] and not cool.collections
+    run_stats.plot_hot_experts(warm, rows, 0, hot=3.0)  # layer 0 at 8.0 in 6 of its 9 windows
+    assert not warm.texts and len(warm.collections[0].get_offsets()) == 6
+    plt.close(fig)

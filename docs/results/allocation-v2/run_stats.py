@@ -94,6 +94,22 @@ def gpu_stats(gpu_csv: Path) -> dict[str, Any]:
             "last_fifth": last, "min": min(samples), "max": max(samples)}
 
 
+def plot_hot_experts(ax: Any, rows: list[dict[str, Any]], layer: int, hot: float) -> None:
+    """MoE layer ``layer``'s most loaded expert at the windows of ``rows`` where its load is >= ``hot``, coloured by
+    that load; a layer never that hot gets a line saying so, not an empty frame."""
+    from matplotlib.ticker import MaxNLocator
+
+    hot_rows = [row for row in rows if row["moe_load_by_layer"][layer] >= hot]
+    ax.set(title=f"MoE layer {layer}: most loaded expert where load >= {hot:g}", xlabel="step", ylabel="expert")
+    if not hot_rows:
+        ax.text(0.5, 0.5, f"load never >= {hot:g}: no hot expert", transform=ax.transAxes, ha="center", va="center")
+        ax.set_yticks([])
+        return
+    ax.scatter([row["step"] for row in hot_rows], [row["moe_hot_expert_by_layer"][layer] for row in hot_rows],
+               c=[row["moe_load_by_layer"][layer] for row in hot_rows], s=6, cmap="viridis")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_routing(metrics: dict[str, list[dict[str, Any]]], routing: dict[str, list[dict[str, Any]]], path: Path,
                  hot: float) -> None:
     """One row per run (``metrics``: its name to its metrics rows) that logged per-layer routing: each MoE layer's
@@ -104,8 +120,6 @@ def plot_routing(metrics: dict[str, list[dict[str, Any]]], routing: dict[str, li
     if not runs:
         raise ValueError("none of the runs logged moe_load_by_layer: nothing to plot")
     plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
     for (name, rows), (load_ax, expert_ax) in zip(runs, axes):
         steps = [row["step"] for row in rows]
@@ -117,13 +131,8 @@ def plot_routing(metrics: dict[str, list[dict[str, Any]]], routing: dict[str, li
         load_ax.set(title=f"{name}: max / mean expert load per MoE layer", xlabel="step", ylabel="load",
                     ylim=(1, 1 + 1.35 * (top - 1)))  # room for the legend above the curves
         load_ax.legend(fontsize=7, ncol=4, loc="upper center")
-        hot_rows = [row for row in rows if row["moe_load_by_layer"][worst] >= hot]
-        expert_ax.scatter([row["step"] for row in hot_rows],
-                          [row["moe_hot_expert_by_layer"][worst] for row in hot_rows],
-                          c=[row["moe_load_by_layer"][worst] for row in hot_rows], s=6, cmap="viridis")
-        expert_ax.set(title=f"MoE layer {worst}: most loaded expert where load >= {hot:g}", xlabel="step",
-                      ylabel="expert", xlim=load_ax.get_xlim())
-        expert_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        expert_ax.set(xlim=load_ax.get_xlim())
+        plot_hot_experts(expert_ax, rows, worst, hot)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
